@@ -1,0 +1,433 @@
+"""One dataclass tree for every run: YAML presets, dotted overrides, validation.
+
+A run is described by ``Config``; presets live in ``configs/*.yaml`` and any field can be
+overridden on the command line as ``section.field=value`` (values are parsed as YAML, so
+``train.lr=3e-4``, ``logging.wandb=disabled``, ``diffusion.antithetic=true`` work).
+
+Every field carries a docstring right below it; ``describe()`` reads them back from this
+file's source so ``dlm-train --help`` can list every key with its meaning. Errors are
+``ConfigError`` (a ValueError) whose message names the offending key and says what is
+allowed, so entry points can print it as one line.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+OBJECTIVES = ("masked", "block", "uniform", "hybrid", "continuous", "ar")
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for the user (one line, names the key)."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    num_layers: int = 4
+    """Number of transformer layers."""
+    hidden_size: int = 256
+    """Model width (residual stream size)."""
+    num_attention_heads: int = 4
+    """Attention heads; hidden_size must be divisible by it."""
+    num_query_groups: int | None = None
+    """Key/value heads for grouped-query attention; None means one per attention head (MHA)."""
+    ffn_hidden_size: int | None = None
+    """SwiGLU inner size; None means round(8/3 * hidden_size) up to a multiple of 64."""
+    vocab_size: int | None = None
+    """Vocabulary size; None takes it from the tokenizer. Padded up for tensor parallelism."""
+    make_vocab_size_divisible_by: int = 128
+    """Pad the embedding table to a multiple of this (must be divisible by TP) for efficient GEMMs."""
+    rotary_base: int = 10000
+    """RoPE base frequency (LLaDA-8B uses 500000)."""
+    norm_epsilon: float = 1e-5
+    """RMSNorm epsilon."""
+    init_method_std: float = 0.02
+    """Std of the normal init of weight matrices; output projections get std/sqrt(2*num_layers)."""
+    tie_embeddings: bool = False
+    """Share input embedding and output head weights (LLaDA does not)."""
+    transformer_impl: str = "local"
+    """Layer implementation: 'local' (pure megatron-core, runs on CPU) or 'transformer_engine' (GPU)."""
+    attention_backend: str = "auto"
+    """Attention kernel: 'auto' (dense on CPU, TE/flash on GPU), 'dense', or 'flex' (block-sparse, GPU training)."""
+    recompute: str = "none"
+    """Activation recomputation: 'none', 'selective' (core attention only) or 'full' (whole layers)."""
+
+
+@dataclass(kw_only=True)
+class DiffusionConfig:
+    objective: str = "masked"
+    """Training objective: masked | block | uniform | hybrid | continuous | ar."""
+    eps: float = 1e-3
+    """Lower bound of the noise level: t ~ U(eps, 1) so the 1/t weight stays finite."""
+    antithetic: bool = False
+    """Draw the batch's t values as a stratified (low-discrepancy) set instead of i.i.d."""
+    random_length_prob: float = 0.01
+    """Probability that a batch is cut to a random length in [1, seq_len] (LLaDA: 1%)."""
+    block_size: int = 16
+    """Block length B of block diffusion; must divide data.seq_len."""
+    t_min: float = 0.0
+    """Block diffusion: lower end of a clipped noise schedule t ~ U[t_min, t_max] (BD3-LM beta); 0 = eps."""
+    t_max: float = 1.0
+    """Block diffusion: upper end of the clipped noise schedule (BD3-LM omega)."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    train_path: str = "builtin:shakespeare/train"
+    """Training shards: a directory written by tools/shard.py, or builtin:shakespeare/train."""
+    val_path: str | None = "builtin:shakespeare/val"
+    """Validation shards (same forms as train_path); null disables validation."""
+    tokenizer: str = "builtin"
+    """Tokenizer file (HF tokenizer.json); 'builtin' is the shipped 8k Shakespeare BPE."""
+    seq_len: int = 128
+    """Training sequence length in tokens."""
+    cache_dir: str = ".cache/data"
+    """Where builtin corpora are tokenized to (relative to the working directory)."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 200
+    """Number of optimizer steps."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step, summed over data-parallel ranks and accumulation."""
+    micro_batch_size: int = 8
+    """Sequences per forward pass on one rank; accumulation = global / (micro * dp)."""
+    seed: int = 1234
+    """Seed of weights, data order and noise (runs are identical for any parallel layout)."""
+    output_dir: str = "runs/tiny"
+    """Run directory: metrics.jsonl, config.yaml, checkpoints/, wandb/."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr: float = 3e-4
+    """Final learning rate of the decay phase."""
+    lr_schedule: str = "cosine"
+    """'cosine' (warmup then cosine decay), 'wsd' (warmup, stable, decay) or 'constant'."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    decay_fraction: float = 0.2
+    """WSD only: fraction of the steps spent in the final linear decay."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not applied to norms and biases)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    precision: str = "auto"
+    """'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'."""
+    save_interval: int = 50
+    """Save a checkpoint every N steps (and at the end); 0 saves only at the end."""
+    keep_last: int = 3
+    """Keep this many most recent checkpoints; older ones are deleted after a successful save."""
+    eval_interval: int = 50
+    """Run validation every N steps (and at the end); 0 disables periodic validation."""
+    eval_batches: int = 4
+    """Validation batches (of global_batch_size sequences) per evaluation, drawn with a fixed seed."""
+    max_bad_steps: int = 5
+    """Non-finite losses in a row tolerated (each skipped with a warning) before the run stops."""
+    sample_at_end: bool = True
+    """Print a generated sample (generate.* settings) when training finishes."""
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3 over the data-parallel ranks (0 = plain data parallel)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (GPU, TP>1, transformer_engine)."""
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    wandb: str = "offline"
+    """Weights & Biases mode: offline (files under output_dir/wandb), online, or disabled."""
+    wandb_project: str = "dlm_megatron"
+    """W&B project name."""
+    wandb_run_name: str | None = None
+    """W&B run name; None uses the output directory name."""
+    log_interval: int = 1
+    """Log a step line and a metrics.jsonl row every N steps."""
+
+
+@dataclass(kw_only=True)
+class GenerateConfig:
+    prompt: str = "ROMEO:"
+    """Prompt of the sample printed at the end of training."""
+    gen_length: int = 64
+    """Tokens to generate."""
+    steps: int = 64
+    """Denoising steps in total."""
+    block_length: int = 32
+    """Semi-autoregressive block length (divides gen_length)."""
+    temperature: float = 0.0
+    """Sampling temperature; 0 is greedy."""
+    remasking: str = "low_confidence"
+    """Which predictions to commit first: low_confidence, random, margin or entropy."""
+    seed: int = 0
+    """Sampling seed."""
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Architecture."""
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    """Training objective and noise process."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Corpus, tokenizer and sequence length."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation, schedule, checkpoints and evaluation."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logging sinks."""
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    """Defaults of the sampler."""
+
+
+# ---------------------------------------------------------------------------------------
+# YAML and overrides
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Check/convert a YAML-parsed value against a field annotation."""
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _apply_dict(obj: Any, data: dict, prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    types = _field_types(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise ConfigError(f"unknown config key '{key}' (valid here: {', '.join(sorted(names))})")
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            _apply_dict(cur, v, key + ".")
+        else:
+            setattr(obj, k, _coerce(v, types[k], key))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'a.b=value' -> ('a.b', yaml-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def apply_override(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    obj: Any = cfg
+    for i, p in enumerate(parts[:-1]):
+        if not dataclasses.is_dataclass(obj) or p not in {f.name for f in dataclasses.fields(obj)}:
+            raise ConfigError(f"unknown config key '{key}' (no section '{'.'.join(parts[:i+1])}')")
+        obj = getattr(obj, p)
+    leaf = parts[-1]
+    if not dataclasses.is_dataclass(obj) or leaf not in {f.name for f in dataclasses.fields(obj)}:
+        raise ConfigError(f"unknown config key '{key}'")
+    if dataclasses.is_dataclass(getattr(obj, leaf)):
+        raise ConfigError(f"'{key}' is a section; set one of its fields, e.g. {key}.<field>=...")
+    setattr(obj, leaf, _coerce(value, _field_types(type(obj))[leaf], key))
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML preset (or defaults if ``path`` is None), apply overrides, validate."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{path}' not found (presets are in configs/, e.g. configs/tiny.yaml)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file '{path}' is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        _apply_dict(cfg, data)
+    for ov in overrides:
+        k, v = parse_override(ov)
+        apply_override(cfg, k, v)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    cfg = Config()
+    _apply_dict(cfg, data)
+    validate(cfg)
+    return cfg
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Validation (cross-field; world-size dependent checks live in parallel/)
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: Config) -> None:
+    m, d, da, t, p = cfg.model, cfg.diffusion, cfg.data, cfg.train, cfg.parallel
+    for k in ("num_layers", "hidden_size", "num_attention_heads", "make_vocab_size_divisible_by"):
+        _positive(f"model.{k}", getattr(m, k))
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}")
+    if m.num_query_groups is not None and m.num_attention_heads % m.num_query_groups:
+        raise ConfigError(f"model.num_attention_heads={m.num_attention_heads} is not divisible by model.num_query_groups={m.num_query_groups}")
+    _choice("model.transformer_impl", m.transformer_impl, ("local", "transformer_engine"))
+    _choice("model.attention_backend", m.attention_backend, ("auto", "dense", "flex"))
+    _choice("model.recompute", m.recompute, ("none", "selective", "full"))
+    _choice("diffusion.objective", d.objective, OBJECTIVES)
+    if not 0 < d.eps < 1:
+        raise ConfigError(f"diffusion.eps must be in (0, 1), got {d.eps}")
+    if not 0 <= d.random_length_prob <= 1:
+        raise ConfigError(f"diffusion.random_length_prob must be in [0, 1], got {d.random_length_prob}")
+    if not 0 <= d.t_min < d.t_max <= 1:
+        raise ConfigError(f"diffusion.t_min/t_max must satisfy 0 <= t_min < t_max <= 1, got {d.t_min}, {d.t_max}")
+    _positive("data.seq_len", da.seq_len)
+    _positive("diffusion.block_size", d.block_size)
+    if d.objective == "block" and da.seq_len % d.block_size:
+        raise ConfigError(f"diffusion.block_size={d.block_size} must divide data.seq_len={da.seq_len}")
+    for k in ("steps", "global_batch_size", "micro_batch_size", "lr"):
+        _positive(f"train.{k}", getattr(t, k))
+    for k in ("min_lr", "warmup_steps", "grad_clip", "save_interval", "eval_interval", "weight_decay"):
+        _positive(f"train.{k}", getattr(t, k), allow_zero=True)
+    _positive("train.keep_last", t.keep_last)
+    if t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}")
+    _choice("train.lr_schedule", t.lr_schedule, ("cosine", "wsd", "constant"))
+    _choice("train.precision", t.precision, ("auto", "bf16", "fp32"))
+    if not 0 <= t.decay_fraction <= 1:
+        raise ConfigError(f"train.decay_fraction must be in [0, 1], got {t.decay_fraction}")
+    _positive("parallel.tp", p.tp)
+    _positive("parallel.pp", p.pp)
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
+    if m.num_layers % p.pp:
+        raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by parallel.pp={p.pp}")
+    if m.num_attention_heads % p.tp:
+        raise ConfigError(f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tp={p.tp}")
+    if (m.num_query_groups or m.num_attention_heads) % p.tp:
+        raise ConfigError(f"model.num_query_groups={m.num_query_groups} is not divisible by parallel.tp={p.tp}")
+    _choice("logging.wandb", cfg.logging.wandb, ("offline", "online", "disabled"))
+    _positive("logging.log_interval", cfg.logging.log_interval)
+    g = cfg.generate
+    _choice("generate.remasking", g.remasking, ("low_confidence", "random", "margin", "entropy"))
+    if g.gen_length % g.block_length:
+        raise ConfigError(f"generate.block_length={g.block_length} must divide generate.gen_length={g.gen_length}")
+    if g.steps % (g.gen_length // g.block_length):
+        raise ConfigError(f"generate.steps={g.steps} must be a multiple of the number of blocks ({g.gen_length // g.block_length})")
+
+
+def ffn_size(m: ModelConfig) -> int:
+    if m.ffn_hidden_size is not None:
+        return m.ffn_hidden_size
+    return ((int(8 * m.hidden_size / 3) + 63) // 64) * 64
+
+
+def padded_vocab_size(vocab_size: int, m: ModelConfig, tp: int = 1) -> int:
+    """Embedding rows: vocab padded to make_vocab_size_divisible_by.
+
+    Deliberately independent of TP (unlike Megatron-LM, which pads to a multiple of
+    divisible_by * tp) so that every layout has the same weights and the same loss.
+    """
+    mult = m.make_vocab_size_divisible_by
+    padded = ((vocab_size + mult - 1) // mult) * mult
+    if padded % tp:
+        raise ConfigError(f"padded vocabulary {padded} is not divisible by parallel.tp={tp}; set model.make_vocab_size_divisible_by to a multiple of {tp}")
+    return padded
+
+
+# ---------------------------------------------------------------------------------------
+# Self-documentation
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """Read the docstring under each field from the class source."""
+    src = inspect.getsource(cls)
+    tree = ast.parse(src)
+    body = tree.body[0].body
+    docs = {}
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(getattr(b, "value", None), ast.Constant):
+            docs[a.target.id] = str(b.value.value)
+    return docs
+
+
+def describe() -> str:
+    """All config keys with default and docstring, for --help."""
+    lines = []
+    root = Config()
+    for sec in dataclasses.fields(root):
+        obj = getattr(root, sec.name)
+        docs = _field_docs(type(obj))
+        lines.append(f"{sec.name}:")
+        for f in dataclasses.fields(obj):
+            lines.append(f"  {sec.name}.{f.name} = {getattr(obj, f.name)!r}\n      {docs.get(f.name, '')}")
+    return "\n".join(lines)

@@ -1,0 +1,212 @@
+"""Deterministic, resumable sample addressing: packed sequences, global order, blending.
+
+The training order is a pure function of (seed, step): `sample_indices(step, G, N, seed)`
+names the G global samples of an optimizer step, so any data-parallel layout (each rank
+takes its slice of that array) and any resume point see exactly the same data. Nothing
+here holds iterator state, so "resuming" is just calling it with the next step.
+
+Packing: documents are concatenated into one stream, each followed by EOT:
+
+    stream = doc0 EOT doc1 EOT doc2 EOT ...
+
+and sample i is stream[i*L : (i+1)*L] (L = seq_len; the tail shorter than L is dropped).
+For the AR objective, which needs L+1 tokens per sample, build it with seq_len=L+1.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from dlm_megatron.data import DataError
+from dlm_megatron.data.shards import DocStore, open_shards
+
+
+class PackedDataset:
+    """Fixed-length samples cut from the EOT-joined stream of a shard directory.
+
+    Only an int64 array with one entry per document is built; tokens are read from the
+    (memory-mapped) shards on demand, so opening costs O(documents), not O(tokens).
+
+    Args:
+        shard_dir: a directory written by `write_shards` / tools/shard.py, or a DocStore.
+        seq_len: tokens per sample.
+        eot_id: id appended after every document.
+        tokenizer_sha: if given, the shards must have been made with this tokenizer.
+    """
+
+    def __init__(self, shard_dir: str | Path | DocStore, seq_len: int, eot_id: int,
+                 tokenizer_sha: str | None = None) -> None:
+        if seq_len < 1:
+            raise DataError(f"data.seq_len must be >= 1, got {seq_len}")
+        self.store = shard_dir if isinstance(shard_dir, DocStore) else open_shards(
+            shard_dir, expected_tokenizer_sha=tokenizer_sha)
+        if not 0 <= eot_id < self.store.vocab_size:
+            raise DataError(f"eot_id {eot_id} is outside the shards' vocabulary "
+                            f"[0, {self.store.vocab_size}); pass the tokenizer's eot_id")
+        self.seq_len = seq_len
+        self.eot_id = eot_id
+        # Stream position of each document's EOT: its end offset plus the EOTs before it.
+        offsets = self.store.doc_offsets
+        self._eot_positions = offsets[1:] + np.arange(self.store.num_docs, dtype=np.int64)
+        self.stream_len = self.store.num_tokens + self.store.num_docs
+        self._len = self.stream_len // seq_len
+        if self._len == 0:
+            raise DataError(
+                f"corpus {self.store.path} has {self.stream_len} tokens (incl. one EOT per "
+                f"document), fewer than data.seq_len={seq_len}; lower data.seq_len or add data"
+            )
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getstate__(self) -> dict:
+        """Pickle by path: memory maps would otherwise be copied into the pickle (e.g. for
+        DataLoader workers started with spawn/forkserver)."""
+        return {"path": str(self.store.path), "seq_len": self.seq_len, "eot_id": self.eot_id,
+                "sha": self.store.tokenizer_sha256}
+
+    def __setstate__(self, state: dict) -> None:
+        store = open_shards(state["path"], expected_tokenizer_sha=state["sha"], verify=False)
+        self.__init__(store, state["seq_len"], state["eot_id"])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        """Sample `i`: int64[seq_len]."""
+        i = int(i)
+        if not 0 <= i < self._len:
+            raise IndexError(f"sample {i} out of range [0, {self._len})")
+        return self.stream_slice(i * self.seq_len, (i + 1) * self.seq_len)
+
+    def stream_slice(self, start: int, stop: int) -> np.ndarray:
+        """stream[start:stop] as int64, in O(stop - start + log documents).
+
+        Non-EOT positions of the window map to one contiguous range of the flat token
+        array (the EOTs are the only insertions), so one read plus a scatter suffices.
+        """
+        eot_lo = int(np.searchsorted(self._eot_positions, start, side="left"))
+        eot_hi = int(np.searchsorted(self._eot_positions, stop, side="left"))
+        out = np.empty(stop - start, dtype=np.int64)
+        is_eot = np.zeros(stop - start, dtype=bool)
+        is_eot[self._eot_positions[eot_lo:eot_hi] - start] = True
+        out[is_eot] = self.eot_id
+        # Tokens before stream position p = p - (EOTs before p).
+        out[~is_eot] = self.store.tokens(start - eot_lo, stop - eot_hi)
+        return out
+
+
+def _permutation(num: int, key: list[int]) -> np.ndarray:
+    """A read-only permutation of range(num) seeded by the integer list `key`."""
+    perm = np.random.Generator(np.random.PCG64(key)).permutation(num)
+    perm.setflags(write=False)
+    return perm
+
+
+@functools.lru_cache(maxsize=4)  # a batch touches at most two epochs (per dataset size)
+def _epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled order of one epoch (cached: consecutive steps share an epoch)."""
+    return _permutation(num_samples, [seed, epoch])
+
+
+def sample_indices(step: int, global_batch_size: int, num_samples: int, seed: int) -> np.ndarray:
+    """Global sample indices (int64[global_batch_size]) consumed at optimizer step `step`.
+
+    Global position g = step * G + j (j < G) falls in epoch g // num_samples and takes
+    permutation(num_samples; PCG64([seed, epoch]))[g % num_samples]. A batch may straddle
+    two epochs. Independent of data-parallel size: rank r of R takes its slice of this.
+    """
+    if step < 0 or global_batch_size < 1 or num_samples < 1 or seed < 0:
+        raise DataError(f"sample_indices needs step >= 0, global_batch_size >= 1, "
+                        f"num_samples >= 1, seed >= 0; got {step}, {global_batch_size}, "
+                        f"{num_samples}, {seed}")
+    positions = step * global_batch_size + np.arange(global_batch_size, dtype=np.int64)
+    epochs = positions // num_samples
+    out = np.empty(global_batch_size, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        sel = epochs == epoch
+        out[sel] = _epoch_permutation(num_samples, seed, int(epoch))[positions[sel] % num_samples]
+    return out
+
+
+class BlendedDataset:
+    """Weighted mixture of datasets with a deterministic interleaving schedule.
+
+    Dataset k's j-th draw is placed at "ideal time" (j + 0.5) / w_k; merging all datasets'
+    draws by that time (ties by dataset order) gives a smooth schedule: after any prefix of
+    n samples dataset k has been drawn n * w_k times up to a deviation bounded by the
+    number of datasets (the idea of Megatron's largest-deficit blending, but vectorised and
+    with no sequential loop). Draw j of dataset k maps to a sample via a per-pass
+    permutation seeded by (seed, k, pass), so a dataset smaller than its share is
+    re-visited in a fresh order rather than the same one.
+
+    Args:
+        datasets: objects with `len()` and `__getitem__` (e.g. PackedDataset).
+        weights: non-negative mixture weights (normalised here); zero drops a dataset.
+        seed: seeds the per-dataset permutations.
+        size: number of blended samples; default min_k len_k / w_k, i.e. about one pass
+            over the dataset that runs out first (later draws wrap into a new pass).
+    """
+
+    def __init__(self, datasets: Sequence, weights: Sequence[float], seed: int,
+                 size: int | None = None) -> None:
+        w = self._normalised(datasets, weights)
+        lengths = np.array([len(d) for d in datasets], dtype=np.int64)
+        if size is None:
+            # 1e-9: 50 / 0.1 must be 500, not 499.99999.
+            size = int(min(np.floor(lengths[k] / w[k] + 1e-9) for k in range(len(w)) if w[k] > 0))
+        if size < 1:
+            raise DataError(f"blended dataset size must be >= 1, got {size}; check the "
+                            "weights and datasets")
+        self.datasets, self.weights, self.seed, self._size = list(datasets), w, seed, size
+        self.dataset_index, self.draw_index = self._schedule(w, size)
+        self._perms: dict[int, tuple[int, np.ndarray]] = {}  # k -> (pass, permutation)
+
+    @staticmethod
+    def _normalised(datasets: Sequence, weights: Sequence[float]) -> np.ndarray:
+        """Validate and normalise the weights."""
+        w = np.asarray(weights, dtype=np.float64)
+        if len(datasets) == 0 or w.shape != (len(datasets),):
+            raise DataError(f"need one weight per dataset: {len(datasets)} datasets, "
+                            f"{w.size} weights; fix data.weights")
+        if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+            raise DataError(f"blend weights must be finite, >= 0 and not all 0, got "
+                            f"{list(weights)}; fix data.weights")
+        if any(len(d) == 0 for d, wk in zip(datasets, w) if wk > 0):
+            raise DataError("a blended dataset with non-zero weight is empty; drop it or add data")
+        return w / w.sum()
+
+    @staticmethod
+    def _schedule(w: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(dataset id, draw number within that dataset) for each blended sample."""
+        ids, draws, times = [], [], []
+        for k, wk in enumerate(w):
+            if wk == 0:
+                continue
+            n = int(np.ceil(size * wk)) + 1  # enough draws to fill `size` slots
+            j = np.arange(n, dtype=np.int64)
+            ids.append(np.full(n, k, dtype=np.int64))
+            draws.append(j)
+            times.append((j + 0.5) / wk)
+        ids_all, draws_all = np.concatenate(ids), np.concatenate(draws)
+        order = np.argsort(np.concatenate(times), kind="stable")[:size]
+        return ids_all[order], draws_all[order]
+
+    def __len__(self) -> int:
+        return self._size
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(dataset id, sample index in that dataset) of blended sample `i`."""
+        if not 0 <= i < self._size:
+            raise IndexError(f"sample {i} out of range [0, {self._size})")
+        k, j = int(self.dataset_index[i]), int(self.draw_index[i])
+        n = len(self.datasets[k])
+        cached = self._perms.get(k)
+        if cached is None or cached[0] != j // n:  # one permutation per dataset in memory
+            cached = (j // n, _permutation(n, [self.seed, k, j // n]))
+            self._perms[k] = cached
+        return k, int(cached[1][j % n])
+
+    def __getitem__(self, i: int):
+        k, index = self.locate(int(i))
+        return self.datasets[k][index]

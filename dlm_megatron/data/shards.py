@@ -1,0 +1,437 @@
+"""A shard directory: token shards (Megatron indexed or WebDataset tar) + `manifest.json`.
+
+manifest.json (written last, so a directory without it is an unfinished write):
+
+    {"manifest_version": 1, "format": "megatron" | "wds",
+     "tokenizer_sha256": hex, "tokenizer_file": file name (a hint), "vocab_size": int,
+     "dtype": "uint16" | "int32", "num_docs": int, "num_tokens": int,
+     "shards": [{"name": "shard-00000", "num_docs": int, "num_tokens": int,
+                 "files": {"shard-00000.bin": {"sha256": hex, "bytes": int}, ...}}, ...],
+     "source": {...}}     # optional provenance from the writer (e.g. tools/shard.py)
+
+Documents are never split across shards; a new shard starts once the current one holds at
+least `target_shard_tokens` tokens. Empty documents are skipped (they carry no tokens).
+`open_shards` checks the tokenizer hash, every file's sha256 and the counts, then exposes
+the documents as one flat token stream (`DocStore`).
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from dlm_megatron.data import DataError
+from dlm_megatron.data.indexed import IndexedReader, IndexedWriter
+from dlm_megatron.data.tokenizer import Tokenizer, load_tokenizer
+from dlm_megatron.data.wds import WdsShardReader, WdsShardWriter
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+FORMATS = ("megatron", "wds")
+DEFAULT_SHARD_TOKENS = 1 << 27  # 128 Mi tokens: 256 MiB uint16 files
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """Smallest dtype both formats agree on: uint16 if every id fits, else int32."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
+
+
+def _file_record(path: Path) -> dict:
+    """sha256 and size of a finished shard file."""
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"sha256": digest, "bytes": path.stat().st_size}
+
+
+class _ShardSink:
+    """Rolls documents into numbered shards of about `target_tokens` tokens each."""
+
+    def __init__(self, out_dir: Path, fmt: str, dtype: np.dtype, target_tokens: int) -> None:
+        self.out_dir, self.fmt, self.dtype = out_dir, fmt, dtype
+        self.target_tokens = target_tokens
+        self.records: list[dict] = []
+        self._writer = None
+        self._docs = self._tokens = self._total_docs = 0
+
+    def add(self, tokens: np.ndarray) -> None:
+        if self._writer is None:
+            self._open()
+        self._writer.add_document(tokens)
+        self._docs += 1
+        self._tokens += len(tokens)
+        self._total_docs += 1
+        if self._tokens >= self.target_tokens:
+            self._close()
+
+    def finish(self) -> list[dict]:
+        if self._writer is not None:
+            self._close()
+        return self.records
+
+    def _name(self) -> str:
+        return f"shard-{len(self.records):05d}"
+
+    def _open(self) -> None:
+        base = self.out_dir / self._name()
+        if self.fmt == "megatron":
+            self._writer = IndexedWriter(base, self.dtype)
+        else:
+            self._writer = WdsShardWriter(f"{base}.tar", self.dtype, first_key=self._total_docs)
+
+    def _close(self) -> None:
+        if self.fmt == "megatron":
+            self._writer.finalize()
+            files = [f"{self._name()}.bin", f"{self._name()}.idx"]
+        else:
+            self._writer.close()
+            files = [f"{self._name()}.tar"]
+        self.records.append({
+            "name": self._name(),
+            "num_docs": self._docs,
+            "num_tokens": self._tokens,
+            "files": {f: _file_record(self.out_dir / f) for f in files},
+        })
+        self._writer = None
+        self._docs = self._tokens = 0
+
+
+def _check_ids(tokens: np.ndarray, vocab_size: int) -> None:
+    """Out-of-vocabulary ids would index past the embedding table at train time."""
+    if len(tokens) and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        raise DataError(f"token id {int(tokens.max())} or {int(tokens.min())} is outside the "
+                        f"vocabulary [0, {vocab_size}); tokenize with the same tokenizer you "
+                        "pass to write_shards")
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse to clobber a non-empty directory unless asked to."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"output {out_dir} exists and is not a directory; choose another path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise DataError(f"output directory {out_dir} is not empty; remove it or pass "
+                        "--overwrite (overwrite=True)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+
+
+def make_temp_dir(parent: Path, prefix: str) -> Path:
+    """A fresh directory under `parent` that honours the umask (mkdtemp forces 0700,
+    which would make finished shard directories private to their writer)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(6)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
+def _install(tmp_dir: Path, out_dir: Path) -> None:
+    """Move the finished directory into place (atomic rename on one filesystem)."""
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        trash = make_temp_dir(out_dir.parent, f".{out_dir.name}.old-")
+        os.replace(out_dir, trash / "old")
+        os.replace(tmp_dir, out_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp_dir, out_dir)  # rename(2) may replace an empty directory
+
+
+def write_shards(
+    docs: Iterable[Sequence[int] | np.ndarray],
+    out_dir: str | Path,
+    tokenizer: Tokenizer,
+    fmt: str = "megatron",
+    target_shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    *,
+    overwrite: bool = False,
+    source: dict | None = None,
+) -> dict:
+    """Write tokenized documents as shards + manifest.json into `out_dir`; return the manifest.
+
+    Args:
+        docs: token id sequences, one per document, in corpus order.
+        out_dir: destination; built in a sibling temp directory and renamed into place.
+        tokenizer: the tokenizer that produced `docs` (its sha256 goes in the manifest).
+        fmt: "megatron" (.bin/.idx) or "wds" (.tar).
+        target_shard_tokens: start a new shard once a shard reaches this many tokens.
+        overwrite: replace a non-empty `out_dir`.
+        source: optional JSON-able provenance stored as manifest["source"].
+    """
+    if fmt not in FORMATS:
+        raise DataError(f"unknown shard format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if target_shard_tokens < 1:
+        raise DataError(f"target_shard_tokens must be >= 1, got {target_shard_tokens}")
+    out_dir = Path(out_dir)
+    _prepare_out_dir(out_dir, overwrite)
+    dtype = token_dtype(tokenizer.vocab_size)
+    tmp_dir = make_temp_dir(out_dir.parent, f".{out_dir.name}.tmp-")
+    try:
+        sink = _ShardSink(tmp_dir, fmt, dtype, target_shard_tokens)
+        for doc in docs:
+            tokens = np.asarray(doc)
+            if len(tokens):
+                _check_ids(tokens, tokenizer.vocab_size)
+                sink.add(tokens)
+        records = sink.finish()
+        if not records:
+            raise DataError(f"no documents to write to {out_dir}: the corpus is empty "
+                            "(every input was empty or skipped); check the input paths")
+        manifest = _build_manifest(records, fmt, tokenizer, dtype, source)
+        (tmp_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        _install(tmp_dir, out_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return manifest
+
+
+def _build_manifest(records: list[dict], fmt: str, tokenizer: Tokenizer, dtype: np.dtype,
+                    source: dict | None) -> dict:
+    """The manifest dict (fixed key order so identical corpora give identical bytes)."""
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "format": fmt,
+        "tokenizer_sha256": tokenizer.sha256,
+        "tokenizer_file": Path(tokenizer.path).name,
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": dtype.name,
+        "num_docs": sum(r["num_docs"] for r in records),
+        "num_tokens": sum(r["num_tokens"] for r in records),
+        "shards": records,
+    }
+    if source is not None:
+        manifest["source"] = source
+    return manifest
+
+
+def read_manifest(shard_dir: str | Path) -> dict:
+    """Load and sanity-check `shard_dir/manifest.json`."""
+    path = Path(shard_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise DataError(f"{shard_dir} is not a shard directory (no {MANIFEST_NAME}); create "
+                        "one with `python tools/shard.py --input ... --output DIR`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is not valid JSON ({exc}); re-create the shards with "
+                        "tools/shard.py") from None
+    required = ("format", "tokenizer_sha256", "vocab_size", "dtype", "num_docs",
+                "num_tokens", "shards")
+    missing = [k for k in required if k not in manifest] if isinstance(manifest, dict) else required
+    if missing:
+        raise DataError(f"{path} lacks {', '.join(missing)}; re-create the shards with "
+                        "tools/shard.py")
+    if manifest["format"] not in FORMATS:
+        raise DataError(f"{path}: unknown format {manifest['format']!r} (expected "
+                        f"{' or '.join(FORMATS)}); re-create the shards with tools/shard.py")
+    return manifest
+
+
+def _check_tokenizer(shard_dir: Path, manifest: dict, expected_sha: str | None) -> None:
+    """A corpus tokenized with another vocabulary must never be trained on silently."""
+    if expected_sha is None or manifest["tokenizer_sha256"] == expected_sha:
+        return
+    raise DataError(
+        f"shards in {shard_dir} were made with tokenizer sha {manifest['tokenizer_sha256'][:16]} "
+        f"({manifest.get('tokenizer_file', '?')}), but the config uses {expected_sha[:16]}; "
+        "re-shard with `python tools/shard.py --tokenizer YOUR_TOKENIZER` or set "
+        "data.tokenizer to the tokenizer the shards were made with"
+    )
+
+
+def _verify_files(shard_dir: Path, record: dict) -> None:
+    """Every shard file must exist with the recorded size and sha256."""
+    for name, expected in record["files"].items():
+        path = shard_dir / name
+        if not path.is_file():
+            raise DataError(f"shard file {path} listed in {MANIFEST_NAME} is missing; "
+                            "re-create the shards with tools/shard.py")
+        actual = _file_record(path)
+        if actual != expected:
+            raise DataError(f"shard file {path} does not match its sha256/size in "
+                            f"{MANIFEST_NAME} (corrupt or modified); re-create the shards "
+                            "with tools/shard.py")
+
+
+class _Shard:
+    """Uniform view of one shard: document offsets plus a flat token reader."""
+
+    def __init__(self, shard_dir: Path, fmt: str, record: dict, dtype: np.dtype) -> None:
+        base = shard_dir / record["name"]
+        if fmt == "megatron":
+            reader = IndexedReader(base)
+            self.doc_offsets = reader.document_token_offsets()
+            self._flat = reader.tokens
+            self.tokens = lambda lo, hi: self._flat[lo:hi]
+            found_dtype = reader.dtype
+        else:
+            reader = WdsShardReader(f"{base}.tar", dtype)
+            self.doc_offsets = reader.token_offsets
+            self.tokens = reader.tokens
+            found_dtype = reader.dtype
+        self.num_docs = len(self.doc_offsets) - 1
+        self.num_tokens = int(self.doc_offsets[-1])
+        if found_dtype != dtype or (self.num_docs, self.num_tokens) != (
+                record["num_docs"], record["num_tokens"]):
+            raise DataError(f"shard {base} holds {self.num_docs} docs / {self.num_tokens} "
+                            f"{found_dtype} tokens but {MANIFEST_NAME} says "
+                            f"{record['num_docs']} / {record['num_tokens']} {dtype}; "
+                            "re-create the shards with tools/shard.py")
+
+
+class DocStore:
+    """All documents of a shard directory as one flat token stream.
+
+    Attributes:
+        path, manifest, format, dtype, vocab_size, tokenizer_sha256.
+        num_docs, num_tokens.
+        doc_offsets: int64[num_docs + 1], start of each document in the flat stream.
+    """
+
+    def __init__(self, shard_dir: Path, manifest: dict, shards: list[_Shard]) -> None:
+        self.path = shard_dir
+        self.manifest = manifest
+        self.format = manifest["format"]
+        self.dtype = np.dtype(manifest["dtype"])
+        self.vocab_size = int(manifest["vocab_size"])
+        self.tokenizer_sha256 = manifest["tokenizer_sha256"]
+        self._shards = shards
+        self._shard_starts = np.cumsum([0] + [s.num_tokens for s in shards], dtype=np.int64)
+        self.num_tokens = int(self._shard_starts[-1])
+        self.doc_offsets = np.concatenate(
+            [s.doc_offsets[:-1] + start for s, start in zip(shards, self._shard_starts)]
+            + [self._shard_starts[-1:]]
+        ).astype(np.int64)
+        self.num_docs = len(self.doc_offsets) - 1
+
+    def __len__(self) -> int:
+        return self.num_docs
+
+    def tokens(self, start: int, stop: int) -> np.ndarray:
+        """Flat tokens [start, stop) (a view inside one Megatron shard, else a copy)."""
+        start, stop = max(start, 0), min(stop, self.num_tokens)
+        if start >= stop:
+            return np.empty(0, dtype=self.dtype)
+        first = int(np.searchsorted(self._shard_starts, start, side="right")) - 1
+        parts = []
+        for k in range(first, len(self._shards)):
+            base = int(self._shard_starts[k])
+            if base >= stop:
+                break
+            parts.append(self._shards[k].tokens(start - base if start > base else 0,
+                                                min(stop - base, self._shards[k].num_tokens)))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def document(self, i: int) -> np.ndarray:
+        """Tokens of document `i`."""
+        if not -self.num_docs <= i < self.num_docs:
+            raise IndexError(f"document {i} out of range [0, {self.num_docs})")
+        i %= self.num_docs
+        return self.tokens(int(self.doc_offsets[i]), int(self.doc_offsets[i + 1]))
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self.document(i) for i in range(self.num_docs))
+
+
+def open_shards(
+    shard_dir: str | Path,
+    expected_tokenizer_sha: str | None = None,
+    verify: bool = True,
+) -> DocStore:
+    """Open a shard directory written by `write_shards` (or tools/shard.py).
+
+    Args:
+        shard_dir: directory holding manifest.json and the shard files.
+        expected_tokenizer_sha: if given, the manifest's tokenizer sha256 must match.
+        verify: hash every shard file against the manifest (reads all data once; headers,
+            sizes and counts are checked either way).
+    """
+    shard_dir = Path(shard_dir)
+    manifest = read_manifest(shard_dir)
+    _check_tokenizer(shard_dir, manifest, expected_tokenizer_sha)
+    if manifest["num_docs"] == 0 or not manifest["shards"]:
+        raise DataError(f"{shard_dir} holds no documents; re-create it from a non-empty corpus")
+    dtype = np.dtype(manifest["dtype"])
+    shards = []
+    for record in manifest["shards"]:
+        if verify:
+            _verify_files(shard_dir, record)
+        shards.append(_Shard(shard_dir, manifest["format"], record, dtype))
+    store = DocStore(shard_dir, manifest, shards)
+    if (store.num_docs, store.num_tokens) != (manifest["num_docs"], manifest["num_tokens"]):
+        raise DataError(f"{shard_dir}/{MANIFEST_NAME} totals disagree with its shards; "
+                        "re-create the shards with tools/shard.py")
+    return store
+
+
+# --- parallel tokenization (used by tools/shard.py and the builtin corpus) -------------
+
+_WORKER_TOKENIZER: Tokenizer | None = None
+
+
+def _init_worker(path: str, sha256: str) -> None:
+    """Load the tokenizer once per worker process and make sure it is the same file."""
+    global _WORKER_TOKENIZER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
+    _WORKER_TOKENIZER = load_tokenizer(path)
+    if _WORKER_TOKENIZER.sha256 != sha256:
+        raise DataError(f"tokenizer {path} changed while sharding; rerun")
+
+
+def _encode_chunk(texts: list[str], tokenizer: Tokenizer | None = None) -> list[np.ndarray]:
+    """Encode a chunk of texts into compact arrays (cheap to send between processes)."""
+    tokenizer = tokenizer or _WORKER_TOKENIZER
+    dtype = token_dtype(tokenizer.vocab_size)
+    return [np.asarray(ids, dtype=dtype) for ids in tokenizer.encode_batch(texts)]
+
+
+def _chunks(texts: Iterable[str], chunk_chars: int, chunk_docs: int) -> Iterator[list[str]]:
+    """Group texts into chunks; boundaries depend only on the texts, never on workers."""
+    chunk, size = [], 0
+    for text in texts:
+        chunk.append(text)
+        size += len(text)
+        if size >= chunk_chars or len(chunk) >= chunk_docs:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def tokenize_texts(
+    texts: Iterable[str],
+    tokenizer: Tokenizer,
+    workers: int = 1,
+    chunk_chars: int = 1 << 20,
+    chunk_docs: int = 1024,
+) -> Iterator[np.ndarray]:
+    """Tokenize texts in order, optionally in `workers` processes; yields one array per text.
+
+    Output is identical for any worker count: chunks are formed independently of it and
+    results are yielded in submission order. At most 2 chunks per worker are in flight, so
+    memory stays bounded on corpora of any size.
+    """
+    chunks = _chunks(texts, chunk_chars, chunk_docs)
+    if workers <= 1:
+        for chunk in chunks:
+            yield from _encode_chunk(chunk, tokenizer)
+        return
+    import multiprocessing
+
+    # spawn: forking a process whose tokenizer thread pool is running can deadlock.
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, _init_worker, (str(tokenizer.path), tokenizer.sha256)) as pool:
+        pending: collections.deque = collections.deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+            if len(pending) >= 2 * workers:
+                yield from pending.popleft().get()
+        while pending:
+            yield from pending.popleft().get()

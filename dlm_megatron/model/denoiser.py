@@ -1,0 +1,146 @@
+"""The denoiser: a megatron-core GPTModel made bidirectional, built from a ModuleSpec.
+
+The transformer (RMSNorm, SwiGLU, RoPE, optional GQA) is megatron-core's own; we only swap
+the attention mask type in the layer spec (no mask for masked diffusion, causal for AR,
+arbitrary boolean masks for block diffusion / document masking) and teach the embedding
+stage to honour explicit RoPE positions (megatron-core 0.16's GPTModel always uses
+0..S-1 for rope, but block diffusion needs positions 0..L-1 repeated for x_t and x_0).
+
+This file holds no distributed or training code: parallel sizes come in through the
+TransformerConfig and process groups are megatron-core's.
+
+Shape legend: B batch, S sequence, V (local) vocabulary, D head dim.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from ..config import Config, ffn_size, padded_vocab_size
+from . import sharding
+
+
+def transformer_config(cfg: Config, *, params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
+    m, p = cfg.model, cfg.parallel
+    on_gpu = torch.cuda.is_available()
+    recompute = {"none": {}, "selective": {"recompute_granularity": "selective"},
+                 "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}}[m.recompute]
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        ffn_hidden_size=ffn_size(m),
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        sequence_parallel=p.sequence_parallel,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        # We initialise weights ourselves (layout-independent, see sharding.py).
+        use_cpu_initialization=True,
+        perform_initialization=False,
+        # Fused kernels need CUDA extensions; plain PyTorch paths are numerically equal.
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        bias_activation_fusion=on_gpu and m.transformer_impl == "transformer_engine",
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        cross_entropy_loss_fusion=False,
+        **recompute,
+    )
+
+
+def attn_mask_type_for(objective: str) -> AttnMaskType:
+    """The attention mask an objective trains with."""
+    if objective == "ar":
+        return AttnMaskType.causal
+    if objective in ("block",):
+        return AttnMaskType.arbitrary
+    return AttnMaskType.no_mask
+
+
+def layer_spec(cfg: Config, mask_type: AttnMaskType) -> ModuleSpec:
+    if cfg.model.transformer_impl == "transformer_engine":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.params = dict(spec.submodules.self_attention.params, attn_mask_type=mask_type)
+    return spec
+
+
+class Denoiser(GPTModel):
+    """GPTModel whose RoPE honours ``position_ids`` (needed for block diffusion's 2L input)."""
+
+    def _preprocess(self, input_ids, position_ids, decoder_input=None, inference_context=None, packed_seq_params=None, padding_mask=None):
+        out = super()._preprocess(input_ids, position_ids, decoder_input=decoder_input, inference_context=inference_context,
+                                  packed_seq_params=packed_seq_params, padding_mask=padding_mask)
+        if getattr(self, "_explicit_positions", False) and position_ids is not None and self.position_embedding_type == "rope":
+            max_pos = int(position_ids.max().item()) + 1
+            table_P11D = self.rotary_pos_emb(max_pos)
+            rope_SB1D = table_P11D[:, 0, 0, :][position_ids.t()].unsqueeze(2)
+            out = (out[0], rope_SB1D) + tuple(out[2:])
+        return out
+
+    def forward(self, input_ids, position_ids, attention_mask, *args, explicit_positions: bool = False, **kwargs):
+        self._explicit_positions = explicit_positions
+        try:
+            return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
+        finally:
+            self._explicit_positions = False
+
+
+def build_model(cfg: Config, vocab_size: int, *, pre_process: bool, post_process: bool, params_dtype=torch.float32) -> Denoiser:
+    """Build this rank's part of the denoiser (its TP shard of its PP stage's layers)."""
+    tcfg = transformer_config(cfg, params_dtype=params_dtype)
+    return Denoiser(
+        config=tcfg,
+        transformer_layer_spec=layer_spec(cfg, attn_mask_type_for(cfg.diffusion.objective)),
+        vocab_size=padded_vocab_size(vocab_size, cfg.model, cfg.parallel.tp),
+        max_sequence_length=cfg.data.seq_len * (2 if cfg.diffusion.objective == "block" else 1),
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=cfg.model.rotary_base,
+    )
+
+
+def layer_offset(cfg: Config, pp_rank: int) -> int:
+    return pp_rank * (cfg.model.num_layers // cfg.parallel.pp)
+
+
+def canonical_params(model: torch.nn.Module, cfg: Config, pp_rank: int):
+    """Yield (canonical_name, local_param) for this rank's parameters."""
+    off = layer_offset(cfg, pp_rank)
+    for name, p in model.named_parameters():
+        yield sharding.to_global_name(name, off), p
+
+
+@torch.no_grad()
+def init_weights(model: torch.nn.Module, cfg: Config, *, tp_rank: int, pp_rank: int) -> None:
+    """Layout-independent init: every parameter is drawn at full size from (seed, canonical
+    name) and this rank keeps its slice, so TP/PP layouts start from identical weights."""
+    tp = cfg.parallel.tp
+    for name, p in canonical_params(model, cfg, pp_rank):
+        full = sharding.init_full(name, sharding.full_shape(p.shape, name, tp), seed=cfg.train.seed,
+                                  std=cfg.model.init_method_std, num_layers=cfg.model.num_layers)
+        p.copy_(sharding.shard(full, name, tp_rank, tp).to(p.dtype))

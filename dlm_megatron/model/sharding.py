@@ -1,0 +1,102 @@
+"""How each parameter of the denoiser is laid out across tensor/pipeline ranks.
+
+One place knows the mapping between a rank's local parameters and the full, layout-free
+model ("canonical" names with global layer indices and full shapes). It serves three jobs:
+layout-independent initialisation (draw the full tensor from the seed, keep my slice),
+writing checkpoints that any layout can read, and offline resharding / export.
+
+megatron-core marks TP-split parameters with ``tensor_model_parallel`` / ``partition_dim``.
+One subtlety: SwiGLU's fused ``linear_fc1`` holds [gate; up] stacked, and each TP rank holds
+[gate_r; up_r] — a plain contiguous split of the full [gate; up] would give rank 0 all of the
+gate. ``shard``/``unshard`` handle that layout explicitly.
+"""
+from __future__ import annotations
+
+import re
+import zlib
+
+import torch
+
+_LAYER_RE = re.compile(r"^(decoder\.layers\.)(\d+)(\..*)$")
+
+
+def partition_dim(name: str) -> int | None:
+    """TP partition dimension of a canonical parameter, or None if replicated."""
+    if name.endswith(("word_embeddings.weight", "output_layer.weight")):
+        return 0
+    if name.endswith(("linear_qkv.weight", "linear_qkv.bias", "linear_fc1.weight", "linear_fc1.bias")):
+        return 0
+    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        return 1
+    return None
+
+
+def is_glu(name: str) -> bool:
+    return ".linear_fc1." in name
+
+
+def to_global_name(local_name: str, layer_offset: int) -> str:
+    """decoder.layers.{i}.x -> decoder.layers.{i+offset}.x (other names unchanged)."""
+    m = _LAYER_RE.match(local_name)
+    if not m:
+        return local_name
+    return f"{m.group(1)}{int(m.group(2)) + layer_offset}{m.group(3)}"
+
+
+def to_local_name(global_name: str, layer_offset: int) -> str:
+    return to_global_name(global_name, -layer_offset)
+
+
+def layer_index(global_name: str) -> int | None:
+    m = _LAYER_RE.match(global_name)
+    return int(m.group(2)) if m else None
+
+
+def shard(full: torch.Tensor, name: str, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """The slice of a full tensor that TP rank ``tp_rank`` holds."""
+    dim = partition_dim(name)
+    if dim is None or tp_size == 1:
+        return full
+    if is_glu(name):
+        gate, up = full.chunk(2, dim=dim)
+        return torch.cat([gate.chunk(tp_size, dim=dim)[tp_rank], up.chunk(tp_size, dim=dim)[tp_rank]], dim=dim)
+    return full.chunk(tp_size, dim=dim)[tp_rank]
+
+
+def unshard(parts: list[torch.Tensor], name: str) -> torch.Tensor:
+    """Inverse of ``shard``: the full tensor from all TP ranks' slices (in rank order)."""
+    dim = partition_dim(name)
+    if dim is None or len(parts) == 1:
+        return parts[0]
+    if is_glu(name):
+        gates, ups = zip(*(p.chunk(2, dim=dim) for p in parts))
+        return torch.cat([*gates, *ups], dim=dim)
+    return torch.cat(parts, dim=dim)
+
+
+def full_shape(local_shape: torch.Size, name: str, tp_size: int) -> tuple[int, ...]:
+    shape = list(local_shape)
+    dim = partition_dim(name)
+    if dim is not None:
+        shape[dim] *= tp_size
+    return tuple(shape)
+
+
+def name_seed(seed: int, name: str) -> int:
+    """A per-parameter seed from the run seed and the canonical name (layout-free)."""
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def init_full(name: str, shape: tuple[int, ...], *, seed: int, std: float, num_layers: int) -> torch.Tensor:
+    """Initial value of a canonical parameter at full size (fp32, CPU).
+
+    Norm scales start at 1; output projections of residual branches (linear_proj,
+    linear_fc2) get std / sqrt(2 * num_layers) as in GPT-2/Megatron; everything else N(0, std).
+    """
+    if "layernorm" in name or name.endswith("norm.weight"):
+        return torch.ones(shape)
+    if name.endswith(".bias"):
+        return torch.zeros(shape)
+    s = std / (2.0 * num_layers) ** 0.5 if name.endswith(("linear_proj.weight", "linear_fc2.weight")) else std
+    g = torch.Generator().manual_seed(name_seed(seed, name))
+    return torch.randn(shape, generator=g) * s

@@ -1,0 +1,100 @@
+"""Let megatron-core and DeepSpeed run on CPU (gloo) for development and CI.
+
+Applied only when CUDA is absent: on a GPU machine nothing here runs. Each shim replaces a
+hard CUDA assumption with its CPU equivalent; none changes numerics (DESIGN.md §5 lists the
+measured equivalences: TP=2 equals TP=1 to ~2e-7 with these shims).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+_APPLIED = False
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def apply() -> None:
+    """Install the CPU shims (idempotent; a no-op when CUDA is available)."""
+    global _APPLIED
+    if _APPLIED or cuda_available():
+        return
+    _APPLIED = True
+    # DeepSpeed picks its accelerator at import time.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+    # megatron-core places buffers with device=torch.cuda.current_device(); "cpu" is a valid
+    # device argument everywhere it is used (torch.empty, .to, rotary tables).
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+    # p2p and timers synchronise the GPU stream; CPU ops are synchronous already.
+    torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
+
+    # The TP RNG tracker saves/restores torch.cuda RNG state around dropout; with no CUDA
+    # there is no such state. Training here uses no dropout, so the no-op tracker (the one
+    # megatron uses for inference) is exact.
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    mrandom.model_parallel_cuda_manual_seed = lambda *a, **k: None  # type: ignore[assignment]
+
+    # DeepSpeed's CPU comm backend JIT-compiles a shared-memory op (minutes) that only serves
+    # inference all-reduce; training collectives go through gloo. Skip the build.
+    try:
+        import importlib
+
+        # (``import deepspeed.comm.torch as m`` would bind the torch package itself:
+        # deepspeed.comm has an attribute named torch.)
+        ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+        ds_torch_comm.build_shm_op = lambda: None
+    except Exception:  # pragma: no cover - deepspeed absent or changed layout
+        pass
+
+    # The default causal mask (used when no mask is passed) is allocated on "cuda".
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils as tutils
+
+    def _causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+    tutils.get_default_causal_mask = _causal_mask
+    fused_softmax.get_default_causal_mask = _causal_mask
+
+    _patch_literal_cuda_tensors()
+
+
+def _patch_literal_cuda_tensors() -> None:
+    """Modules that allocate with a literal device="cuda" get a torch proxy that maps it to CPU."""
+    import types
+
+    class _TorchCPUProxy(types.ModuleType):
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+    def _cpuify(fn):
+        def wrapper(*args, **kwargs):
+            if kwargs.get("device") in ("cuda", torch.device("cuda")):
+                kwargs["device"] = "cpu"
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    proxy = _TorchCPUProxy("torch")
+    for name in ("zeros", "ones", "empty", "tensor", "full"):
+        setattr(proxy, name, _cpuify(getattr(torch, name)))
+    import importlib
+
+    for modname in ("megatron.core.pipeline_parallel.schedules",):
+        try:
+            mod = importlib.import_module(modname)
+        except Exception:  # pragma: no cover
+            continue
+        mod.torch = proxy
+
+
+@contextlib.contextmanager
+def nullcontext():
+    yield

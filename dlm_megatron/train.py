@@ -1,0 +1,375 @@
+"""Training entry point: ``python -m dlm_megatron.train CONFIG [key=value ...]`` (``dlm-train``).
+
+Rerunning the same command resumes from ``<train.output_dir>/checkpoints/latest`` with the
+same data order, noise and optimizer state: data order and noise are pure functions of
+(seed, step, sample position), the LR is a pure function of the step, and the engine
+restores weights and optimizer moments.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .config import Config, ConfigError, describe, dump_yaml, load_config, to_dict
+
+USAGE = """usage: python -m dlm_megatron.train CONFIG [section.key=value ...]
+
+Train a diffusion language model. CONFIG is a YAML preset (configs/tiny.yaml, ...);
+overrides use dotted keys, e.g. train.steps=100 parallel.tp=2 logging.wandb=disabled.
+Launch several processes with torchrun (or launch/local.sh with NPROC=N).
+Rerunning the same command resumes from <train.output_dir>/checkpoints/latest.
+
+Config keys:
+"""
+
+
+def quiet_warnings() -> None:
+    """megatron-core warns at import that TE/apex are absent; that is expected on CPU."""
+    warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
+    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+    warnings.filterwarnings("ignore", message=".*apex.*", category=UserWarning)
+    warnings.filterwarnings("ignore", message=".*cuda_graph_scope.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning")
+
+
+class StopRequest:
+    """Set by SIGUSR1/SIGTERM (Slurm preemption): finish the step, checkpoint, exit."""
+
+    def __init__(self):
+        self.signum = None
+        for s in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(s, self._handler)
+
+    def _handler(self, signum, frame):
+        self.signum = signum
+
+
+EXIT_PREEMPTED = 3
+
+
+def flops_per_token(cfg: Config, vocab: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * matmul params + attention scores (12 * layers * h * s)."""
+    m = cfg.model
+    from .config import ffn_size
+
+    h, L = m.hidden_size, m.num_layers
+    kv = (m.num_query_groups or m.num_attention_heads) * (h // m.num_attention_heads)
+    per_layer = h * (h + 2 * kv) + h * h + 3 * h * ffn_size(m)
+    matmul = L * per_layer + vocab * h
+    return 6.0 * matmul + 12.0 * L * h * seq_len
+
+
+def peak_flops(device) -> float:
+    """Nominal peak FLOP/s of one device for the MFU estimate (DLM_PEAK_TFLOPS overrides)."""
+    if os.environ.get("DLM_PEAK_TFLOPS"):
+        return float(os.environ["DLM_PEAK_TFLOPS"]) * 1e12
+    import torch
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tf in (("H200", 989), ("H100", 989), ("A100", 312), ("L40", 181), ("A10", 125)):
+            if key in name:
+                return tf * 1e12
+        return 100e12
+    # CPU: a nominal 100 GFLOP/s fp32 per core (AVX-512 FMA class); the MFU shown is indicative.
+    return 100e9 * max(1, torch.get_num_threads())
+
+
+def memory_gib(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    except Exception:
+        return float("nan")
+
+
+def run(cfg: Config) -> dict:
+    """Train according to ``cfg``; returns a summary dict (on every rank)."""
+    quiet_warnings()
+    import torch
+    import torch.distributed as dist
+
+    from . import checkpoint as ckpt
+    from .data import DataError
+    from .data.corpus import resolve_data_path
+    from .data.loader import PackedDataset, sample_indices
+    from .data.tokenizer import load_tokenizer
+    from .diffusion.masked import weighted_token_loss
+    from .diffusion.objectives import build_objective
+    from .logging import MetricsLogger
+    from .model.denoiser import build_model, canonical_params, init_weights
+    from .parallel import dist as pdist
+
+    stop = StopRequest()
+    lay = pdist.init_distributed(cfg)
+    rank0 = lay.rank == 0
+    out = Path(cfg.train.output_dir)
+    if rank0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_yaml(cfg))
+    torch.manual_seed(cfg.train.seed)
+
+    tok = load_tokenizer(cfg.data.tokenizer)
+    # Rank 0 tokenizes builtin corpora first; the others then find them ready.
+    paths = {}
+    for split, p in (("train", cfg.data.train_path), ("val", cfg.data.val_path)):
+        if p is None:
+            continue
+        if rank0:
+            paths[split] = resolve_data_path(p, cfg.data.cache_dir, tok)
+    dist.barrier()
+    if not rank0:
+        paths = {s: resolve_data_path(p, cfg.data.cache_dir, tok) for s, p in (("train", cfg.data.train_path), ("val", cfg.data.val_path)) if p is not None}
+    train_ds = PackedDataset(paths["train"], cfg.data.seq_len, tok.eot_id, tokenizer_sha=tok.sha256)
+    val_ds = PackedDataset(paths["val"], cfg.data.seq_len, tok.eot_id, tokenizer_sha=tok.sha256) if "val" in paths else None
+
+    vocab = cfg.model.vocab_size or tok.vocab_size
+    if vocab < tok.vocab_size:
+        raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary ({tok.vocab_size})")
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and lay.device.type == "cuda")
+    model = build_model(cfg, vocab, pre_process=lay.is_first_stage, post_process=lay.is_last_stage)
+    init_weights(model, cfg, tp_rank=lay.tp_rank, pp_rank=lay.pp_rank)
+    model.to(lay.device)
+    if cfg.parallel.pp > 1:
+        raise ConfigError("parallel.pp>1 needs the megatron-core pipeline engine, which this build does not include yet; use parallel.pp=1")
+    from .engine.deepspeed_engine import DeepSpeedEngine
+
+    engine = DeepSpeedEngine(model, cfg, dp=lay.dp, bf16=bf16, mpu=pdist.DeepSpeedMPU())
+    objective = build_objective(cfg.diffusion, tok.mask_id, cfg.train.seed)
+
+    G, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    per_rank = G // lay.dp
+    start_step = 0
+    latest = ckpt.latest_checkpoint(out)
+    if latest is not None:
+        meta = ckpt.read_meta(latest)
+        engine.load(str(latest / "engine"), "engine")
+        start_step = meta["step"]
+        if rank0:
+            print(f"resumed from {latest} at step {start_step}", flush=True)
+
+    logger = MetricsLogger(cfg, out, is_rank0=rank0, config_dict=to_dict(cfg))
+    fpt = flops_per_token(cfg, vocab, cfg.data.seq_len)
+    peak = peak_flops(lay.device) * lay.world_size
+    if rank0 and start_step == 0:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"model: {n_params / 1e6:.2f}M parameters on this rank | layout tp={lay.tp} pp={lay.pp} dp={lay.dp} "
+              f"zero={cfg.parallel.zero_stage} | objective={cfg.diffusion.objective} | "
+              f"train samples {len(train_ds)} x {cfg.data.seq_len} tokens", flush=True)
+
+    def micro_batches(step: int, x_GL: np.ndarray, positions_G: np.ndarray, eval: bool = False):
+        lo = lay.dp_rank * per_rank
+        xs = torch.from_numpy(x_GL[lo: lo + per_rank])
+        ps = torch.from_numpy(positions_G[lo: lo + per_rank])
+        for i in range(0, per_rank, mbs):
+            yield objective.make_batch(xs[i: i + mbs], ps[i: i + mbs], step=step, global_batch_size=G, eval=eval)
+
+    def to_dev(t):
+        return None if t is None else t.to(lay.device, non_blocking=True)
+
+    def batch_loss(module, b):
+        nll = module(to_dev(b.tokens_BS), to_dev(b.position_ids_BS), to_dev(b.attention_mask),
+                     labels=to_dev(b.labels_BS), explicit_positions=b.position_ids_BS is not None)
+        return weighted_token_loss(nll, to_dev(b.loss_weight_BS))
+
+    dp_group = None
+    from megatron.core import parallel_state as ps
+
+    dp_group = ps.get_data_parallel_group()
+
+    def dp_mean(x: float) -> float:
+        t = torch.tensor([x], dtype=torch.float64, device=lay.device if lay.device.type == "cuda" else "cpu")
+        dist.all_reduce(t, group=dp_group)
+        return t.item() / lay.dp
+
+    def evaluate(step: int) -> dict | None:
+        if val_ds is None:
+            return None
+        engine.eval()
+        total, count = 0.0, 0
+        eval_seed = 0  # fixed: every run evaluates the same samples with the same noise
+        with torch.no_grad():
+            for k in range(cfg.train.eval_batches):
+                idx = sample_indices(k, G, len(val_ds), eval_seed)
+                x = np.stack([val_ds[int(i)] for i in idx])
+                pos = np.arange(k * G, (k + 1) * G, dtype=np.int64)
+                for b in micro_batches(k, x, pos, eval=True):
+                    total += batch_loss(engine.engine, b).item() * b.num_tokens
+                    count += b.num_tokens
+        engine.train()
+        loss = dp_mean(total / max(count, 1))
+        return {"step": step, "split": "val", "loss": loss, "ppl_bound": math.exp(min(loss, 50.0))}
+
+    def save(step: int) -> None:
+        tmp = ckpt.begin_save(out, step)
+        if rank0:
+            ckpt.prepare_tmp(tmp)
+        dist.barrier()
+        named = list(canonical_params(engine.module, cfg, lay.pp_rank))
+        if cfg.parallel.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+                if lay.dp_rank == 0:
+                    ckpt.save_model_shard(tmp, named, lay.tp_rank, lay.pp_rank)
+        elif lay.dp_rank == 0:
+            ckpt.save_model_shard(tmp, named, lay.tp_rank, lay.pp_rank)
+        engine.save(str(tmp / "engine"), "engine", {"step": step})
+        dist.barrier()
+        if rank0:
+            meta = {"config": to_dict(cfg), "layout": {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "zero_stage": cfg.parallel.zero_stage},
+                    "tokenizer_sha256": tok.sha256, "vocab_size": vocab, "consumed_samples": step * G, "engine": "deepspeed"}
+            final = ckpt.commit_save(out, tmp, step, meta, cfg.train.keep_last)
+            print(f"saved checkpoint {final}", flush=True)
+        dist.barrier()
+
+    inject_nan = {int(s) for s in os.environ.get("DLM_TEST_INJECT_NAN_STEPS", "").split(",") if s.strip()}
+    bad_in_a_row = 0
+    last = {}
+    engine.train()
+    t_last = time.time()
+    tokens_since = 0
+    step = start_step
+    for step in range(start_step, cfg.train.steps):
+        idx = sample_indices(step, G, len(train_ds), cfg.train.seed)
+        lo = lay.dp_rank * per_rank
+        x = np.zeros((G, cfg.data.seq_len), dtype=np.int64)
+        x[lo: lo + per_rank] = np.stack([train_ds[int(i)] for i in idx[lo: lo + per_rank]])
+        positions = np.arange(step * G, (step + 1) * G, dtype=np.int64)
+        lr = engine.set_lr(step)
+        losses, bad = [], False
+        for b in micro_batches(step, x, positions):
+            loss = batch_loss(engine.engine, b)
+            if step in inject_nan:
+                loss = loss * float("nan")
+            flag = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0])
+            dist.all_reduce(flag)  # every rank must agree to skip, or collectives would hang
+            if flag.item() > 0:
+                # Backpropagate an exact zero through every parameter instead of the bad loss
+                # (0 * nan would still be nan), so DeepSpeed's hooks and collectives still run.
+                bad = True
+                if cfg.parallel.zero_stage == 3:
+                    logger.close()
+                    raise TrainingDiverged(f"non-finite loss at step {step} under ZeRO-3 (which cannot skip a step); "
+                                           f"last good checkpoint kept in {out / 'checkpoints'}; lower train.lr or check the data")
+                zero = sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0
+                engine.engine.backward(zero)
+            else:
+                engine.engine.backward(loss)
+            losses.append(loss.detach())
+            tokens_since += b.num_tokens * lay.dp
+            if len(losses) < engine.gas:
+                engine.engine.step()
+        if bad:
+            # Skip the update: zero gradients and a zero LR leave the weights unchanged.
+            engine.zero_grad()
+            for g in engine.optimizer.param_groups:
+                g["lr"] = 0.0
+            engine.engine.step()
+            bad_in_a_row += 1
+            if rank0:
+                print(f"warning: non-finite loss at step {step}; update skipped ({bad_in_a_row}/{cfg.train.max_bad_steps} in a row)", flush=True)
+            if bad_in_a_row >= cfg.train.max_bad_steps:
+                msg = (f"stopping: {bad_in_a_row} non-finite losses in a row (last good checkpoint kept in {out / 'checkpoints'}); "
+                       f"lower train.lr or check the data")
+                logger.close()
+                raise TrainingDiverged(msg)
+            continue
+        bad_in_a_row = 0
+        grad_norm = engine.step()
+        done = step + 1
+        if done % cfg.logging.log_interval == 0 or done == cfg.train.steps:
+            loss_v = dp_mean(torch.stack(losses).mean().item())
+            dt = max(time.time() - t_last, 1e-9)
+            tps = tokens_since / dt
+            row = {"step": done, "loss": loss_v, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tps,
+                   "mfu": tps * fpt / peak, "mem_gib": memory_gib(lay.device)}
+            logger.log(row)
+            last = row
+            t_last, tokens_since = time.time(), 0
+        if cfg.train.eval_interval and done % cfg.train.eval_interval == 0 and done != cfg.train.steps:
+            r = evaluate(done)
+            if r:
+                logger.log(r)
+        preempted = stop.signum is not None
+        if preempted:
+            flag = torch.tensor([1.0])
+        else:
+            flag = torch.tensor([0.0])
+        dist.all_reduce(flag)  # one rank's signal stops all of them at the same step
+        if flag.item() > 0:
+            save(done)
+            if rank0:
+                print(f"received stop signal: checkpoint saved at step {done}, exiting for requeue", flush=True)
+            logger.close()
+            pdist.destroy()
+            sys.exit(EXIT_PREEMPTED)
+        if cfg.train.save_interval and done % cfg.train.save_interval == 0 and done != cfg.train.steps:
+            save(done)
+
+    final_step = cfg.train.steps
+    if start_step < final_step:
+        save(final_step)
+    val = evaluate(final_step)
+    if val:
+        logger.log(val)
+    summary = {"final": last, "val": val, "output_dir": str(out)}
+    if cfg.train.sample_at_end and rank0 and lay.tp == 1 and lay.pp == 1:
+        from .generate import sample_text
+
+        text = sample_text(engine.module, tok, cfg, device=lay.device)
+        print("---- sample ----\n" + text + "\n----------------", flush=True)
+        summary["sample"] = text
+    logger.close()
+    return summary
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE + describe())
+        return 0 if argv else 2
+    config_path, overrides = (None, argv) if "=" in argv[0] else (argv[0], argv[1:])
+    try:
+        cfg = load_config(config_path, overrides)
+        run(cfg)
+    except (ConfigError, TrainingDiverged) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # data/checkpoint problems are ValueErrors phrased for users
+        from .checkpoint import CheckpointError
+        from .data import DataError
+
+        if isinstance(e, (DataError, CheckpointError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+    finally:
+        try:
+            from .parallel import dist as pdist
+
+            pdist.destroy()
+        except Exception:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

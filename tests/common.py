@@ -1,0 +1,59 @@
+"""Helpers shared by the test tiers."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = str(Path(__file__).resolve().parents[1])
+PY = sys.executable
+
+# A small, fast variant of the tiny config used by the distributed and end-to-end tests.
+COMMON_OVERRIDES = (
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.num_attention_heads=4",
+    "model.ffn_hidden_size=192",
+    "data.seq_len=32",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=2",
+    "train.steps=4",
+    "train.warmup_steps=1",
+    "train.lr=1e-2",
+    "train.save_interval=0",
+    "train.eval_interval=0",
+    "train.eval_batches=1",
+    "train.sample_at_end=false",
+    "logging.wandb=disabled",
+    "diffusion.random_length_prob=0.0",
+    f"data.cache_dir={REPO}/.cache/data",
+)
+
+
+def env(**extra) -> dict:
+    e = dict(os.environ)
+    e.update({"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "WANDB_SILENT": "true"})
+    e.update({k: str(v) for k, v in extra.items()})
+    return e
+
+
+def run(cmd, timeout=900, check=True, **kw) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, cwd=REPO, env=kw.pop("env", env()), capture_output=True, text=True, timeout=timeout, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"command failed ({p.returncode}): {' '.join(map(str, cmd))}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-4000:]}")
+    return p
+
+
+def torchrun(nproc: int, script: str, *args, timeout=900) -> subprocess.CompletedProcess:
+    return run([PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args], timeout=timeout)
+
+
+def metrics(run_dir) -> list[dict]:
+    rows = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return rows
+
+
+def train_losses(run_dir) -> list[float]:
+    return [r["loss"] for r in metrics(run_dir) if r.get("split") != "val"]
