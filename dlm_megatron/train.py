@@ -183,7 +183,7 @@ def run(cfg: Config) -> dict:
     def batch_loss(module, b):
         nll = module(to_dev(b.tokens_BS), to_dev(b.position_ids_BS), to_dev(b.attention_mask),
                      labels=to_dev(b.labels_BS), explicit_positions=b.position_ids_BS is not None)
-        return weighted_token_loss(nll, to_dev(b.loss_weight_BS))
+        return weighted_token_loss(nll, to_dev(b.loss_weight_BS), b.num_tokens)
 
     dp_group = None
     from megatron.core import parallel_state as ps

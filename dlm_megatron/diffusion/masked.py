@@ -45,11 +45,13 @@ def masked_loss_weights(is_masked_BL: torch.Tensor, t_B: torch.Tensor) -> torch.
     return is_masked_BL.to(torch.float32) / t_B[:, None].to(torch.float32)
 
 
-def weighted_token_loss(token_nll_BL: torch.Tensor, weight_BL: torch.Tensor) -> torch.Tensor:
-    """sum(nll * weight) / (B * L): LLaDA's normalisation by the number of tokens.
+def weighted_token_loss(token_nll_BL: torch.Tensor, weight_BL: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
+    """sum(nll * weight) / num_tokens (default B * L): LLaDA's normalisation by the number
+    of tokens. Objectives whose model input is longer than the clean sequence (block
+    diffusion's 2L) pass the clean token count.
 
     Unmasked tokens have weight 0 and contribute nothing (not even NaN: we use where,
     so a non-finite NLL at an unmasked position cannot leak into the loss).
     """
     contrib = torch.where(weight_BL != 0, token_nll_BL.float() * weight_BL, torch.zeros_like(weight_BL))
-    return contrib.sum() / token_nll_BL.numel()
+    return contrib.sum() / (token_nll_BL.numel() if num_tokens is None else num_tokens)

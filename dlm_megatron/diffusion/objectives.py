@@ -34,10 +34,13 @@ class Batch:
     attention_mask: torch.Tensor | None = None
     """Boolean [1 or B, 1, S, S], True = may NOT attend; None = objective's mask type."""
 
+    num_clean_tokens: int | None = None
+    """Normaliser of the loss (clean tokens B*L); None means labels_BS.numel()."""
+
     @property
     def num_tokens(self) -> int:
         """Normaliser of the loss: number of clean tokens B*L."""
-        return int(self.labels_BS.numel())
+        return int(self.num_clean_tokens if self.num_clean_tokens is not None else self.labels_BS.numel())
 
 
 def step_random_length(seed: int, step: int, seq_len: int, prob: float, stream: int = TAG_STEP) -> int:

@@ -61,7 +61,7 @@ def main():
             b = obj.make_batch(x[i:i + mbs], pos[i:i + mbs], step=step, global_batch_size=G)
             nll = model(b.tokens_BS, b.position_ids_BS, b.attention_mask, labels=b.labels_BS,
                         explicit_positions=b.position_ids_BS is not None)
-            loss = weighted_token_loss(nll, b.loss_weight_BS)
+            loss = weighted_token_loss(nll, b.loss_weight_BS, b.num_tokens)
             (loss / gas).backward()
             step_losses.append(loss.item())
         if t.grad_clip > 0:
