@@ -228,6 +228,12 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if typ is float:
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads "1e-2" as a string; accept the usual float spellings.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -276,7 +282,12 @@ def apply_override(cfg: Config, key: str, value: Any) -> None:
         obj = getattr(obj, p)
     leaf = parts[-1]
     if not dataclasses.is_dataclass(obj) or leaf not in {f.name for f in dataclasses.fields(obj)}:
-        raise ConfigError(f"unknown config key '{key}'")
+        import difflib
+
+        names = [f.name for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj) else []
+        close = difflib.get_close_matches(leaf, names, n=1)
+        hint = f"; did you mean '{'.'.join(parts[:-1] + close)}'?" if close else " (run with --help for all keys)"
+        raise ConfigError(f"unknown config key '{key}'{hint}")
     if dataclasses.is_dataclass(getattr(obj, leaf)):
         raise ConfigError(f"'{key}' is a section; set one of its fields, e.g. {key}.<field>=...")
     setattr(obj, leaf, _coerce(value, _field_types(type(obj))[leaf], key))

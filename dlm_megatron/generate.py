@@ -46,9 +46,17 @@ def sample_text(module, tok, cfg: Config, *, device, prompt: str | None = None, 
     try:
         ids = tok.encode(prompt if prompt is not None else cfg.generate.prompt)
         x = torch.tensor([ids], dtype=torch.long, device=device)
-        scfg = sampler_config(cfg, **over)
-        out = generate(logits_fn_for(module, tok.vocab_size), x, tok.mask_id, scfg,
-                       eos_id=tok.eot_id, suppress_ids=(tok.pad_id,))
+        if cfg.diffusion.objective == "block":
+            # Block-diffusion checkpoints: KV-cached semi-AR sampler on the trained block grid.
+            from .sampling import generate_blocks
+
+            scfg = sampler_config(cfg, **dict(over, block_length=cfg.diffusion.block_size))
+            out = generate_blocks(module, x, tok.mask_id, scfg, vocab_size=tok.vocab_size,
+                                  eos_id=tok.eot_id, suppress_ids=(tok.pad_id,))
+        else:
+            scfg = sampler_config(cfg, **over)
+            out = generate(logits_fn_for(module, tok.vocab_size), x, tok.mask_id, scfg,
+                           eos_id=tok.eot_id, suppress_ids=(tok.pad_id,))
         gen = out[0, len(ids):].tolist()
         if tok.eot_id in gen:
             gen = gen[: gen.index(tok.eot_id)]

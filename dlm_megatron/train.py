@@ -342,6 +342,7 @@ class TrainingDiverged(RuntimeError):
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE + describe())
@@ -362,12 +363,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     finally:
-        try:
-            from .parallel import dist as pdist
+        if "megatron.core" in sys.modules:  # only if we got as far as starting it
+            try:
+                from .parallel import dist as pdist
 
-            pdist.destroy()
-        except Exception:
-            pass
+                pdist.destroy()
+            except Exception:
+                pass
     return 0
 
 

@@ -27,6 +27,7 @@ COMMON_OVERRIDES = (
     "train.eval_batches=1",
     "train.sample_at_end=false",
     "logging.wandb=disabled",
+    "logging.log_interval=1",
     "diffusion.random_length_prob=0.0",
     f"data.cache_dir={REPO}/.cache/data",
 )

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import block as bd
 from . import masked as md
 from .noise import TAG_EVAL, TAG_SAMPLE, TAG_STEP, generator
 
@@ -117,7 +118,56 @@ class Autoregressive(Objective):
         return Batch(tokens_BS=x0_BL, labels_BS=labels, loss_weight_BS=w, t_B=torch.ones(x0_BL.shape[0]))
 
 
-REGISTRY: dict[str, type[Objective]] = {c.name: c for c in (MaskedDiffusion, Autoregressive)}
+class BlockDiffusion(Objective):
+    """BD3-LM block diffusion: one t per block, input [x_t ; x_0] (2L tokens) under the
+    block mask, positions 0..L-1 twice (see diffusion/block.py).
+
+    Noise is keyed like MaskedDiffusion's: per sample (seed, stream, global position) the
+    K block levels are drawn first, then the L token uniforms; with antithetic sampling
+    block column k of the global batch gets stratified levels (offset_k + j/G) mod 1. With
+    block_size == L and the default (eps, 1) range this is bit-for-bit MaskedDiffusion's
+    noise. The mask and positions are functions of (L, block_size) only, so every TP rank
+    and PP stage builds the same batch. ``diffusion.random_length_prob`` is not used: block
+    diffusion already trains on every prefix length.
+    """
+
+    name = "block"
+
+    def sample_t(self, positions_B: torch.Tensor, *, step: int, global_batch_size: int, stream: int, K: int) -> torch.Tensor:
+        """Block noise levels.  -> [B, K] float64"""
+        d = self.dcfg
+        lo, hi = bd.noise_range(d.eps, d.t_min, d.t_max)
+        if d.antithetic:
+            off_K = torch.rand(K, generator=generator(self.seed, stream + 100, step), dtype=torch.float64)
+            j_B = (positions_B - step * global_batch_size).to(torch.float64)
+            u_BK = torch.remainder(off_K[None, :] + j_B[:, None] / global_batch_size, 1.0)
+        else:
+            u_BK = torch.stack([torch.rand(K, generator=generator(self.seed, stream, int(p)), dtype=torch.float64) for p in positions_B])
+        return bd.t_from_uniform(u_BK, lo, hi)
+
+    def token_uniforms(self, positions_B: torch.Tensor, L: int, K: int, stream: int) -> torch.Tensor:
+        rows = []
+        for p in positions_B:
+            g = generator(self.seed, stream, int(p))
+            torch.rand(K, generator=g, dtype=torch.float64)  # skip the block levels
+            rows.append(torch.rand(L, generator=g, dtype=torch.float64))
+        return torch.stack(rows)
+
+    def make_batch(self, x0_BL, positions_B, *, step, global_batch_size, eval=False):
+        stream = TAG_EVAL if eval else TAG_SAMPLE
+        batch, L = x0_BL.shape
+        bs = self.dcfg.block_size
+        K = bd.num_blocks(L, bs)
+        t_BK = self.sample_t(positions_B, step=step, global_batch_size=global_batch_size, stream=stream, K=K)
+        u_BL = self.token_uniforms(positions_B, L, K, stream)
+        xt_BL, is_masked_BL = bd.mask_blocks(x0_BL, t_BK, u_BL, self.mask_id, bs)
+        tokens, labels, weights = bd.two_half_inputs(x0_BL, xt_BL, bd.loss_weights(is_masked_BL, t_BK, bs))
+        return Batch(tokens_BS=tokens, labels_BS=labels, loss_weight_BS=weights, t_B=t_BK.mean(dim=1).float(),
+                     position_ids_BS=bd.two_half_positions(batch, L), attention_mask=bd.block_diffusion_mask(L, bs),
+                     num_clean_tokens=batch * L)
+
+
+REGISTRY: dict[str, type[Objective]] = {c.name: c for c in (MaskedDiffusion, Autoregressive, BlockDiffusion)}
 
 
 def build_objective(dcfg, mask_id: int, seed: int) -> Objective:

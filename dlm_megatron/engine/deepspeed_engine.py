@@ -25,7 +25,10 @@ def ds_config(cfg, *, dp: int, bf16: bool) -> dict:
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": gas,
         "train_batch_size": t.global_batch_size,
-        "gradient_clipping": t.grad_clip,
+        # ZeRO-0: we clip ourselves with a TP-aware norm (DeepSpeed's fp32 path clipped with a
+        # wrong norm under tensor parallelism, breaking TP=2 == TP=1); ZeRO 1-3 clip inside
+        # DeepSpeed's partitioned optimizer.
+        "gradient_clipping": t.grad_clip if cfg.parallel.zero_stage > 0 else 0.0,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": bf16},
@@ -107,7 +110,15 @@ class DeepSpeedEngine:
     def step(self) -> float:
         """Optimizer step at the accumulation boundary; returns the global grad norm
         (before clipping)."""
-        gn = self._grad_norm_replicated_grads() if self.cfg.parallel.zero_stage == 0 else None
+        gn = None
+        if self.cfg.parallel.zero_stage == 0:
+            gn = self._grad_norm_replicated_grads()
+            clip = self.cfg.train.grad_clip
+            if clip > 0 and gn > clip:
+                coef = clip / (gn + 1e-6)
+                for p in self.module.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
         self.engine.step()
         if gn is None:
             g = self.engine.get_global_grad_norm()

@@ -83,6 +83,12 @@ def layer_spec(cfg: Config, mask_type: AttnMaskType) -> ModuleSpec:
     else:
         spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.params = dict(spec.submodules.self_attention.params, attn_mask_type=mask_type)
+    if cfg.diffusion.objective == "block":
+        # Block diffusion's core attention: dense or block-sparse flex kernel, KV-cache hook.
+        from .attention import core_attention_builder
+
+        spec.submodules.self_attention.submodules.core_attention = core_attention_builder(
+            cfg.model.attention_backend, cfg.diffusion.block_size)
     return spec
 
 
@@ -107,10 +113,25 @@ class Denoiser(GPTModel):
             self._explicit_positions = False
 
 
+def mark_tensor_parallel(model: torch.nn.Module) -> None:
+    """Tag TP-split parameters with megatron's ``tensor_model_parallel``/``partition_dim``.
+
+    megatron-core only sets these inside its own weight init, which we skip
+    (perform_initialization=False). Gradient-norm code (ours, DeepSpeed's, megatron's
+    optimizer) relies on them to count split weights on every rank and replicated ones once.
+    """
+    from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
+
+    for name, p in model.named_parameters():
+        dim = sharding.partition_dim(name)
+        if dim is not None:
+            set_tensor_model_parallel_attributes(p, True, dim, 1)
+
+
 def build_model(cfg: Config, vocab_size: int, *, pre_process: bool, post_process: bool, params_dtype=torch.float32) -> Denoiser:
     """Build this rank's part of the denoiser (its TP shard of its PP stage's layers)."""
     tcfg = transformer_config(cfg, params_dtype=params_dtype)
-    return Denoiser(
+    model = Denoiser(
         config=tcfg,
         transformer_layer_spec=layer_spec(cfg, attn_mask_type_for(cfg.diffusion.objective)),
         vocab_size=padded_vocab_size(vocab_size, cfg.model, cfg.parallel.tp),
@@ -122,6 +143,8 @@ def build_model(cfg: Config, vocab_size: int, *, pre_process: bool, post_process
         position_embedding_type="rope",
         rotary_base=cfg.model.rotary_base,
     )
+    mark_tensor_parallel(model)
+    return model
 
 
 def layer_offset(cfg: Config, pp_rank: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dlm_megatron.sampling.block import generate_blocks
 from dlm_megatron.sampling.masked import (
     REMASKING_RULES,
     TEMPERATURE_SCHEDULES,
@@ -21,6 +22,7 @@ __all__ = [
     "SamplerConfig",
     "confidence",
     "generate",
+    "generate_blocks",
     "num_transfer_tokens",
     "remask_committed",
     "sample_tokens",

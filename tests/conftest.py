@@ -1,0 +1,11 @@
+import os
+import sys
+
+# tests import their helpers as `common`
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def pytest_configure(config):
+    for m in ("distributed: multi-process torchrun tests (gloo)", "e2e: end-to-end CLI tests",
+              "slurm: tests on a real local Slurm cluster", "gpu: needs CUDA (run by tools/gpu_check.sh)"):
+        config.addinivalue_line("markers", m)

@@ -1,0 +1,89 @@
+"""Config tree: presets load, overrides apply, bad input is one clear line."""
+import subprocess
+import sys
+
+import pytest
+
+from dlm_megatron.config import ConfigError, describe, load_config
+
+REQUIRED_KEYS = ["train.steps", "train.output_dir", "train.global_batch_size", "train.micro_batch_size", "train.seed",
+                 "parallel.tp", "parallel.pp", "parallel.zero_stage", "diffusion.objective", "diffusion.block_size",
+                 "model.num_layers", "model.hidden_size", "data.seq_len", "logging.wandb"]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "125m", "1b", "8b"])
+def test_presets_load(preset):
+    cfg = load_config(f"configs/{preset}.yaml")
+    assert cfg.model.num_layers > 0
+
+
+def test_8b_is_llada_shape():
+    c = load_config("configs/8b.yaml")
+    m = c.model
+    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.ffn_hidden_size, m.vocab_size, c.data.seq_len) == (32, 4096, 32, 12288, 126464, 4096)
+
+
+def test_contract_keys_exist_and_override():
+    vals = {"train.steps": 7, "train.output_dir": "x", "train.global_batch_size": 32, "train.micro_batch_size": 4,
+            "train.seed": 3, "parallel.tp": 2, "parallel.pp": 2, "parallel.zero_stage": 2, "diffusion.objective": "ar",
+            "diffusion.block_size": 8, "model.num_layers": 4, "model.hidden_size": 128, "data.seq_len": 64, "logging.wandb": "disabled"}
+    assert set(vals) == set(REQUIRED_KEYS)
+    cfg = load_config("configs/tiny.yaml", [f"{k}={v}" for k, v in vals.items()])
+    for k, v in vals.items():
+        sec, f = k.split(".")
+        assert getattr(getattr(cfg, sec), f) == v
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.stepz=3", "unknown config key 'train.stepz'"),
+    ("trian.steps=3", "unknown config key 'trian.steps'"),
+    ("train.steps=abc", "train.steps: expected an integer"),
+    ("train.steps=-1", "train.steps must be > 0"),
+    ("diffusion.objective=foo", "diffusion.objective='foo' is not one of"),
+    ("logging.wandb=maybe", "logging.wandb='maybe'"),
+    ("parallel.zero_stage=4", "parallel.zero_stage must be 0, 1, 2 or 3"),
+    ("train.micro_batch_size=5", "not a multiple of train.micro_batch_size"),
+    ("model.hidden_size=250", "not divisible by model.num_attention_heads"),
+    ("train", "is not of the form section.key=value"),
+    ("train=3", "is a section"),
+])
+def test_bad_overrides_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/tiny.yaml", [override])
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_block_size_must_divide_seq_len():
+    with pytest.raises(ConfigError, match="diffusion.block_size=5 must divide data.seq_len=128"):
+        load_config("configs/tiny.yaml", ["diffusion.objective=block", "diffusion.block_size=5"])
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  num_layers: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad.write_text("model:\n  num_layerz: 2\n")
+    with pytest.raises(ConfigError, match="unknown config key 'model.num_layerz'"):
+        load_config(bad)
+
+
+def test_every_field_is_documented():
+    text = describe()
+    for k in REQUIRED_KEYS:
+        assert k in text
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("  ") and "=" in line and not line.startswith("      "):
+            assert lines[i + 1].strip(), f"no docstring for {line.strip()}"
+
+
+def test_cli_bad_key_is_one_line_exit_2():
+    p = subprocess.run([sys.executable, "-m", "dlm_megatron.train", "configs/tiny.yaml", "train.stepz=3"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    err = [l for l in p.stderr.splitlines() if l.strip() and "warn" not in l.lower()]
+    assert len(err) == 1 and err[0] == "error: unknown config key 'train.stepz'; did you mean 'train.steps'?", p.stderr
