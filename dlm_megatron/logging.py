@@ -61,7 +61,13 @@ class WandbSink:
         import wandb
 
         id_file = output_dir / "wandb_run_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        if id_file.is_file():
+            run_id = id_file.read_text().strip()
+        else:
+            import secrets
+            import string
+
+            run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
         id_file.write_text(run_id)
         self.wandb = wandb
         self.run = wandb.init(

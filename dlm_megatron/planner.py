@@ -1,0 +1,571 @@
+"""Layout planner: parameters, FLOPs, per-GPU memory and throughput of a config on N GPUs.
+
+Pure functions of (Config, vocabulary size, layout numbers); no torch, no I/O. The CLI is
+``tools/plan.py``; the formulas are documented in docs/planner.md and restated next to
+the code that implements them.
+
+Notation (all per GPU unless stated):
+  h hidden, L layers, a heads, g query groups (KV heads), d = h/a head dim, kv = g*d,
+  f SwiGLU inner size, V vocabulary, Vp padded vocabulary, s model sequence length
+  (data.seq_len, doubled for objective=block), b micro batch, t TP, p PP, D data-parallel
+  size = N/(t*p), Psi parameters held by one GPU (its TP shard of its PP stage).
+
+Memory model (bytes):
+  weights    w * Psi                  (/D with ZeRO-3)       w = 2 bf16, 4 fp32
+  gradients  w * Psi                  (/D with ZeRO-2, 3)
+  optimizer  o * Psi                  (/D with ZeRO-1, 2, 3) o = 12 bf16 (fp32 master + m + v),
+                                                              8 fp32 (m + v; weights are the master)
+  activations: per layer and token, following Korthikanti et al. 2022 ("Reducing Activation
+    Recomputation in Large Transformer Models", sec. 4) term by term, adapted to RMSNorm,
+    SwiGLU, RoPE, GQA, no biases and no dropout; see ``layer_activation_terms``. The first
+    pipeline stage holds min(p, microbatches) microbatches in flight (1F1B).
+  peak = weights + gradients + optimizer + ZeRO buffers + max(activation peak, optimizer-step
+    transient), where the activation peak is the saved activations plus the larger of
+    (a) the logits/cross-entropy buffers at the end of the forward and start of the backward,
+    (b) the backward working set of one layer (plus, with full recompute, that layer's
+        recomputed activations).
+  total = peak * (1 + fragmentation) + fixed overhead (CUDA context, NCCL, cuBLAS workspaces).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from .config import Config, ConfigError, ffn_size, padded_vocab_size
+
+GIB = 2**30
+
+# DeepSpeed's default ZeRO bucket (elements) when ds_config leaves reduce_bucket_size unset.
+ZERO_REDUCE_BUCKET = 500_000_000
+
+
+class PlanError(ValueError):
+    """An impossible layout or bad planner input, phrased as one line."""
+
+
+# ---------------------------------------------------------------------------------------
+# Model shape
+
+
+@dataclass(frozen=True)
+class Dims:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    kv_dim: int
+    ffn: int
+    vocab: int
+    padded_vocab: int
+    data_seq_len: int
+    seq_len: int
+    """Model sequence length: data.seq_len, or 2 * data.seq_len for block diffusion (x_t ++ x_0)."""
+    tied: bool
+    explicit_positions: bool
+    """Block diffusion passes RoPE positions per sample: the rotary tables become [s, b, 1, d]."""
+
+
+def model_dims(cfg: Config, vocab_size: int, tp: int = 1) -> Dims:
+    m = cfg.model
+    h, a = m.hidden_size, m.num_attention_heads
+    g = m.num_query_groups or a
+    d = h // a
+    block = cfg.diffusion.objective == "block"
+    try:
+        vp = padded_vocab_size(vocab_size, m, tp)
+    except ConfigError as e:
+        raise PlanError(str(e)) from None
+    return Dims(hidden=h, layers=m.num_layers, heads=a, kv_heads=g, head_dim=d, kv_dim=g * d, ffn=ffn_size(m),
+                vocab=vocab_size, padded_vocab=vp, data_seq_len=cfg.data.seq_len,
+                seq_len=cfg.data.seq_len * (2 if block else 1), tied=m.tie_embeddings, explicit_positions=block)
+
+
+# ---------------------------------------------------------------------------------------
+# Parameters
+
+
+def layer_matrix_params(dm: Dims) -> int:
+    """Weights of one layer's linear layers: QKV h(h+2kv), output projection h*h, SwiGLU fc1
+    h*2f (gate and up) and fc2 f*h. No biases."""
+    h = dm.hidden
+    return h * (h + 2 * dm.kv_dim) + h * h + 3 * h * dm.ffn
+
+
+def layer_params(dm: Dims) -> int:
+    """One layer: matrices plus its two RMSNorm weights (2h)."""
+    return layer_matrix_params(dm) + 2 * dm.hidden
+
+
+def param_counts(dm: Dims, tp: int = 1, pp: int = 1) -> dict:
+    """Total parameters and what one GPU holds on the first and last pipeline stage.
+
+    TP shards every matrix (column/row parallel linears, vocab-parallel embedding and output
+    layer) over t ranks; RMSNorm weights are replicated. PP gives each stage L/p layers; the
+    embedding lives on the first stage, the final norm and output layer on the last (a tied
+    output layer with p > 1 is a copy of the embedding kept on the last stage).
+    """
+    h, L = dm.hidden, dm.layers
+    emb = dm.padded_vocab * h
+    out = 0 if dm.tied else dm.padded_vocab * h
+    total = L * layer_params(dm) + emb + out + h
+    lps = L // pp
+    stage_layers = lps * (layer_matrix_params(dm) // tp + 2 * h)
+    emb_local = emb // tp
+    first = stage_layers + emb_local
+    last = stage_layers + h + emb_local  # final norm + output layer (or its tied copy)
+    if pp == 1:
+        first = last = stage_layers + emb_local + h + (0 if dm.tied else emb_local)
+    return {
+        "total": total,
+        "embedding": emb,
+        "output_layer": out,
+        "per_layer": layer_params(dm),
+        "per_gpu_first_stage": first,
+        "per_gpu_last_stage": last,
+        "per_gpu": max(first, last),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# FLOPs
+
+
+def flops_per_token(dm: Dims, recompute: str = "none") -> dict:
+    """Training FLOPs per data token.
+
+    Per model token: 6 * (L * matrix params per layer + V * h) for the matmuls (forward 2,
+    backward 4 FLOPs per weight) plus 12 * L * h * s for attention scores and values
+    (forward QK^T and AV are 2*s*h each per token and layer; x3 for training). This equals
+    ``dlm_megatron.train.flops_per_token`` (unpadded vocabulary, no recompute), so the MFU
+    logged by the trainer and the planner's MFU mean the same thing. Block diffusion runs the
+    model on 2L tokens per L data tokens, with s = 2L: twice the FLOPs per model token count
+    per data token.
+
+    ``hardware`` adds recomputation: selective recomputes the core attention forward
+    (4 * L * h * s), full recomputes the whole layer forward (2 * L * matrix params + 4 * L * h * s).
+    """
+    L, h, s = dm.layers, dm.hidden, dm.seq_len
+    matmul = L * layer_matrix_params(dm) + dm.vocab * h
+    per_model_token = 6.0 * matmul + 12.0 * L * h * s
+    extra = {"none": 0.0, "selective": 4.0 * L * h * s,
+             "full": 2.0 * L * layer_matrix_params(dm) + 4.0 * L * h * s}[recompute]
+    ratio = dm.seq_len / dm.data_seq_len
+    return {"model": per_model_token * ratio, "hardware": (per_model_token + extra) * ratio,
+            "per_model_token": per_model_token}
+
+
+# ---------------------------------------------------------------------------------------
+# Activations
+
+
+@dataclass(frozen=True)
+class Kernels:
+    impl: str
+    """'local' (megatron-core local spec: unfused torch RMSNorm and SwiGLU) or 'fused'
+    (Transformer Engine: RMSNorm fused into the next linear, fused SwiGLU)."""
+    attention: str
+    """'dense' (megatron DotProductAttention: stores the a*s*s softmax) or 'flash' (TE fused /
+    flash attention, or flex attention for block diffusion: stores q, k, v, output, log-sum-exp)."""
+
+
+def kernels_for(cfg: Config, on_gpu: bool = True) -> Kernels:
+    impl = "fused" if cfg.model.transformer_impl == "transformer_engine" else "local"
+    if cfg.diffusion.objective == "block":
+        backend = cfg.model.attention_backend
+        if backend == "auto":
+            backend = "flex" if on_gpu else "dense"
+        attention = "dense" if backend == "dense" else "flash"
+    else:
+        attention = "flash" if impl == "fused" else "dense"
+    return Kernels(impl=impl, attention=attention)
+
+
+def layer_activation_terms(dm: Dims, k: Kernels, recompute: str, *, tp: int, sp: bool, micro_batch: int,
+                           act_bytes: int) -> dict:
+    """Bytes one layer keeps for its backward, per token of one micro batch, term by term.
+
+    Korthikanti et al. count, per layer, the LayerNorm inputs 4sbh, attention 11sbh + 5as^2b
+    and MLP 19sbh (2-byte activations; 34sbh + 5as^2b in total), of which the LayerNorm
+    inputs, the QKV and fc1 inputs and the dropout masks are replicated across TP ranks and
+    everything else is divided by t (all of it divided by t with sequence parallelism). Here,
+    per token, with e = activation bytes:
+
+    norms (replicated unless SP), each of the two RMSNorms:
+      fused:  input h + normalised output h (TE saves both for the fused norm+linear)
+      local:  input h + x*rstd h + output h (torch's composite RMSNorm saves the scaled
+              tensor for the weight gradient, the following linear saves the output)
+      plus rstd, one fp32 per token.
+    attention (divided by t):
+      flash:  q h + k kv + v (a view of the fused QKV output, which keeps all h+2kv alive)
+              + output h (saved once: flash backward and linear_proj share it)
+              + log-sum-exp (a fp32)
+      dense:  q h + k + v + context h + softmax a*s (fp32 softmax result, plus the bf16 copy
+              fed to the AV matmul in bf16); with MHA k is the rotated k (h) and v pins the
+              QKV output (h+2kv); with GQA, k and v are expanded to h by repeat_interleave.
+      selective recompute (core attention) keeps only its inputs q h, k kv, v (QKV output
+              h+2kv) and output h: the a*s softmax term and the GQA expansions vanish.
+    MLP (divided by t):
+      fused:  fc1 output 2f (input of the fused SwiGLU) + fc2 input f
+      local:  fc1 output 2f + up-projection half f (copy) + silu output f + fc2 input f
+    RoPE: cos and sin tables for q and k, 4*s*d per micro batch (4*s*b*d with explicit
+      positions), in the activation dtype, not divided by t.
+    No dropout masks (dropout is 0). Full recompute keeps only the layer input h (divided
+    by t with SP); its recomputed activations are part of the backward working set.
+    """
+    h, f, kv, a, s, d = dm.hidden, dm.ffn, dm.kv_dim, dm.heads, dm.seq_len, dm.head_dim
+    e = act_bytes
+    rep = tp if sp else 1
+    if recompute == "full":
+        return {"layer_input": e * h / rep}
+    t = {}
+    per_norm = (2 if k.impl == "fused" else 3) * h
+    t["norms"] = e * 2 * per_norm / rep + 2 * 4
+    mha = dm.kv_heads == dm.heads
+    qkv_out = h + 2 * kv
+    if recompute == "selective":
+        attn = h + kv + qkv_out + h
+    elif k.attention == "flash":
+        attn = h + kv + qkv_out + h
+    else:
+        attn = h + (h + qkv_out if mha else 2 * h) + h
+    t["attention"] = e * attn / tp
+    if recompute != "selective":
+        if k.attention == "flash":
+            t["attention_lse"] = 4 * a / tp
+        else:
+            probs_bytes = 4 + (e if e < 4 else 0)  # softmax in fp32, plus its bf16 copy
+            t["attention_probs"] = probs_bytes * a * s / tp
+    t["mlp"] = e * (3 if k.impl == "fused" else 5) * f / tp
+    t["rope"] = e * 4 * d * (1 if dm.explicit_positions else 1 / micro_batch)
+    return t
+
+
+def _backward_working_terms(dm: Dims, k: Kernels, recompute: str, *, tp: int, sp: bool, micro_batch: int,
+                            act_bytes: int) -> float:
+    """Bytes per token of gradients alive while the top layer of a stage runs its backward
+    (on top of the saved activations): the incoming gradient h plus the larger of
+      MLP:       the two input gradients of the SwiGLU product (2f; fc2's saved input is
+                 freed by then),
+      attention: dense: gradient of the softmax output and of its input (2*a*s, fp32; with
+                 selective recompute also the recomputed softmax); flash: dq, dk, dv
+                 (h+2kv); minus the MLP and pre-MLP norm activations already freed.
+    """
+    e = act_bytes
+    rep = tp if sp else 1
+    none = layer_activation_terms(dm, k, "none", tp=tp, sp=sp, micro_batch=micro_batch, act_bytes=e)
+    incoming = e * dm.hidden / rep
+    w_mlp = incoming + e * 2 * dm.ffn / tp
+    if k.attention == "dense":
+        w_attn = 4 * 2 * dm.heads * dm.seq_len / tp
+        if recompute == "selective":
+            w_attn += none["attention_probs"]
+    else:
+        w_attn = e * (dm.hidden + 2 * dm.kv_dim) / tp
+    w_attn += incoming - none["mlp"] - none["norms"] / 2
+    return max(w_mlp, w_attn)
+
+
+def activation_memory(dm: Dims, k: Kernels, *, recompute: str, tp: int, pp: int, sp: bool, micro_batch: int,
+                      num_microbatches: int, act_bytes: int, grad_bytes: int, stage: str) -> dict:
+    """Activation bytes on one GPU of the ``stage`` ('first' or 'last') pipeline stage.
+
+    In-flight micro batches (1F1B): the first stage runs min(p, m) forwards before its first
+    backward, the last stage one; with p = 1 micro batches run one after another.
+    """
+    b, s = micro_batch, dm.seq_len
+    tokens = b * s
+    rep = tp if sp else 1
+    e = act_bytes
+    lps = dm.layers // pp
+    first = stage == "first" or pp == 1
+    last = stage == "last" or pp == 1
+    in_flight = min(pp, num_microbatches) if (first and pp > 1) else 1
+    terms = layer_activation_terms(dm, k, recompute, tp=tp, sp=sp, micro_batch=b, act_bytes=e)
+    per_layer_tok = sum(terms.values())
+    saved = in_flight * lps * per_layer_tok * tokens
+    out = {"in_flight_microbatches": in_flight, "layers_on_stage": lps,
+           "per_layer_per_token": per_layer_tok, "layer_terms_per_token": terms,
+           "saved_layers": saved}
+    extra_saved = 0.0
+    if first:
+        extra_saved += in_flight * 8 * tokens  # int64 input ids kept by the embedding backward
+    if pp > 1:
+        # p2p receive/send buffers of one micro batch's hidden states
+        extra_saved += 2 * e * dm.hidden / rep * tokens
+    # Attention scratch / masks shared by all layers of a micro batch.
+    persistent = 0.0
+    if k.attention == "dense":
+        if k.impl == "local" or dm.explicit_positions:
+            # megatron's global memory buffer for the baddbmm of QK^T: [b*a/t, s, s]
+            persistent += e * b * dm.heads / tp * s * s
+        if dm.explicit_positions:
+            persistent += s * s  # boolean [1, 1, s, s] block-diffusion mask
+    out["saved_other"] = extra_saved
+    out["persistent_buffers"] = persistent
+    # (a) end of forward / start of backward on the last stage: logits and cross entropy.
+    logits = 0.0
+    if last:
+        vloc = dm.padded_vocab / tp
+        final_norm = e * (2 if k.impl == "fused" else 3) * dm.hidden / rep + 4
+        ce_saved = 4 * vloc  # fp32 logits, turned in place into softmax, then into its gradient
+        ce_lowp = e * vloc if e < 4 else 0  # bf16 logits (forward) / bf16 gradient (backward)
+        ce_ints = 8 + 1  # int64 target index + bool target mask
+        out_bwd = e * dm.hidden  # gradient of the output layer input (gathered)
+        logits = (final_norm + ce_saved + ce_lowp + ce_ints + out_bwd) * tokens
+        logits += grad_bytes * dm.padded_vocab * dm.hidden / tp  # output layer weight gradient before accumulation
+    out["logits_ce"] = logits
+    # (b) backward of one layer (largest transient), plus its recomputation with full recompute.
+    work = _backward_working_terms(dm, k, recompute, tp=tp, sp=sp, micro_batch=b, act_bytes=e) * tokens
+    if recompute == "full":
+        work += sum(layer_activation_terms(dm, k, "none", tp=tp, sp=sp, micro_batch=b, act_bytes=e).values()) * tokens
+    out["backward_working"] = work
+    out["peak"] = saved + extra_saved + persistent + max(logits, work)
+    out["peak_phase"] = "end of forward (logits/CE)" if logits >= work else "layer backward"
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Model states
+
+
+def state_memory(psi: int, *, bf16: bool, zero_stage: int, dp: int, largest_module: int) -> dict:
+    """Weights, gradients and AdamW states of one GPU, partitioned by ZeRO over D ranks
+    (ZeRO paper, Rajbhandari et al. 2020: stage 1 partitions optimizer states, 2 also
+    gradients, 3 also weights; K = 12 bytes of fp32 master + moments in mixed precision).
+
+    With bf16 the optimizer step also materialises fp32 gradients of the partition it
+    updates (4 * Psi / D, or 4 * Psi without ZeRO) while activations are freed.
+    ZeRO buffers: stage 2 keeps a gradient reduce bucket (DeepSpeed default 5e8 elements,
+    capped at Psi); stage 3 adds gathered full weights of about two modules (the one
+    running and the prefetched one) on top of the bucket.
+    """
+    w = 2 if bf16 else 4
+    opt = 12 if bf16 else 8
+    dw = dp if zero_stage >= 3 else 1
+    dg = dp if zero_stage >= 2 else 1
+    do = dp if zero_stage >= 1 else 1
+    res = {
+        "weights": w * psi / dw,
+        "gradients": w * psi / dg,
+        "optimizer": opt * psi / do,
+    }
+    buffers = 0.0
+    if zero_stage >= 2:
+        buffers += w * min(ZERO_REDUCE_BUCKET, psi)
+    if zero_stage >= 3:
+        buffers += 2 * w * largest_module
+    res["zero_buffers"] = buffers
+    res["step_transient"] = (4 * psi / do) if bf16 else 0.0
+    return res
+
+
+# ---------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass
+class Layout:
+    gpus: int
+    tp: int
+    pp: int
+    dp: int
+    zero_stage: int
+    sequence_parallel: bool
+    micro_batch_size: int
+    global_batch_size: int
+    num_microbatches: int
+    precision: str
+    recompute: str
+    objective: str
+    data_seq_len: int
+    model_seq_len: int
+    kernels: str
+    attention: str
+    optimizer_engine: str
+
+
+def resolve_layout(cfg: Config, gpus: int, on_gpu: bool = True) -> Layout:
+    """Check that ``cfg``'s layout can run on ``gpus`` devices; raise PlanError otherwise."""
+    p, t, m = cfg.parallel, cfg.train, cfg.model
+    if gpus < 1:
+        raise PlanError(f"--gpus must be >= 1, got {gpus}")
+    if gpus % (p.tp * p.pp):
+        raise PlanError(f"--gpus {gpus} is not divisible by parallel.tp*parallel.pp={p.tp}*{p.pp}")
+    dp = gpus // (p.tp * p.pp)
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise PlanError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                        f"train.micro_batch_size*dp={t.micro_batch_size}*{dp}")
+    if p.pp > 1 and p.zero_stage >= 2:
+        raise PlanError(f"parallel.zero_stage={p.zero_stage} does not compose with parallel.pp={p.pp} "
+                        "(pipeline layouts use megatron-core's distributed optimizer: zero_stage 0 or 1)")
+    if p.sequence_parallel and m.transformer_impl != "transformer_engine":
+        raise PlanError("parallel.sequence_parallel=true needs model.transformer_impl=transformer_engine")
+    k = kernels_for(cfg, on_gpu)
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and on_gpu)
+    if p.pp > 1:
+        engine = "megatron-core distributed optimizer" if p.zero_stage == 1 else "megatron-core DDP"
+    else:
+        engine = f"DeepSpeed ZeRO-{p.zero_stage}" if p.zero_stage else "DeepSpeed (no ZeRO)"
+    return Layout(gpus=gpus, tp=p.tp, pp=p.pp, dp=dp, zero_stage=p.zero_stage,
+                  sequence_parallel=bool(p.sequence_parallel and p.tp > 1),
+                  micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
+                  num_microbatches=t.global_batch_size // (t.micro_batch_size * dp),
+                  precision="bf16" if bf16 else "fp32", recompute=m.recompute, objective=cfg.diffusion.objective,
+                  data_seq_len=cfg.data.seq_len,
+                  model_seq_len=cfg.data.seq_len * (2 if cfg.diffusion.objective == "block" else 1),
+                  kernels=k.impl, attention=k.attention, optimizer_engine=engine)
+
+
+def plan(cfg: Config, *, gpus: int, gpu_mem_gib: float, vocab_size: int, mfu: float = 0.4,
+         peak_tflops: float = 989.0, overhead_gib: float = 2.0, fragmentation: float = 0.10,
+         on_gpu: bool = True) -> dict:
+    """Everything ``tools/plan.py`` prints, as a JSON-able dict (bytes, FLOPs, tokens).
+
+    ``on_gpu`` resolves the 'auto' settings as a GPU run would (precision bf16, flex attention
+    for block diffusion); False resolves them as a CPU run (fp32, dense).
+    """
+    if not gpu_mem_gib > 0:
+        raise PlanError(f"--gpu-mem-gib must be > 0, got {gpu_mem_gib}")
+    if not 0 < mfu <= 1:
+        raise PlanError(f"--mfu must be in (0, 1], got {mfu}")
+    if not peak_tflops > 0:
+        raise PlanError(f"--peak-tflops must be > 0, got {peak_tflops}")
+    if overhead_gib < 0 or fragmentation < 0:
+        raise PlanError("--overhead-gib and --fragmentation must be >= 0")
+    if vocab_size < 1:
+        raise PlanError(f"vocabulary size must be >= 1, got {vocab_size}")
+    lay = resolve_layout(cfg, gpus, on_gpu)
+    dm = model_dims(cfg, vocab_size, lay.tp)
+    k = Kernels(impl=lay.kernels, attention=lay.attention)
+    bf16 = lay.precision == "bf16"
+    e = 2 if bf16 else 4
+    params = param_counts(dm, lay.tp, lay.pp)
+    flops = flops_per_token(dm, lay.recompute)
+
+    largest_module = max(layer_matrix_params(dm) // lay.tp, dm.padded_vocab * dm.hidden // lay.tp)
+    stages = {}
+    for stage in (("first", "last") if lay.pp > 1 else ("first",)):
+        psi = params[f"per_gpu_{stage}_stage"]
+        st = state_memory(psi, bf16=bf16, zero_stage=lay.zero_stage, dp=lay.dp, largest_module=largest_module)
+        act = activation_memory(dm, k, recompute=lay.recompute, tp=lay.tp, pp=lay.pp, sp=lay.sequence_parallel,
+                                micro_batch=lay.micro_batch_size, num_microbatches=lay.num_microbatches,
+                                act_bytes=e, grad_bytes=e, stage=stage)
+        states = st["weights"] + st["gradients"] + st["optimizer"] + st["zero_buffers"]
+        peak = states + max(act["peak"], st["step_transient"])
+        overhead = fragmentation * peak + overhead_gib * GIB
+        stages[stage] = {
+            "params": psi,
+            "weights": st["weights"], "gradients": st["gradients"], "optimizer": st["optimizer"],
+            "zero_buffers": st["zero_buffers"], "step_transient": st["step_transient"],
+            "activations": {k_: v for k_, v in act.items()},
+            "activation_peak": act["peak"],
+            "modeled_peak": peak,
+            "overhead": overhead,
+            "total": peak + overhead,
+        }
+    worst_name = max(stages, key=lambda n: stages[n]["total"])
+    worst = stages[worst_name]
+    capacity = gpu_mem_gib * GIB
+    tokens_per_day = mfu * peak_tflops * 1e12 * gpus * 86400.0 / flops["model"]
+    tokens_per_step = lay.global_batch_size * lay.data_seq_len
+    notes = []
+    if cfg.parallel.sequence_parallel and cfg.parallel.tp == 1:
+        notes.append("parallel.sequence_parallel has no effect at tp=1")
+    if lay.pp > 1:
+        notes.append("pipeline layouts need the megatron-core pipeline engine (train.py currently runs pp=1 only)")
+    return {
+        "layout": asdict(lay),
+        "model": asdict(dm),
+        "params": params,
+        "flops_per_token": flops["model"],
+        "hardware_flops_per_token": flops["hardware"],
+        "memory": {
+            "stage": worst_name,
+            **{k_: worst[k_] for k_ in ("params", "weights", "gradients", "optimizer", "zero_buffers", "step_transient",
+                                       "activation_peak", "modeled_peak", "overhead", "total")},
+            "activations": worst["activations"],
+            "overhead_gib": overhead_gib,
+            "fragmentation": fragmentation,
+            "capacity": capacity,
+            "fits": worst["total"] <= capacity,
+            "headroom": capacity - worst["total"],
+        },
+        "stages": stages,
+        "throughput": {
+            "mfu": mfu,
+            "peak_tflops": peak_tflops,
+            "tokens_per_day": tokens_per_day,
+            "tokens_per_sec": tokens_per_day / 86400.0,
+            "step_seconds": tokens_per_step / (tokens_per_day / 86400.0),
+            "tokens_per_step": tokens_per_step,
+        },
+        "notes": notes,
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Text report
+
+
+def _gib(x: float) -> str:
+    return f"{x / GIB:8.2f} GiB"
+
+
+def _count(n: float) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.3f}{unit}"
+    return f"{n:.0f}"
+
+
+def format_plan(p: dict) -> str:
+    lay, mem, par, thr = p["layout"], p["memory"], p["params"], p["throughput"]
+    act = mem["activations"]
+    zero_what = {0: "none", 1: "optimizer states", 2: "optimizer states + gradients",
+                 3: "optimizer states + gradients + weights"}[lay["zero_stage"]]
+    lines = [
+        f"layout: {lay['gpus']} GPUs = tp {lay['tp']} x pp {lay['pp']} x dp {lay['dp']}"
+        f"{' (sequence parallel)' if lay['sequence_parallel'] else ''}; ZeRO-{lay['zero_stage']} partitions {zero_what} over dp"
+        f" [{lay['optimizer_engine']}]",
+        f"batch:  micro {lay['micro_batch_size']} x {lay['num_microbatches']} microbatches x dp {lay['dp']} = global "
+        f"{lay['global_batch_size']} sequences of {lay['data_seq_len']} tokens (model sequence {lay['model_seq_len']}, "
+        f"objective {lay['objective']})",
+        f"kernels: {lay['kernels']} layers, {lay['attention']} attention, recompute {lay['recompute']}, {lay['precision']}",
+        "",
+        f"parameters: {_count(par['total'])} total ({par['total']:,}); per GPU {_count(par['per_gpu'])}"
+        + (f" (first stage {_count(par['per_gpu_first_stage'])}, last stage {_count(par['per_gpu_last_stage'])})"
+           if lay["pp"] > 1 else ""),
+        f"FLOPs per token (training, incl. attention): {p['flops_per_token']:.4g}"
+        f"  (with recompute: {p['hardware_flops_per_token']:.4g})",
+        "",
+        f"memory per GPU ({'pipeline stage: ' + mem['stage'] if lay['pp'] > 1 else 'all stages'}):",
+        f"  weights              {_gib(mem['weights'])}",
+        f"  gradients            {_gib(mem['gradients'])}",
+        f"  optimizer states     {_gib(mem['optimizer'])}   (AdamW {'fp32 master + m + v' if lay['precision'] == 'bf16' else 'm + v'})",
+    ]
+    if mem["zero_buffers"]:
+        lines.append(f"  ZeRO buffers         {_gib(mem['zero_buffers'])}")
+    lines += [
+        f"  activations (saved)  {_gib(act['saved_layers'] + act['saved_other'] + act['persistent_buffers'])}"
+        f"   ({act['in_flight_microbatches']} microbatch(es) in flight x {act['layers_on_stage']} layers x "
+        f"{act['per_layer_per_token'] * lay['micro_batch_size'] * lay['model_seq_len'] / 2**20:.1f} MiB/layer)",
+        f"  logits + CE buffers  {_gib(act['logits_ce'])}",
+        f"  backward working set {_gib(act['backward_working'])}",
+        f"  -> activation peak   {_gib(act['peak'])}   (at {act['peak_phase']})",
+    ]
+    if mem["step_transient"]:
+        lines.append(f"  optimizer step temp  {_gib(mem['step_transient'])}   (fp32 gradients; activations are freed by then)")
+    lines += [
+        f"  modeled peak         {_gib(mem['modeled_peak'])}",
+        f"  overhead allowance   {_gib(mem['overhead'])}   ({mem['fragmentation']:.0%} fragmentation + "
+        f"{mem['overhead_gib']:g} GiB CUDA context/NCCL/workspaces)",
+        f"  total                {_gib(mem['total'])}   of {mem['capacity'] / GIB:g} GiB -> "
+        + ("FITS" if mem["fits"] else "DOES NOT FIT") + f" (headroom {mem['headroom'] / GIB:.2f} GiB)",
+        "",
+        f"throughput: {thr['tokens_per_day'] / 1e9:.2f}B tokens/day ({thr['tokens_per_sec']:,.0f} tokens/s) at MFU "
+        f"{thr['mfu']:g} x {thr['peak_tflops']:g} TFLOP/s x {lay['gpus']} GPUs; {thr['step_seconds']:.2f} s per step",
+    ]
+    for n in p["notes"]:
+        lines.append(f"note: {n}")
+    return "\n".join(lines)

@@ -1,0 +1,124 @@
+"""End to end through the command line, as a user runs it."""
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import COMMON_OVERRIDES, PY, REPO, env, metrics, run, train_losses
+
+from dlm_megatron.checkpoint import load_full_state_dict
+
+pytestmark = pytest.mark.e2e
+
+TRAIN = [PY, "-m", "dlm_megatron.train", "configs/tiny.yaml"]
+CACHE = f"data.cache_dir={REPO}/.cache/data"
+
+
+def test_tiny_run_learns_checkpoints_and_logs_to_wandb(tmp_path):
+    """~30 steps of the real tiny config: loss falls, checkpoint + metrics + W&B offline files."""
+    out = tmp_path / "run"
+    p = run(TRAIN + ["train.steps=30", "train.save_interval=15", "train.eval_interval=15", "logging.log_interval=1",
+                     "logging.wandb=offline", "train.sample_at_end=true", "generate.gen_length=16", "generate.steps=16",
+                     "generate.block_length=16", f"train.output_dir={out}", CACHE], timeout=900)
+    rows = metrics(out)
+    train = [r for r in rows if r.get("split") != "val"]
+    val = [r for r in rows if r.get("split") == "val"]
+    assert [r["step"] for r in train] == list(range(1, 31))
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_sec"):
+        assert all(key in r for r in train)
+    first, last = sum(r["loss"] for r in train[:5]) / 5, sum(r["loss"] for r in train[-5:]) / 5
+    assert last < first - 1.0, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    assert len(val) == 2 and val[1]["loss"] < val[0]["loss"]
+    assert (out / "config.yaml").is_file()
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_000030"
+    assert (out / "checkpoints" / "step_000015" / "meta.json").is_file()
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb")), "no offline W&B run files"
+    assert "---- sample ----" in p.stdout
+
+
+def test_sigkill_then_rerun_matches_uninterrupted(tmp_path):
+    """Kill -9 after the first checkpoint; rerunning the same command ends where an
+    uninterrupted run ends (loss and weights)."""
+    common = TRAIN + list(COMMON_OVERRIDES) + ["train.steps=12", "train.save_interval=4"]
+    ref = tmp_path / "ref"
+    run(common + [f"train.output_dir={ref}"])
+
+    out = tmp_path / "killed"
+    cmd = common + [f"train.output_dir={out}", "train.steps=12"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "checkpoints" / "latest").is_file():
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = (out / "checkpoints" / "latest").read_text().strip()
+    assert killed_at != "step_000012", "the run finished before it could be killed; make it longer"
+    p = run(cmd)
+    assert "resumed from" in p.stdout
+    assert train_losses(out)[-1] == pytest.approx(train_losses(ref)[-1], abs=1e-6)
+    a = load_full_state_dict(ref / "checkpoints" / "step_000012")
+    b = load_full_state_dict(out / "checkpoints" / "step_000012")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("small") / "run"
+    run(TRAIN + list(COMMON_OVERRIDES) + ["train.steps=3", f"train.output_dir={out}"])
+    return out
+
+
+def test_generate_prints_text(small_run):
+    p = run([PY, "-m", "dlm_megatron.generate", "--ckpt", str(small_run), "--prompt", "ROMEO:", "--gen-length", "16", "--steps", "8", "--block-length", "8"])
+    lines = [l for l in p.stdout.splitlines() if l.strip()]
+    assert lines and lines[0].startswith("ROMEO:")
+    # a checkpoint folder works as well as a run directory, and the result is deterministic
+    q = run([PY, "-m", "dlm_megatron.generate", "--ckpt", str(small_run / "checkpoints" / "step_000003"), "--prompt", "ROMEO:",
+             "--gen-length", "16", "--steps", "8", "--block-length", "8"])
+    assert q.stdout == p.stdout
+
+
+def test_missing_checkpoint_is_one_line(tmp_path):
+    p = run([PY, "-m", "dlm_megatron.generate", "--ckpt", str(tmp_path / "nope"), "--prompt", "x"], check=False)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [f"error: checkpoint path '{tmp_path / 'nope'}' does not exist (pass a run directory or a checkpoints/step_* folder)"]
+
+
+def test_nan_loss_is_skipped_then_stops_without_touching_checkpoint(tmp_path):
+    out = tmp_path / "nan"
+    base = TRAIN + list(COMMON_OVERRIDES) + [f"train.output_dir={out}", "train.save_interval=2", "train.steps=8", "train.max_bad_steps=3"]
+    # one bad step: skipped with a warning, training finishes
+    p = run(base, env=env(DLM_TEST_INJECT_NAN_STEPS="2"))
+    assert "non-finite loss at step 2; update skipped" in p.stdout
+    steps = [r["step"] for r in metrics(out) if r.get("split") != "val"]
+    assert 3 not in steps and steps[-1] == 8
+    # three in a row: clear stop, exit 2, the last good checkpoint is intact and loadable
+    out2 = tmp_path / "nan2"
+    p = run([*base[:-3], f"train.output_dir={out2}", "train.save_interval=2", "train.steps=8", "train.max_bad_steps=3"],
+            env=env(DLM_TEST_INJECT_NAN_STEPS="4,5,6"), check=False)
+    assert p.returncode == 2
+    assert "stopping: 3 non-finite losses in a row" in p.stderr
+    assert (out2 / "checkpoints" / "latest").read_text().strip() == "step_000004"
+    sd = load_full_state_dict(out2 / "checkpoints" / "step_000004")
+    assert all(torch.isfinite(v).all() for v in sd.values())
+
+
+def test_corrupt_shard_and_wrong_tokenizer_are_one_line(tmp_path):
+    data = tmp_path / "shards"
+    src = tmp_path / "a.txt"
+    src.write_text("To be, or not to be, that is the question. " * 200)
+    run([PY, "tools/shard.py", "--input", str(src), "--tokenizer", "builtin", "--output", str(data), "--format", "megatron", "--workers", "1"])
+    good = TRAIN + list(COMMON_OVERRIDES) + [f"data.train_path={data}", "data.val_path=null", f"train.output_dir={tmp_path / 'r'}", "train.steps=1"]
+    run(good)
+    # flip bytes in the token file
+    binf = next(data.glob("*.bin"))
+    raw = bytearray(binf.read_bytes())
+    raw[10] ^= 0xFF
+    binf.write_bytes(bytes(raw))
+    p = run(good[:-1] + [f"train.output_dir={tmp_path / 'r2'}", "train.steps=1"], check=False)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "error:" in p.stderr, p.stderr

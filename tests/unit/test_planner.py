@@ -1,0 +1,369 @@
+"""Tests of the layout planner (dlm_megatron/planner.py, tools/plan.py). CPU only, ~70 s.
+
+Validation against measured memory
+----------------------------------
+A subprocess (this file run as a script with ``--measure``) trains the real model for two
+optimizer steps at four small fp32 configs, the way ``tests/distributed/reference.py``
+does (``pdist.init_distributed``, ``build_model``, ``init_weights``, torch AdamW with our
+param groups, the real data loader and objective, ``weighted_token_loss``), and reports the
+peak of live tensor memory. The planner's fp32 prediction (precision fp32, ZeRO 0,
+tp = pp = 1, no overhead allowance: ``memory.modeled_peak``) must be within 15%.
+
+The cases are chosen so each planner term is exercised where it dominates:
+  states       4 layers x 512, short sequences: weights + grads + Adam moments ~85% of peak
+  activations  seq 256, micro batch 8, no recompute: saved activations + logits dominate
+  full         the same with model.recompute=full: checkpointed inputs + one recomputed layer
+  selective    the same with selective recompute and GQA (2 KV heads)
+
+How the peak is measured: torch's CPU allocator reports every allocation and free to the
+profiler when ``torch.profiler.profile(profile_memory=True)`` is active, with a running
+"Total Allocated" counter of the bytes allocated inside the session and not yet freed. The
+model, optimizer and training steps all run inside the session, so the counter's maximum
+is the peak of live tensor bytes: the CPU analogue of ``torch.cuda.max_memory_allocated``.
+Peak RSS was rejected: it also counts the interpreter, megatron-core/DeepSpeed imports and
+glibc's cached free memory, and its baseline drifts, so differences of a few hundred MB
+would be noise. Gradients are zeroed in place (``zero_grad(set_to_none=False)``) so they stay
+allocated through the next forward, as DeepSpeed's and megatron-core's gradient buffers do
+on GPU; megatron's global attention buffer is reset between cases so each case pays for its
+own. Two steps suffice: Adam moments exist from the first step's update on, so the second
+step's forward/backward sees every term.
+
+The GPU-only parts (bf16 terms, Transformer Engine kernels, ZeRO partitioning, TP/PP,
+overhead allowance) are checked here as formulas, not against measurements.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+SMALL = ["model.num_layers=4", "model.hidden_size=128", "model.num_attention_heads=4", "model.ffn_hidden_size=384"]
+MEASURE_CASES = {
+    "states": ["model.num_layers=4", "model.hidden_size=384", "model.num_attention_heads=6",
+               "model.ffn_hidden_size=1024", "data.seq_len=64", "train.micro_batch_size=2", "train.global_batch_size=4"],
+    "activations": SMALL + ["data.seq_len=256", "train.micro_batch_size=8", "train.global_batch_size=8"],
+    "full": SMALL + ["data.seq_len=256", "train.micro_batch_size=8", "train.global_batch_size=8", "model.recompute=full"],
+    "selective": SMALL + ["data.seq_len=256", "train.micro_batch_size=8", "train.global_batch_size=8",
+                          "model.recompute=selective", "model.num_query_groups=2"],
+}
+BASE = ["train.precision=fp32", "parallel.zero_stage=0", "parallel.tp=1", "parallel.pp=1", "logging.wandb=disabled",
+        "diffusion.random_length_prob=0.0", f"data.cache_dir={REPO}/.cache/data", "train.steps=2"]
+MEASURE_STEPS = 2
+
+
+# ---------------------------------------------------------------------------------------
+# The measurement (runs in a subprocess: python tests/unit/test_planner.py --measure)
+
+
+def _peak_from_profile(prof) -> int:
+    import tempfile
+
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    finally:
+        os.unlink(path)
+    mem = [e["args"] for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
+    first = min(mem, key=lambda a: a["Ev Idx"])
+    start = first["Total Allocated"] - first["Bytes"]  # counter value when the session began
+    return max(a["Total Allocated"] for a in mem) - start
+
+
+def _cpu_recompute_shim() -> None:
+    """Activation recomputation saves/restores the CUDA RNG state; without CUDA, make that a
+    no-op (dropout is 0, nothing random runs inside a layer). Only patches the stock
+    megatron-core functions, so a shim installed by parallel/cpu_compat.py wins."""
+    import torch
+    from megatron.core.tensor_parallel import random as mrandom
+
+    if torch.cuda.is_available():
+        return
+    if getattr(mrandom._get_cuda_rng_state, "__module__", "") == mrandom.__name__:
+        mrandom._get_cuda_rng_state = lambda *a, **k: torch.empty(0)
+    if getattr(mrandom._set_cuda_rng_state, "__module__", "") == mrandom.__name__:
+        mrandom._set_cuda_rng_state = lambda *a, **k: None
+
+
+def _measure(names: list[str]) -> None:
+    from dlm_megatron.train import quiet_warnings
+
+    quiet_warnings()
+    import gc
+    import time
+
+    import numpy as np
+    import torch
+    from megatron.core import parallel_state as ps
+    from torch.profiler import ProfilerActivity, profile
+
+    from dlm_megatron.config import load_config
+    from dlm_megatron.data.corpus import resolve_data_path
+    from dlm_megatron.data.loader import PackedDataset, sample_indices
+    from dlm_megatron.data.tokenizer import load_tokenizer
+    from dlm_megatron.diffusion.masked import weighted_token_loss
+    from dlm_megatron.diffusion.objectives import build_objective
+    from dlm_megatron.engine.deepspeed_engine import param_groups
+    from dlm_megatron.model.denoiser import build_model, init_weights
+    from dlm_megatron.parallel import dist as pdist
+
+    torch.manual_seed(0)
+    for name in names:
+        cfg = load_config(REPO / "configs/tiny.yaml", BASE + MEASURE_CASES[name])
+        if not torch.distributed.is_initialized():
+            pdist.init_distributed(cfg)
+            _cpu_recompute_shim()
+        tok = load_tokenizer(cfg.data.tokenizer)
+        ds = PackedDataset(resolve_data_path(cfg.data.train_path, cfg.data.cache_dir, tok), cfg.data.seq_len, tok.eot_id)
+        t = cfg.train
+        G, mbs = t.global_batch_size, t.micro_batch_size
+        obj = build_objective(cfg.diffusion, tok.mask_id, t.seed)
+        xs = [torch.from_numpy(np.stack([ds[int(i)] for i in sample_indices(s, G, len(ds), t.seed)]))
+              for s in range(MEASURE_STEPS)]
+        # Fresh megatron global buffer (QK^T scratch of the dense attention) for every case.
+        ps.destroy_global_memory_buffer()
+        ps._set_global_memory_buffer()
+        gc.collect()
+        t0 = time.time(); c0 = time.process_time()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            model = build_model(cfg, tok.vocab_size, pre_process=True, post_process=True)
+            init_weights(model, cfg, tp_rank=0, pp_rank=0)
+            opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr,
+                                    betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+            losses = []
+            for step in range(MEASURE_STEPS):
+                pos = torch.arange(step * G, (step + 1) * G)
+                opt.zero_grad(set_to_none=False)
+                for i in range(0, G, mbs):
+                    b = obj.make_batch(xs[step][i:i + mbs], pos[i:i + mbs], step=step, global_batch_size=G)
+                    nll = model(b.tokens_BS, b.position_ids_BS, b.attention_mask, labels=b.labels_BS,
+                                explicit_positions=b.position_ids_BS is not None)
+                    loss = weighted_token_loss(nll, b.loss_weight_BS, b.num_tokens)
+                    (loss / (G // mbs)).backward()
+                    losses.append(loss.item())
+                    del nll, loss, b
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                opt.step()
+            n_params = sum(p.numel() for p in model.parameters())
+            del model, opt
+        seconds = time.time() - t0; cpu = time.process_time() - c0
+        pk = _peak_from_profile(prof); cpu2 = time.process_time() - c0
+        print(json.dumps({"case": name, "peak_bytes": pk, "cpu": round(cpu, 1), "cpu_with_export": round(cpu2, 1), "params": n_params,
+                          "vocab_size": tok.vocab_size, "seconds": round(seconds, 1),
+                          "losses_finite": all(np.isfinite(losses))}), flush=True)
+        del prof
+        gc.collect()
+    pdist.destroy()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--measure"]:
+        _measure(sys.argv[2:] or list(MEASURE_CASES))
+        sys.exit(0)
+
+
+# ---------------------------------------------------------------------------------------
+# Tests
+
+import pytest  # noqa: E402
+
+from dlm_megatron.config import load_config  # noqa: E402
+from dlm_megatron.planner import GIB, PlanError, param_counts, model_dims, plan  # noqa: E402
+
+PLAN_PY = REPO / "tools" / "plan.py"
+
+
+def _cfg(path="configs/tiny.yaml", *overrides):
+    return load_config(REPO / path, list(overrides))
+
+
+def _plan(cfg, gpus=1, mem=80.0, vocab=8192, **kw):
+    return plan(cfg, gpus=gpus, gpu_mem_gib=mem, vocab_size=vocab, **kw)
+
+
+@pytest.fixture(scope="module")
+def measured():
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore", WANDB_SILENT="true")
+    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--measure"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, f"measurement failed\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    assert [r["case"] for r in rows] == list(MEASURE_CASES)
+    return {r["case"]: r for r in rows}
+
+
+def test_memory_prediction_within_15_percent_of_measured_peak(measured):
+    lines = [f"{'case':<12}{'params':>10}{'measured MiB':>14}{'predicted MiB':>15}{'error':>8}  dominant terms"]
+    failures = []
+    for name, overrides in MEASURE_CASES.items():
+        r = measured[name]
+        assert r["losses_finite"]
+        cfg = _cfg("configs/tiny.yaml", *BASE, *overrides)
+        p = _plan(cfg, vocab=r["vocab_size"], on_gpu=False)
+        mem = p["memory"]
+        assert p["params"]["total"] == r["params"]  # same model
+        pred, meas = mem["modeled_peak"], r["peak_bytes"]
+        err = pred / meas - 1
+        states = mem["weights"] + mem["gradients"] + mem["optimizer"]
+        share = f"states {states / pred:.0%}, activations {mem['activation_peak'] / pred:.0%}"
+        lines.append(f"{name:<12}{r['params']:>10,}{meas / 2**20:>14.1f}{pred / 2**20:>15.1f}{err:>+8.1%}  {share}")
+        if abs(err) > 0.15:
+            failures.append(name)
+        # Each case tests what it claims to test.
+        if name == "states":
+            assert states / pred > 0.75
+        else:
+            assert mem["activation_peak"] / pred > 0.5
+    print("\n" + "\n".join(lines))
+    assert not failures, "prediction off by more than 15%:\n" + "\n".join(lines)
+    # Full recompute must cut activation memory, as measured.
+    assert measured["full"]["peak_bytes"] < 0.7 * measured["activations"]["peak_bytes"]
+
+
+def test_8b_parameter_count_matches_llada():
+    cfg = _cfg("configs/8b.yaml")
+    p = _plan(cfg, gpus=64, vocab=126464)
+    total = p["params"]["total"]
+    # LLaDA-8B: 32 x (4 * 4096^2 + 3 * 4096 * 12288 + 2 * 4096) + 2 * 126464 * 4096 + 4096
+    assert total == 32 * (4 * 4096**2 + 3 * 4096 * 12288 + 2 * 4096) + 2 * 126464 * 4096 + 4096
+    assert 7.9e9 < total < 8.1e9
+    # TP=2 halves every matrix; norms are replicated.
+    norms = 32 * 2 * 4096 + 4096
+    assert p["params"]["per_gpu"] == (total - norms) // 2 + norms
+
+
+def test_flops_per_token_matches_trainer():
+    from dlm_megatron.train import flops_per_token
+
+    for path in ("configs/tiny.yaml", "configs/8b.yaml"):
+        cfg = _cfg(path)
+        p = _plan(cfg, gpus=2 if "8b" in path else 1, vocab=126464)
+        assert p["flops_per_token"] == pytest.approx(flops_per_token(cfg, 126464, cfg.data.seq_len), rel=1e-12)
+    # Block diffusion runs 2L model tokens per L data tokens, attention over 2L.
+    masked = _plan(_cfg("configs/tiny.yaml"))
+    block = _plan(_cfg("configs/tiny.yaml", "diffusion.objective=block"))
+    assert block["flops_per_token"] > 2 * masked["flops_per_token"]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_stages_partition_the_right_terms(stage):
+    cfg = _cfg("configs/8b.yaml", f"parallel.zero_stage={stage}")
+    one = _plan(cfg, gpus=2, vocab=126464)["memory"]   # dp = 1
+    many = _plan(cfg, gpus=32, vocab=126464)["memory"]  # dp = 16
+    psi = one["params"]
+    assert one["weights"] == 2 * psi and one["gradients"] == 2 * psi and one["optimizer"] == 12 * psi
+    assert many["weights"] == (2 * psi / 16 if stage >= 3 else 2 * psi)
+    assert many["gradients"] == (2 * psi / 16 if stage >= 2 else 2 * psi)
+    assert many["optimizer"] == (12 * psi / 16 if stage >= 1 else 12 * psi)
+    # Activations do not depend on ZeRO or DP.
+    assert many["activation_peak"] == one["activation_peak"]
+
+
+def test_fp32_has_no_master_copy_and_4_byte_weights():
+    mem = _plan(_cfg("configs/tiny.yaml", "train.precision=fp32"))["memory"]
+    psi = mem["params"]
+    assert (mem["weights"], mem["gradients"], mem["optimizer"]) == (4 * psi, 4 * psi, 8 * psi)
+    # precision auto is planned as a GPU run: bf16
+    mem = _plan(_cfg("configs/tiny.yaml", "train.precision=auto"))["memory"]
+    assert (mem["weights"], mem["optimizer"]) == (2 * psi, 12 * psi)
+
+
+def test_tp_divides_weights_and_activations():
+    base = _plan(_cfg("configs/8b.yaml", "parallel.tp=1", "parallel.zero_stage=0"), gpus=1, vocab=126464)
+    tp4 = _plan(_cfg("configs/8b.yaml", "parallel.tp=4", "parallel.zero_stage=0"), gpus=4, vocab=126464)
+    norms = 32 * 2 * 4096 + 4096
+    assert tp4["params"]["per_gpu"] == (base["params"]["per_gpu"] - norms) // 4 + norms
+    assert tp4["memory"]["weights"] == pytest.approx(base["memory"]["weights"] / 4, rel=1e-4)
+    a1, a4 = base["memory"]["activations"], tp4["memory"]["activations"]
+    # Norm inputs/outputs stay replicated without sequence parallelism...
+    assert a4["per_layer_per_token"] > a1["per_layer_per_token"] / 4
+    # ...and sequence parallelism divides them too.
+    sp = _plan(_cfg("configs/8b.yaml", "parallel.tp=4", "parallel.zero_stage=0", "parallel.sequence_parallel=true"),
+               gpus=4, vocab=126464)["memory"]["activations"]
+    assert sp["per_layer_per_token"] == pytest.approx(a1["per_layer_per_token"] / 4, rel=0.01)
+
+
+def test_block_objective_doubles_activations():
+    masked = _plan(_cfg("configs/125m.yaml", "model.recompute=full"), vocab=50304)
+    block = _plan(_cfg("configs/125m.yaml", "model.recompute=full", "diffusion.objective=block"), vocab=50304)
+    assert block["layout"]["model_seq_len"] == 2 * masked["layout"]["model_seq_len"]
+    am, ab = masked["memory"]["activations"], block["memory"]["activations"]
+    assert ab["saved_layers"] == pytest.approx(2 * am["saved_layers"])
+    assert ab["logits_ce"] == pytest.approx(2 * am["logits_ce"], rel=0.01)
+
+
+def test_recompute_modes_order_and_pipeline_in_flight():
+    peaks = {r: _plan(_cfg("configs/tiny.yaml", f"model.recompute={r}", "data.seq_len=512"))["memory"]["activation_peak"]
+             for r in ("none", "selective", "full")}
+    assert peaks["full"] < peaks["selective"] < peaks["none"]
+    # 1F1B: the first of p stages holds min(p, microbatches) microbatches of its L/p layers.
+    cfg = _cfg("configs/8b.yaml", "parallel.pp=4", "parallel.tp=1")
+    p = _plan(cfg, gpus=64, vocab=126464)  # dp 16, 1280 / (4 * 16) = 20 microbatches
+    first, last = p["stages"]["first"]["activations"], p["stages"]["last"]["activations"]
+    assert (first["in_flight_microbatches"], last["in_flight_microbatches"]) == (4, 1)
+    assert first["saved_layers"] == pytest.approx(4 * last["saved_layers"])
+    assert last["logits_ce"] > 0 and first["logits_ce"] == 0
+
+
+def test_8b_default_layout_fits_80gib():
+    p = _plan(_cfg("configs/8b.yaml"), gpus=64, vocab=126464)
+    mem = p["memory"]
+    assert mem["fits"] and mem["total"] < 80 * GIB
+    assert p["layout"]["dp"] == 32 and p["layout"]["num_microbatches"] == 10
+    assert 20e9 < p["throughput"]["tokens_per_day"] < 80e9
+
+
+def test_impossible_layouts_raise():
+    with pytest.raises(PlanError, match="not divisible"):
+        _plan(_cfg("configs/8b.yaml"), gpus=63, vocab=126464)
+    with pytest.raises(PlanError, match="global_batch_size"):
+        _plan(_cfg("configs/8b.yaml"), gpus=2 * 48, vocab=126464)  # dp 48: 1280 % (4 * 48)
+    with pytest.raises(PlanError, match="zero_stage"):
+        _plan(_cfg("configs/8b.yaml", "parallel.pp=2", "parallel.zero_stage=2"), gpus=64, vocab=126464)
+    with pytest.raises(PlanError, match="transformer_engine"):
+        _plan(_cfg("configs/tiny.yaml", "parallel.sequence_parallel=true", "parallel.tp=2"), gpus=2)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, str(PLAN_PY), *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_json_and_text():
+    p = _cli("configs/8b.yaml", "--gpus", "64", "--gpu-mem-gib", "80", "--json")
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    assert d["memory"]["fits"] is True and d["layout"]["tp"] == 2
+    t = _cli("configs/8b.yaml", "train.micro_batch_size=8", "--gpus", "64", "--gpu-mem-gib", "80")
+    assert t.returncode == 0
+    for word in ("parameters", "FLOPs per token", "weights", "gradients", "optimizer states", "activations",
+                 "logits", "overhead", "DOES NOT FIT", "tokens/day"):
+        assert word in t.stdout
+    h = _cli("--help")
+    assert h.returncode == 0
+    for flag in ("--gpus", "--gpu-mem-gib", "--mfu", "--peak-tflops", "--overhead-gib", "--fragmentation",
+                 "--vocab-size", "--json"):
+        assert flag in h.stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["configs/8b.yaml", "--gpus", "63", "--gpu-mem-gib", "80"], "parallel.tp*parallel.pp"),
+    (["configs/8b.yaml", "parallel.tp=3", "--gpus", "63", "--gpu-mem-gib", "80"], "parallel.tp"),
+    (["configs/8b.yaml", "model.nope=1", "--gpus", "64", "--gpu-mem-gib", "80"], "model.nope"),
+    (["configs/missing.yaml", "--gpus", "8", "--gpu-mem-gib", "80"], "not found"),
+    (["configs/8b.yaml", "--gpus", "64", "--gpu-mem-gib", "0"], "--gpu-mem-gib"),
+    (["configs/8b.yaml", "--gpus", "64", "--gpu-mem-gib", "80", "--mfu", "1.5"], "--mfu"),
+    (["configs/8b.yaml", "--gpu-mem-gib", "80"], "--gpus"),
+])
+def test_cli_errors_are_one_line_exit_2(args, needle):
+    p = _cli(*args)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert p.stdout == ""
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("plan.py: error:") and needle in lines[0], p.stderr
