@@ -329,16 +329,19 @@ def activation_memory(dm: Dims, k: Kernels, *, recompute: str, tp: int, pp: int,
 # Model states
 
 
-def state_memory(psi: int, *, bf16: bool, zero_stage: int, dp: int, largest_module: int) -> dict:
+def state_memory(psi: int, *, bf16: bool, zero_stage: int, dp: int, largest_module: int,
+                 deepspeed: bool = True) -> dict:
     """Weights, gradients and AdamW states of one GPU, partitioned by ZeRO over D ranks
     (ZeRO paper, Rajbhandari et al. 2020: stage 1 partitions optimizer states, 2 also
     gradients, 3 also weights; K = 12 bytes of fp32 master + moments in mixed precision).
 
     With bf16 the optimizer step also materialises fp32 gradients of the partition it
     updates (4 * Psi / D, or 4 * Psi without ZeRO) while activations are freed.
-    ZeRO buffers: stage 2 keeps a gradient reduce bucket (DeepSpeed default 5e8 elements,
-    capped at Psi); stage 3 adds gathered full weights of about two modules (the one
-    running and the prefetched one) on top of the bucket.
+    ZeRO buffers (DeepSpeed, which our ds_config runs with contiguous_gradients): stages 1
+    and 2 allocate a gradient bucket of reduce_bucket_size elements (default 5e8, whatever
+    the model size) at the first gradient of every backward; stage 3 adds the gathered full
+    weights of about two modules (the running one and the prefetched one). megatron-core's
+    distributed optimizer (PP > 1) reduces from views of its gradient buffer: no extra.
     """
     w = 2 if bf16 else 4
     opt = 12 if bf16 else 8
@@ -351,8 +354,8 @@ def state_memory(psi: int, *, bf16: bool, zero_stage: int, dp: int, largest_modu
         "optimizer": opt * psi / do,
     }
     buffers = 0.0
-    if zero_stage >= 2:
-        buffers += w * min(ZERO_REDUCE_BUCKET, psi)
+    if deepspeed and zero_stage >= 1:
+        buffers += w * ZERO_REDUCE_BUCKET
     if zero_stage >= 3:
         buffers += 2 * w * largest_module
     res["zero_buffers"] = buffers
@@ -447,7 +450,8 @@ def plan(cfg: Config, *, gpus: int, gpu_mem_gib: float, vocab_size: int, mfu: fl
     stages = {}
     for stage in (("first", "last") if lay.pp > 1 else ("first",)):
         psi = params[f"per_gpu_{stage}_stage"]
-        st = state_memory(psi, bf16=bf16, zero_stage=lay.zero_stage, dp=lay.dp, largest_module=largest_module)
+        st = state_memory(psi, bf16=bf16, zero_stage=lay.zero_stage, dp=lay.dp, largest_module=largest_module,
+                          deepspeed=lay.pp == 1)
         act = activation_memory(dm, k, recompute=lay.recompute, tp=lay.tp, pp=lay.pp, sp=lay.sequence_parallel,
                                 micro_batch=lay.micro_batch_size, num_microbatches=lay.num_microbatches,
                                 act_bytes=e, grad_bytes=e, stage=stage)
@@ -522,11 +526,12 @@ def _count(n: float) -> str:
 def format_plan(p: dict) -> str:
     lay, mem, par, thr = p["layout"], p["memory"], p["params"], p["throughput"]
     act = mem["activations"]
-    zero_what = {0: "none", 1: "optimizer states", 2: "optimizer states + gradients",
-                 3: "optimizer states + gradients + weights"}[lay["zero_stage"]]
+    zero_what = {0: "ZeRO-0: nothing partitioned", 1: "ZeRO-1 partitions optimizer states over dp",
+                 2: "ZeRO-2 partitions optimizer states + gradients over dp",
+                 3: "ZeRO-3 partitions optimizer states + gradients + weights over dp"}[lay["zero_stage"]]
     lines = [
         f"layout: {lay['gpus']} GPUs = tp {lay['tp']} x pp {lay['pp']} x dp {lay['dp']}"
-        f"{' (sequence parallel)' if lay['sequence_parallel'] else ''}; ZeRO-{lay['zero_stage']} partitions {zero_what} over dp"
+        f"{' (sequence parallel)' if lay['sequence_parallel'] else ''}; {zero_what}"
         f" [{lay['optimizer_engine']}]",
         f"batch:  micro {lay['micro_batch_size']} x {lay['num_microbatches']} microbatches x dp {lay['dp']} = global "
         f"{lay['global_batch_size']} sequences of {lay['data_seq_len']} tokens (model sequence {lay['model_seq_len']}, "

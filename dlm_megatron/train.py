@@ -143,11 +143,7 @@ def run(cfg: Config) -> dict:
     model = build_model(cfg, vocab, pre_process=lay.is_first_stage, post_process=lay.is_last_stage)
     init_weights(model, cfg, tp_rank=lay.tp_rank, pp_rank=lay.pp_rank)
     model.to(lay.device)
-    if cfg.parallel.pp > 1:
-        raise ConfigError("parallel.pp>1 needs the megatron-core pipeline engine, which this build does not include yet; use parallel.pp=1")
-    from .engine.deepspeed_engine import DeepSpeedEngine
-
-    engine = DeepSpeedEngine(model, cfg, dp=lay.dp, bf16=bf16, mpu=pdist.DeepSpeedMPU())
+    engine = build_engine(model, cfg, lay, bf16)
     objective = build_objective(cfg.diffusion, tok.mask_id, cfg.train.seed)
 
     G, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
@@ -156,7 +152,15 @@ def run(cfg: Config) -> dict:
     latest = ckpt.latest_checkpoint(out)
     if latest is not None:
         meta = ckpt.read_meta(latest)
-        engine.load(str(latest / "engine"), "engine")
+        if meta.get("engine") != engine_name(cfg):
+            raise ConfigError(f"{latest} was written by the {meta.get('engine')} engine but this layout uses {engine_name(cfg)}; "
+                              f"convert the checkpoint or keep parallel.pp as it was")
+        if engine_name(cfg) == "megatron":
+            full = ckpt.load_full_state_dict(latest)
+            local = ckpt.local_state_from_full(full, engine.module, cfg, tp_rank=lay.tp_rank, pp_rank=lay.pp_rank)
+            engine.load(str(latest / "engine"), "engine", model_state=local)
+        else:
+            engine.load(str(latest / "engine"), "engine")
         start_step = meta["step"]
         if rank0:
             print(f"resumed from {latest} at step {start_step}", flush=True)
@@ -177,18 +181,21 @@ def run(cfg: Config) -> dict:
         for i in range(0, per_rank, mbs):
             yield objective.make_batch(xs[i: i + mbs], ps[i: i + mbs], step=step, global_batch_size=G, eval=eval)
 
-    def to_dev(t):
-        return None if t is None else t.to(lay.device, non_blocking=True)
-
-    def batch_loss(module, b):
-        nll = module(to_dev(b.tokens_BS), to_dev(b.position_ids_BS), to_dev(b.attention_mask),
-                     labels=to_dev(b.labels_BS), explicit_positions=b.position_ids_BS is not None)
-        return weighted_token_loss(nll, to_dev(b.loss_weight_BS), b.num_tokens)
-
+    loss_fn = LossFn(lay.device)
     dp_group = None
     from megatron.core import parallel_state as ps
 
     dp_group = ps.get_data_parallel_group()
+
+    pp_group = ps.get_pipeline_model_parallel_group()
+
+    def pp_share(x: float) -> float:
+        """Losses exist on the last pipeline stage only; give every stage its value."""
+        if lay.pp == 1:
+            return x
+        t = torch.tensor([x if lay.is_last_stage else 0.0], dtype=torch.float64)
+        dist.all_reduce(t, group=pp_group)
+        return t.item()
 
     def dp_mean(x: float) -> float:
         t = torch.tensor([x], dtype=torch.float64, device=lay.device if lay.device.type == "cuda" else "cpu")
@@ -206,11 +213,13 @@ def run(cfg: Config) -> dict:
                 idx = sample_indices(k, G, len(val_ds), eval_seed)
                 x = np.stack([val_ds[int(i)] for i in idx])
                 pos = np.arange(k * G, (k + 1) * G, dtype=np.int64)
-                for b in micro_batches(k, x, pos, eval=True):
-                    total += batch_loss(engine.engine, b).item() * b.num_tokens
+                mbl = list(micro_batches(k, x, pos, eval=True))
+                vals = engine.forward_only(mbl, loss_fn, seq_len=mbl[0].tokens_BS.shape[1], micro_batch_size=mbs)
+                for b, v in zip(mbl, vals):
+                    total += float(v) * b.num_tokens
                     count += b.num_tokens
         engine.train()
-        loss = dp_mean(total / max(count, 1))
+        loss = dp_mean(pp_share(total / max(count, 1)))
         return {"step": step, "split": "val", "loss": loss, "ppl_bound": math.exp(min(loss, 50.0))}
 
     def save(step: int) -> None:
@@ -231,7 +240,7 @@ def run(cfg: Config) -> dict:
         dist.barrier()
         if rank0:
             meta = {"config": to_dict(cfg), "layout": {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "zero_stage": cfg.parallel.zero_stage},
-                    "tokenizer_sha256": tok.sha256, "vocab_size": vocab, "consumed_samples": step * G, "engine": "deepspeed"}
+                    "tokenizer_sha256": tok.sha256, "vocab_size": vocab, "consumed_samples": step * G, "engine": engine_name(cfg)}
             final = ckpt.commit_save(out, tmp, step, meta, cfg.train.keep_last)
             print(f"saved checkpoint {final}", flush=True)
         dist.barrier()
@@ -250,35 +259,11 @@ def run(cfg: Config) -> dict:
         x[lo: lo + per_rank] = np.stack([train_ds[int(i)] for i in idx[lo: lo + per_rank]])
         positions = np.arange(step * G, (step + 1) * G, dtype=np.int64)
         lr = engine.set_lr(step)
-        losses, bad = [], False
-        for b in micro_batches(step, x, positions):
-            loss = batch_loss(engine.engine, b)
-            if step in inject_nan:
-                loss = loss * float("nan")
-            flag = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0])
-            dist.all_reduce(flag)  # every rank must agree to skip, or collectives would hang
-            if flag.item() > 0:
-                # Backpropagate an exact zero through every parameter instead of the bad loss
-                # (0 * nan would still be nan), so DeepSpeed's hooks and collectives still run.
-                bad = True
-                if cfg.parallel.zero_stage == 3:
-                    logger.close()
-                    raise TrainingDiverged(f"non-finite loss at step {step} under ZeRO-3 (which cannot skip a step); "
-                                           f"last good checkpoint kept in {out / 'checkpoints'}; lower train.lr or check the data")
-                zero = sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0
-                engine.engine.backward(zero)
-            else:
-                engine.engine.backward(loss)
-            losses.append(loss.detach())
-            tokens_since += b.num_tokens * lay.dp
-            if len(losses) < engine.gas:
-                engine.engine.step()
+        mbl = list(micro_batches(step, x, positions))
+        losses, grad_norm, bad = engine.train_step(mbl, loss_fn, seq_len=mbl[0].tokens_BS.shape[1], micro_batch_size=mbs,
+                                                   poison=step in inject_nan)
+        tokens_since += sum(b.num_tokens for b in mbl) * lay.dp
         if bad:
-            # Skip the update: zero gradients and a zero LR leave the weights unchanged.
-            engine.zero_grad()
-            for g in engine.optimizer.param_groups:
-                g["lr"] = 0.0
-            engine.engine.step()
             bad_in_a_row += 1
             if rank0:
                 print(f"warning: non-finite loss at step {step}; update skipped ({bad_in_a_row}/{cfg.train.max_bad_steps} in a row)", flush=True)
@@ -289,10 +274,9 @@ def run(cfg: Config) -> dict:
                 raise TrainingDiverged(msg)
             continue
         bad_in_a_row = 0
-        grad_norm = engine.step()
         done = step + 1
         if done % cfg.logging.log_interval == 0 or done == cfg.train.steps:
-            loss_v = dp_mean(torch.stack(losses).mean().item())
+            loss_v = dp_mean(pp_share(torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in losses]).mean().item()))
             dt = max(time.time() - t_last, 1e-9)
             tps = tokens_since / dt
             row = {"step": done, "loss": loss_v, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tps,
@@ -339,6 +323,48 @@ def run(cfg: Config) -> dict:
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+class LossFn:
+    """The objective's loss in megatron's forward_step contract: ``forward`` runs the model
+    on a Batch (on a middle pipeline stage it returns hidden states), ``reduce`` turns the
+    last stage's per-token NLL into the weighted loss."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def _dev(self, t):
+        return None if t is None else t.to(self.device, non_blocking=True)
+
+    def forward(self, model, b):
+        return model(self._dev(b.tokens_BS), self._dev(b.position_ids_BS), self._dev(b.attention_mask),
+                     labels=self._dev(b.labels_BS), explicit_positions=b.position_ids_BS is not None)
+
+    def reduce(self, b, nll):
+        from .diffusion.masked import weighted_token_loss
+
+        loss = weighted_token_loss(nll, self._dev(b.loss_weight_BS), b.num_tokens)
+        # clone: megatron's schedule divides the returned loss in place by num_microbatches
+        return loss, {"loss": loss.detach().clone()}
+
+
+def engine_name(cfg: Config) -> str:
+    """Which engine a layout uses: DeepSpeed for PP=1, megatron-core for PP>1."""
+    return "megatron" if cfg.parallel.pp > 1 else "deepspeed"
+
+
+def build_engine(model, cfg: Config, lay, bf16: bool):
+    if engine_name(cfg) == "megatron":
+        if cfg.parallel.zero_stage not in (0, 1):
+            raise ConfigError(f"parallel.pp={cfg.parallel.pp} with parallel.zero_stage={cfg.parallel.zero_stage} is not supported: "
+                              f"pipeline layouts use megatron-core's distributed optimizer (ZeRO-1 equivalent); set parallel.zero_stage=1")
+        from .engine.megatron_engine import MegatronEngine
+
+        return MegatronEngine(model, cfg, dp=lay.dp, bf16=bf16)
+    from .engine.deepspeed_engine import DeepSpeedEngine
+    from .parallel import dist as pdist
+
+    return DeepSpeedEngine(model, cfg, dp=lay.dp, bf16=bf16, mpu=pdist.DeepSpeedMPU())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,7 +107,7 @@ fabric_env="$(env | grep -E '^(NCCL|UCX|FI|TORCH_NCCL)_' | sort | tr '\n' ' ')"
 # torchrun is started with SIGUSR1 ignored (inherited across exec) so that a stop signal
 # delivered to the whole step does not kill the agent; the trainer installs its own handler.
 # This wrapper forwards SIGUSR1/SIGTERM to torchrun's children (the Python workers) and
-# re-sends every 30 s until they exit (covers workers still importing at the first signal).
+# re-sends every 10 s until they exit (workers still importing ignore the first signal).
 # After a stop it exits 0 even though torchrun reports the workers' preemption exit (3) as a
 # failure, so that srun's --kill-on-bad-exit does not kill other nodes mid-checkpoint.
 node_main() {
@@ -130,7 +130,7 @@ node_main() {
       echo "[slurm.sh node ${SLURMD_NODENAME:-$(hostname)}] stop requested: forwarding SIGUSR1 to the trainer processes"
       forward
       # (no output: a leftover holding srun's stdout open would delay the step's end)
-      ( while kill -0 "$tr_pid" 2>/dev/null; do sleep 30; forward; done ) >/dev/null 2>&1 </dev/null &
+      ( trap '' USR1 TERM; while kill -0 "$tr_pid" 2>/dev/null; do sleep 10; forward; done ) >/dev/null 2>&1 </dev/null &
       resender=$!
     fi
   }
@@ -145,6 +145,9 @@ node_main() {
     pkill -P "$resender" 2>/dev/null
     kill "$resender" 2>/dev/null
   fi
+  if [ "$rc" = 0 ] && [ "${SLURM_NODEID:-0}" = 0 ]; then
+    : > "$DLM_DONE_MARKER" 2>/dev/null  # training completed (tells a late stop request apart)
+  fi
   if [ "$stop" = 1 ] && [ "$rc" != 0 ]; then
     echo "[slurm.sh node ${SLURMD_NODENAME:-$(hostname)}] trainer stopped after the stop request (torchrun exit $rc)"
     return 0
@@ -152,10 +155,14 @@ node_main() {
   return "$rc"
 }
 export NNODES
+# The batch shell runs on the first node, as does the node wrapper with SLURM_NODEID=0.
+export DLM_DONE_MARKER="${TMPDIR:-/tmp}/dlm-slurm-${SLURM_JOB_ID}-${SLURM_RESTART_COUNT:-0}.done"
+rm -f "$DLM_DONE_MARKER"
 
 # ---- batch part ------------------------------------------------------------------------
 STOP=""
 GOT_SIGNAL=0
+SRUN_PID=""
 on_signal() {
   GOT_SIGNAL=1
   [ -n "$STOP" ] && return
@@ -163,7 +170,7 @@ on_signal() {
   log "received SIG$1: asking the trainer to checkpoint and exit"
   # Signal every process of the running steps (not this batch shell); the node wrappers
   # forward to the workers as well. Fall back to srun's own signal forwarding.
-  if ! scancel --signal=USR1 "$SLURM_JOB_ID" 2>/dev/null; then
+  if ! scancel --signal=USR1 "$SLURM_JOB_ID" 2>/dev/null && [ -n "$SRUN_PID" ]; then
     kill -USR1 "$SRUN_PID" 2>/dev/null || true
   fi
 }
@@ -184,6 +191,12 @@ while :; do
   break
 done
 
+done_marker_found=0
+if [ -e "$DLM_DONE_MARKER" ]; then done_marker_found=1; rm -f "$DLM_DONE_MARKER"; fi
+if [ "$STOP" = "USR1" ] && [ "$rc" = 0 ] && [ "$done_marker_found" = 1 ]; then
+  log "training had already finished when the stop request came: not requeueing"
+  exit 0
+fi
 if [ "$STOP" = "USR1" ]; then
   log "trainer exited (srun status $rc) after the stop request; requeueing job ${SLURM_JOB_ID}"
   if scontrol requeue "$SLURM_JOB_ID"; then
@@ -191,6 +204,10 @@ if [ "$STOP" = "USR1" ]; then
   fi
   log "scontrol requeue failed: resubmit the same command to resume from the checkpoint"
   exit 3
+fi
+if [ "$STOP" = "TERM" ]; then
+  log "stopped on SIGTERM (job cancelled, timed out or preempted by Slurm; srun status $rc)"
+  exit 143
 fi
 if [ "$rc" = 0 ]; then
   log "training finished"

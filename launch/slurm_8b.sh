@@ -77,6 +77,8 @@ export DLM_REPO
 if [ -n "${NODES:-}" ] && [ "${NODES}" != "${SLURM_JOB_NUM_NODES:-}" ]; then
   echo "slurm_8b.sh: note: NODES=$NODES is ignored inside the job (it has ${SLURM_JOB_NUM_NODES:-?} nodes); use sbatch -N or bash launch/slurm_8b.sh" >&2
 fi
+# megatron-core's tensor-parallel layers (async grad all-reduce) want one CUDA work queue.
+export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
 CONFIG="$CONFIG_8B"
 [ -f "$CONFIG" ] || CONFIG="$DLM_REPO/$CONFIG_8B"
 # shellcheck disable=SC2086

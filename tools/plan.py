@@ -92,10 +92,10 @@ def main(argv=None) -> int:
     except (ConfigError, PlanError) as e:
         sys.stderr.write(f"plan.py: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n")
         return 2
-    if args.json:
-        print(json.dumps(result, indent=1, sort_keys=False))
-    else:
-        print(format_plan(result))
+    try:
+        print(json.dumps(result, indent=1) if args.json else format_plan(result))
+    except BrokenPipeError:  # e.g. piped into head
+        pass
     return 0
 
 

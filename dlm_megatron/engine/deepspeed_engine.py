@@ -74,16 +74,44 @@ class DeepSpeedEngine:
             g["lr"] = lr
         return lr
 
-    def forward_backward(self, micro_batches, loss_fn) -> list[torch.Tensor]:
-        """Run forward+backward over this rank's micro-batches; returns the unscaled losses."""
-        losses = []
-        for mb in micro_batches:
-            loss = loss_fn(self.engine, mb)
-            self.engine.backward(loss)  # DeepSpeed scales by 1/gas internally
+    def train_step(self, micro_batches: list, loss_fn, *, poison: bool = False, **_):
+        """Forward/backward over this rank's micro-batches and the optimizer step.
+
+        Returns (per-micro-batch losses, grad_norm, bad). If any rank sees a non-finite
+        loss, every rank backpropagates an exact zero instead (so DeepSpeed's hooks and
+        collectives still line up) and the update is skipped: zero gradients and LR 0
+        leave the weights unchanged (Adam's moments decay by one step)."""
+        import torch.distributed as dist
+
+        losses, bad = [], False
+        for i, b in enumerate(micro_batches):
+            loss, _ = loss_fn.reduce(b, loss_fn.forward(self.engine, b))
+            if poison:
+                loss = loss * float("nan")
+            flag = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0])
+            dist.all_reduce(flag)
+            if flag.item() > 0:
+                bad = True
+                if self.cfg.parallel.zero_stage == 3:
+                    raise FloatingPointError("non-finite loss under ZeRO-3, which cannot skip a step")
+                # 0 * loss would still be nan; a zero built from the parameters is exact.
+                loss_bwd = sum(p.sum() for p in self.module.parameters() if p.requires_grad) * 0.0
+            else:
+                loss_bwd = loss
+            self.engine.backward(loss_bwd)  # DeepSpeed scales by 1/gas internally
             losses.append(loss.detach())
-            if len(losses) < len(micro_batches):
-                self.engine.step()  # only advances the accumulation counter (not a boundary)
-        return losses
+            if i < len(micro_batches) - 1:
+                self.engine.step()  # not a boundary: only advances the accumulation counter
+        if bad:
+            self.engine.zero_grad()
+            for g in self.optimizer.param_groups:
+                g["lr"] = 0.0
+            self.engine.step()
+            return losses, float("nan"), True
+        return losses, self.step(), False
+
+    def forward_only(self, micro_batches: list, loss_fn, **_) -> list:
+        return [loss_fn.reduce(b, loss_fn.forward(self.engine, b))[0].detach() for b in micro_batches]
 
     def _grad_norm_replicated_grads(self) -> float:
         """Global grad norm when gradients live on the module (ZeRO-0, after DP all-reduce).

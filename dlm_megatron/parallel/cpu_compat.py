@@ -40,6 +40,10 @@ def apply() -> None:
 
     mrandom.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
     mrandom.model_parallel_cuda_manual_seed = lambda *a, **k: None  # type: ignore[assignment]
+    # Activation recomputation saves/restores the CUDA RNG state around the recomputed
+    # forward; on CPU there is none (and no dropout), so these become no-ops.
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.zeros(1, dtype=torch.uint8)
+    mrandom._set_cuda_rng_state = lambda *a, **k: None
 
     # DeepSpeed's CPU comm backend JIT-compiles a shared-memory op (minutes) that only serves
     # inference all-reduce; training collectives go through gloo. Skip the build.
@@ -87,7 +91,14 @@ def _patch_literal_cuda_tensors() -> None:
         setattr(proxy, name, _cpuify(getattr(torch, name)))
     import importlib
 
-    for modname in ("megatron.core.pipeline_parallel.schedules",):
+    for modname in (
+        "megatron.core.pipeline_parallel.schedules",
+        "megatron.core.optimizer.optimizer",
+        "megatron.core.optimizer.distrib_optimizer",
+        "megatron.core.optimizer.clip_grads",
+        "megatron.core.distributed.param_and_grad_buffer",
+        "megatron.core.utils",
+    ):
         try:
             mod = importlib.import_module(modname)
         except Exception:  # pragma: no cover
@@ -96,5 +107,25 @@ def _patch_literal_cuda_tensors() -> None:
 
 
 @contextlib.contextmanager
-def nullcontext():
-    yield
+def cuda_type_names():
+    """While active, CPU parameters report CUDA tensor type names.
+
+    megatron-core's (distributed) optimizer sorts parameters by ``param.type()`` and only
+    accepts 'torch.cuda.FloatTensor'-style names. Scoped to optimizer construction: a
+    global patch would mislead other libraries (DeepSpeed) that convert with .type(name).
+    """
+    if cuda_available():
+        yield
+        return
+    orig = torch.Tensor.type
+
+    def fake_type(self, dtype=None, non_blocking=False, **kw):
+        if dtype is None and self.device.type == "cpu":
+            return orig(self).replace("torch.", "torch.cuda.", 1)
+        return orig(self, dtype, non_blocking, **kw)
+
+    torch.Tensor.type = fake_type
+    try:
+        yield
+    finally:
+        torch.Tensor.type = orig

@@ -1,4 +1,4 @@
-"""Tests of the layout planner (dlm_megatron/planner.py, tools/plan.py). CPU only, ~70 s.
+"""Tests of the layout planner (dlm_megatron/planner.py, tools/plan.py). CPU only, ~50 s (~40 s of it one measuring subprocess).
 
 Validation against measured memory
 ----------------------------------
@@ -10,8 +10,8 @@ peak of live tensor memory. The planner's fp32 prediction (precision fp32, ZeRO 
 tp = pp = 1, no overhead allowance: ``memory.modeled_peak``) must be within 15%.
 
 The cases are chosen so each planner term is exercised where it dominates:
-  states       4 layers x 512, short sequences: weights + grads + Adam moments ~85% of peak
-  activations  seq 256, micro batch 8, no recompute: saved activations + logits dominate
+  states       4 layers x 384, 64-token sequences: weights + grads + Adam moments ~85% of peak
+  activations  4 layers x 128, seq 256, micro batch 8, no recompute: activations + logits ~83%
   full         the same with model.recompute=full: checkpointed inputs + one recomputed layer
   selective    the same with selective recompute and GQA (2 KV heads)
 
@@ -131,7 +131,7 @@ def _measure(names: list[str]) -> None:
         ps.destroy_global_memory_buffer()
         ps._set_global_memory_buffer()
         gc.collect()
-        t0 = time.time(); c0 = time.process_time()
+        t0 = time.time()
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             model = build_model(cfg, tok.vocab_size, pre_process=True, post_process=True)
             init_weights(model, cfg, tp_rank=0, pp_rank=0)
@@ -153,9 +153,8 @@ def _measure(names: list[str]) -> None:
                 opt.step()
             n_params = sum(p.numel() for p in model.parameters())
             del model, opt
-        seconds = time.time() - t0; cpu = time.process_time() - c0
-        pk = _peak_from_profile(prof); cpu2 = time.process_time() - c0
-        print(json.dumps({"case": name, "peak_bytes": pk, "cpu": round(cpu, 1), "cpu_with_export": round(cpu2, 1), "params": n_params,
+        seconds = time.time() - t0
+        print(json.dumps({"case": name, "peak_bytes": _peak_from_profile(prof), "params": n_params,
                           "vocab_size": tok.vocab_size, "seconds": round(seconds, 1),
                           "losses_finite": all(np.isfinite(losses))}), flush=True)
         del prof
@@ -262,8 +261,9 @@ def test_zero_stages_partition_the_right_terms(stage):
     assert many["weights"] == (2 * psi / 16 if stage >= 3 else 2 * psi)
     assert many["gradients"] == (2 * psi / 16 if stage >= 2 else 2 * psi)
     assert many["optimizer"] == (12 * psi / 16 if stage >= 1 else 12 * psi)
-    # Activations do not depend on ZeRO or DP.
+    # Activations do not depend on ZeRO or DP; DeepSpeed's gradient bucket (5e8 bf16) comes with ZeRO 1-3.
     assert many["activation_peak"] == one["activation_peak"]
+    assert (many["zero_buffers"] >= 2 * 500_000_000) == (stage >= 1)
 
 
 def test_fp32_has_no_master_copy_and_4_byte_weights():
