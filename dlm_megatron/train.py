@@ -245,7 +245,9 @@ def run(cfg: Config) -> dict:
             print(f"saved checkpoint {final}", flush=True)
         dist.barrier()
 
+    # Test hooks: poison the loss at given steps; behave as if preempted after a given step.
     inject_nan = {int(s) for s in os.environ.get("DLM_TEST_INJECT_NAN_STEPS", "").split(",") if s.strip()}
+    stop_at = int(os.environ.get("DLM_TEST_STOP_AT_STEP", "-1"))
     bad_in_a_row = 0
     last = {}
     engine.train()
@@ -288,19 +290,15 @@ def run(cfg: Config) -> dict:
             r = evaluate(done)
             if r:
                 logger.log(r)
-        preempted = stop.signum is not None
-        if preempted:
-            flag = torch.tensor([1.0])
-        else:
-            flag = torch.tensor([0.0])
+        preempted = stop.signum is not None or done == stop_at
+        flag = torch.tensor([1.0 if preempted else 0.0])
         dist.all_reduce(flag)  # one rank's signal stops all of them at the same step
         if flag.item() > 0:
             save(done)
             if rank0:
                 print(f"received stop signal: checkpoint saved at step {done}, exiting for requeue", flush=True)
             logger.close()
-            pdist.destroy()
-            sys.exit(EXIT_PREEMPTED)
+            raise Preempted(done)
         if cfg.train.save_interval and done % cfg.train.save_interval == 0 and done != cfg.train.steps:
             save(done)
 
@@ -323,6 +321,14 @@ def run(cfg: Config) -> dict:
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+class Preempted(Exception):
+    """Raised after the stop-signal checkpoint; entry points exit with EXIT_PREEMPTED."""
+
+    def __init__(self, step: int):
+        super().__init__(f"preempted after step {step}")
+        self.step = step
 
 
 class LossFn:
@@ -377,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(config_path, overrides)
         run(cfg)
+    except Preempted:
+        return EXIT_PREEMPTED
     except (ConfigError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

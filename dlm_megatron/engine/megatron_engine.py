@@ -146,8 +146,20 @@ class MegatronEngine:
         if sharded:  # collective over the DP group
             self.optimizer.save_parameter_state(os.path.join(directory, optim_name))
         if ps.get_data_parallel_rank() == 0:
-            torch.save({"optimizer": self.optimizer.state_dict(), "client": client_state},
+            torch.save({"optimizer": self.optimizer.state_dict(), "client": client_state, "adam_step": self._adam_step()},
                        os.path.join(directory, common_name))
+
+    def _torch_optimizers(self):
+        opts = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        return [o.optimizer for o in opts]
+
+    def _adam_step(self) -> float:
+        """Adam's bias-correction step count (identical for every parameter)."""
+        for opt in self._torch_optimizers():
+            for st in opt.state.values():
+                if "step" in st:
+                    return float(st["step"])
+        return 0.0
 
     def load(self, directory: str, tag: str, model_state: dict | None = None) -> dict:
         """Weights come from the layout-free model shards (``model_state``); then optimizer."""
@@ -163,7 +175,19 @@ class MegatronEngine:
             self.module.load_state_dict(model_state, strict=False)
         self.optimizer.load_state_dict(common["optimizer"])
         if self.cfg.parallel.zero_stage == 1:
-            self.optimizer.load_parameter_state(os.path.join(directory, optim_name))
+            # megatron-core copies into fp32 main params that are views of leaf parameters
+            # (requires_grad); that is only legal without autograd recording.
+            # megatron-core's dp_zero loader copies every key of the live optimizer state from
+            # the file, but the file has no torch-AdamW 'step': take it out around the load and
+            # restore the recorded count (else resume would restart Adam's bias correction).
+            for opt in self._torch_optimizers():
+                for st in opt.state.values():
+                    st.pop("step", None)
+            with torch.no_grad():
+                self.optimizer.load_parameter_state(os.path.join(directory, optim_name))
+            for opt in self._torch_optimizers():
+                for st in opt.state.values():
+                    st["step"] = torch.tensor(float(common.get("adam_step", 0.0)))
         return common["client"]
 
     def train(self):

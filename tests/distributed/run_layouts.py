@@ -1,6 +1,7 @@
 """Run several training layouts inside ONE torchrun launch (a launch costs 5-14 s here).
 
 usage: torchrun --standalone --nproc_per_node=N tests/distributed/run_layouts.py OUT_ROOT NAME:k=v,k=v [NAME:...]
+(an item "@stop=N" stops that run after step N as if preempted; a later launch resumes it)
 
 Each NAME trains configs/tiny.yaml shrunk by the common overrides below plus its own, with
 its run directory at OUT_ROOT/NAME. The pytest side compares metrics.jsonl and checkpoints.
@@ -12,16 +13,23 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from common import COMMON_OVERRIDES, REPO  # noqa: E402
 
 from dlm_megatron.config import load_config  # noqa: E402
-from dlm_megatron.train import run  # noqa: E402
+from dlm_megatron.train import Preempted, run  # noqa: E402
 
 
 def main():
     out_root = sys.argv[1]
     for spec in sys.argv[2:]:
         name, _, kvs = spec.partition(":")
-        overrides = list(COMMON_OVERRIDES) + [kv for kv in kvs.split(",") if kv] + [f"train.output_dir={out_root}/{name}"]
+        items = [kv for kv in kvs.split(",") if kv]
+        # "@stop=N": behave as if preempted after step N (checkpoint, then stop).
+        stop = [kv.split("=")[1] for kv in items if kv.startswith("@stop=")]
+        os.environ["DLM_TEST_STOP_AT_STEP"] = stop[0] if stop else "-1"
+        overrides = list(COMMON_OVERRIDES) + [kv for kv in items if not kv.startswith("@")] + [f"train.output_dir={out_root}/{name}"]
         cfg = load_config(os.path.join(REPO, "configs/tiny.yaml"), overrides)
-        run(cfg)
+        try:
+            run(cfg)
+        except Preempted:
+            pass
 
 
 if __name__ == "__main__":

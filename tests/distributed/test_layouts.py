@@ -19,12 +19,16 @@ pytestmark = pytest.mark.distributed
 
 WORLD2 = {
     "tp2": "parallel.tp=2",
+    "pp2_zero0": "parallel.pp=2,parallel.zero_stage=0",
+    "pp2_zero1": "parallel.pp=2,parallel.zero_stage=1",
     "dp2_zero0": "parallel.zero_stage=0",
     "dp2_zero1": "parallel.zero_stage=1",
     "dp2_zero2": "parallel.zero_stage=2",
     "dp2_zero3": "parallel.zero_stage=3",
 }
 WORLD4 = {
+    "tp2_pp2": "parallel.tp=2,parallel.pp=2,parallel.zero_stage=1",
+    "pp2_dp2_zero1": "parallel.pp=2,parallel.zero_stage=1",
     "tp2_dp2_zero1": "parallel.tp=2,parallel.zero_stage=1",
     "tp2_dp2_zero2": "parallel.tp=2,parallel.zero_stage=2",
     "tp2_dp2_zero3": "parallel.tp=2,parallel.zero_stage=3",
@@ -35,9 +39,20 @@ WORLD4 = {
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("layouts")
     run([PY, "tests/distributed/reference.py", str(root / "reference")])
-    torchrun(2, "tests/distributed/run_layouts.py", str(root), *[f"{k}:{v}" for k, v in WORLD2.items()])
-    torchrun(4, "tests/distributed/run_layouts.py", str(root), *[f"{k}:{v}" for k, v in WORLD4.items()])
+    # The RESUME runs stop after step 2 at one DP size and are finished by the next launch
+    # at another DP size.
+    torchrun(2, "tests/distributed/run_layouts.py", str(root), *[f"{k}:{v}" for k, v in WORLD2.items()],
+             *[f"{k}:{v},@stop=2" for k, (v, _) in RESUME.items()])
+    torchrun(4, "tests/distributed/run_layouts.py", str(root), *[f"{k}:{v}" for k, v in WORLD4.items()],
+             *[f"{k}:{v}" for k, (_, v) in RESUME.items()])
     return root
+
+
+# name: (layout of the first 2 steps on 2 processes, layout of the last 2 on 4 processes)
+RESUME = {
+    "resume_deepspeed_dp2_to_dp4": ("parallel.zero_stage=0", "parallel.zero_stage=0"),
+    "resume_megatron_pp2_dp1_to_dp2": ("parallel.pp=2,parallel.zero_stage=1", "parallel.pp=2,parallel.zero_stage=1"),
+}
 
 
 def _final_params(run_dir: Path) -> dict:
@@ -45,7 +60,7 @@ def _final_params(run_dir: Path) -> dict:
     return load_full_state_dict(ckpts[-1])
 
 
-@pytest.mark.parametrize("layout", list(WORLD2) + list(WORLD4))
+@pytest.mark.parametrize("layout", list(WORLD2) + list(WORLD4) + list(RESUME))
 def test_layout_matches_plain_adamw(runs, layout):
     ref_losses = json.loads((runs / "reference" / "losses.json").read_text())
     losses = train_losses(runs / layout)

@@ -148,6 +148,7 @@ class SlurmCluster:
         if os.geteuid() != 0:
             raise SlurmUnavailable("the test cluster runs its daemons as root and edits /etc/hosts: run as root")
         atexit.register(self.close)
+        self._catch_sigterm()
         try:
             self._start()
         except BaseException:
@@ -157,6 +158,17 @@ class SlurmCluster:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def _catch_sigterm(self) -> None:
+        """Turn SIGTERM (e.g. from `timeout`) into SystemExit so that teardown still runs."""
+        import threading
+
+        self._old_sigterm = None
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            def _term(signum, frame):
+                raise SystemExit(128 + signum)
+
+            self._old_sigterm = signal.signal(signal.SIGTERM, _term)
 
     def _start(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="dlm-slurm-"))
@@ -295,7 +307,7 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
         try:
             if self.procs.get("slurmctld") and self.procs["slurmctld"].poll() is None:
                 try:
-                    self.run("scancel", "--full", "--user=root", check=False, timeout=15)
+                    self.run("scancel", "--user=root", check=False, timeout=15)
                     end = time.time() + 15
                     while time.time() < end and self.run("squeue", "-h", check=False, timeout=15).stdout.strip():
                         time.sleep(0.5)
@@ -328,6 +340,8 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
                 shutil.rmtree(self.dir, ignore_errors=True)
             try:
                 atexit.unregister(self.close)
+                if getattr(self, "_old_sigterm", None) is not None:
+                    signal.signal(signal.SIGTERM, self._old_sigterm)
             except Exception:
                 pass
 
