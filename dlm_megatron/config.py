@@ -138,6 +138,11 @@ class TrainConfig:
     """Non-finite losses in a row tolerated (each skipped with a warning) before the run stops."""
     sample_at_end: bool = True
     """Print a generated sample (generate.* settings) when training finishes."""
+    save_at_end: bool = True
+    """Save a checkpoint when training finishes (benchmarks turn it off)."""
+    init_from: str | None = None
+    """Start from these weights (a run directory or checkpoint folder of any layout, e.g. an
+    imported HF model) at step 0 with a fresh optimizer; ignored once the run has its own checkpoint."""
 
 
 @dataclass(kw_only=True)

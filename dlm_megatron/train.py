@@ -143,14 +143,27 @@ def run(cfg: Config) -> dict:
     model = build_model(cfg, vocab, pre_process=lay.is_first_stage, post_process=lay.is_last_stage)
     init_weights(model, cfg, tp_rank=lay.tp_rank, pp_rank=lay.pp_rank)
     model.to(lay.device)
+    latest = ckpt.latest_checkpoint(out)
+    weights_from = None
+    if latest is not None and ckpt.read_meta(latest).get("engine") is None:
+        weights_from = latest  # e.g. resharded offline: weights only, optimizer restarts
+    elif latest is None and cfg.train.init_from:
+        weights_from = ckpt.resolve(cfg.train.init_from)
+    if weights_from is not None:
+        # Before the engine exists: ZeRO-3 partitions parameters at initialisation.
+        full = ckpt.load_full_state_dict(weights_from)
+        model.load_state_dict(ckpt.local_state_from_full(full, model, cfg, tp_rank=lay.tp_rank, pp_rank=lay.pp_rank), strict=False)
+        if rank0:
+            print(f"initialised weights from {weights_from} (fresh optimizer state)", flush=True)
     engine = build_engine(model, cfg, lay, bf16)
     objective = build_objective(cfg.diffusion, tok.mask_id, cfg.train.seed)
 
     G, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
     per_rank = G // lay.dp
     start_step = 0
-    latest = ckpt.latest_checkpoint(out)
-    if latest is not None:
+    if latest is not None and weights_from is latest:
+        start_step = ckpt.read_meta(latest)["step"]
+    elif latest is not None:
         meta = ckpt.read_meta(latest)
         if meta.get("engine") != engine_name(cfg):
             raise ConfigError(f"{latest} was written by the {meta.get('engine')} engine but this layout uses {engine_name(cfg)}; "
@@ -303,7 +316,7 @@ def run(cfg: Config) -> dict:
             save(done)
 
     final_step = cfg.train.steps
-    if start_step < final_step:
+    if start_step < final_step and cfg.train.save_at_end:
         save(final_step)
     val = evaluate(final_step)
     if val:
