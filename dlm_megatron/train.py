@@ -168,6 +168,15 @@ def run(cfg: Config) -> dict:
         if meta.get("engine") != engine_name(cfg):
             raise ConfigError(f"{latest} was written by the {meta.get('engine')} engine but this layout uses {engine_name(cfg)}; "
                               f"convert the checkpoint or keep parallel.pp as it was")
+        saved = meta.get("layout", {})
+        if (saved.get("tp"), saved.get("pp")) != (lay.tp, lay.pp):
+            raise ConfigError(f"{latest} was written at tp={saved.get('tp')} pp={saved.get('pp')} but this run uses tp={lay.tp} pp={lay.pp}; "
+                              f"reshard it first: python tools/convert.py reshard --ckpt {latest} --output NEW_RUN --tp {lay.tp} --pp {lay.pp}")
+        if saved.get("zero_stage") != cfg.parallel.zero_stage or (
+                engine_name(cfg) == "deepspeed" and cfg.parallel.zero_stage >= 1 and saved.get("dp") != lay.dp):
+            raise ConfigError(f"{latest} holds DeepSpeed ZeRO-{saved.get('zero_stage')} optimizer state for dp={saved.get('dp')}; "
+                              f"resume with parallel.zero_stage={saved.get('zero_stage')} and {saved.get('dp')} data-parallel ranks "
+                              f"(ZeRO-0 and pipeline-engine checkpoints resume at any DP size)")
         if engine_name(cfg) == "megatron":
             full = ckpt.load_full_state_dict(latest)
             local = ckpt.local_state_from_full(full, engine.module, cfg, tp_rank=lay.tp_rank, pp_rank=lay.pp_rank)
@@ -351,17 +360,39 @@ class LossFn:
 
     def __init__(self, device):
         self.device = device
+        self.collect: list | None = None
+        """When a list, ``reduce`` appends (per-sequence loss [B], t [B]) for each micro-batch."""
 
     def _dev(self, t):
         return None if t is None else t.to(self.device, non_blocking=True)
 
     def forward(self, model, b):
+        labels = None if getattr(b, "logits_loss", None) is not None else self._dev(b.labels_BS)
         return model(self._dev(b.tokens_BS), self._dev(b.position_ids_BS), self._dev(b.attention_mask),
-                     labels=self._dev(b.labels_BS), explicit_positions=b.position_ids_BS is not None)
+                     labels=labels, explicit_positions=b.position_ids_BS is not None)
+
+    def contributions(self, b, out):
+        """Per-position weighted loss [B, S] (sum / num_tokens is the loss)."""
+        if getattr(b, "logits_loss", None) is not None:
+            return b.logits_loss(out, b)
+        import torch
+
+        w = self._dev(b.loss_weight_BS)
+        return torch.where(w != 0, out.float() * w, torch.zeros_like(w))
+
+    def per_sequence(self, b, out):
+        """Per-sequence loss [B] on the same scale as the batch loss (mean over rows = loss)."""
+        c = self.contributions(b, out)
+        return c.sum(dim=1) * (c.shape[0] / b.num_tokens)
 
     def reduce(self, b, nll):
         from .diffusion.masked import weighted_token_loss
 
+        if self.collect is not None:  # evaluation: remember per-sequence losses and t (noise-level buckets)
+            self.collect.append((self.per_sequence(b, nll).detach().double().cpu(), b.t_B.detach().double().cpu()))
+        if getattr(b, "logits_loss", None) is not None:
+            loss = b.logits_loss(nll, b).sum() / b.num_tokens
+            return loss, {"loss": loss.detach().clone()}
         loss = weighted_token_loss(nll, self._dev(b.loss_weight_BS), b.num_tokens)
         # clone: megatron's schedule divides the returned loss in place by num_microbatches
         return loss, {"loss": loss.detach().clone()}

@@ -122,3 +122,25 @@ def test_corrupt_shard_and_wrong_tokenizer_are_one_line(tmp_path):
     binf.write_bytes(bytes(raw))
     p = run(good[:-1] + [f"train.output_dir={tmp_path / 'r2'}", "train.steps=1"], check=False)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "error:" in p.stderr, p.stderr
+
+
+def test_resume_with_incompatible_layout_is_one_line(small_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(small_run, run_dir)
+    p = run(TRAIN + list(COMMON_OVERRIDES) + ["train.steps=5", "parallel.zero_stage=1", f"train.output_dir={run_dir}"], check=False)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "holds DeepSpeed ZeRO-0 optimizer state for dp=1" in lines[0], p.stderr
+
+
+def test_init_from_starts_from_those_weights(small_run, tmp_path):
+    """train.init_from loads another run's weights (any layout) and starts at step 0."""
+    out = tmp_path / "init"
+    p = run(TRAIN + list(COMMON_OVERRIDES) + ["train.steps=1", "train.lr=1e-12", "train.warmup_steps=0",
+                                              f"train.init_from={small_run}", f"train.output_dir={out}"])
+    assert "initialised weights from" in p.stdout
+    a = load_full_state_dict(small_run / "checkpoints" / "step_000003")
+    b = load_full_state_dict(out / "checkpoints" / "step_000001")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-8
