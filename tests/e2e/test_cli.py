@@ -144,3 +144,14 @@ def test_init_from_starts_from_those_weights(small_run, tmp_path):
     a = load_full_state_dict(small_run / "checkpoints" / "step_000003")
     b = load_full_state_dict(out / "checkpoints" / "step_000001")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-8
+
+
+def test_activation_recomputation_gives_identical_training(tmp_path):
+    """model.recompute=selective|full trades compute for memory without changing the numbers."""
+    losses = {}
+    for mode in ("none", "selective", "full"):
+        out = tmp_path / mode
+        run(TRAIN + list(COMMON_OVERRIDES) + ["train.steps=3", f"model.recompute={mode}", f"train.output_dir={out}"])
+        losses[mode] = train_losses(out)
+    assert losses["selective"] == pytest.approx(losses["none"], abs=1e-6)
+    assert losses["full"] == pytest.approx(losses["none"], abs=1e-6)
