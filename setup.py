@@ -15,6 +15,13 @@ INSTALL_REQUIRES = [
     "tokenizers>=0.21",
     "safetensors>=0.4",
     "pyyaml>=6",
+    "tqdm>=4.66",
+    # tools/shard.py inputs and tokenizers: Parquet, .zst, tiktoken ranks files
+    "pyarrow>=15",
+    "zstandard>=0.22",
+    "tiktoken>=0.7",
+    # GGUF export (llama.cpp)
+    "gguf>=0.10",
 ]
 
 setup(
@@ -29,7 +36,9 @@ setup(
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8"],
+        # transformers verifies Hugging Face exports (and imports Llama/Qwen2 checkpoints)
+        "test": ["pytest>=8", "transformers>=4.45"],
+        "export": ["transformers>=4.45"],
         # NVIDIA apex and Transformer Engine are built from source on GPU clusters; note the
         # PyPI package named "apex" is an unrelated project and must never be installed.
         "gpu": ["transformer_engine[pytorch]"],

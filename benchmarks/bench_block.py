@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+NUM_PARAMS = [0]
 
 
 def cpu_name() -> str:
@@ -60,10 +61,13 @@ def build(args, seq_len: int):
 
     cfg = load_config(str(REPO / "configs/tiny_block.yaml"), [
         f"data.seq_len={seq_len}", f"diffusion.block_size={args.block_size}", "model.attention_backend=dense",
-        "logging.wandb=disabled", f"train.global_batch_size={args.batch}", f"train.micro_batch_size={args.batch}"])
+        "logging.wandb=disabled", f"train.global_batch_size={args.batch}", f"train.micro_batch_size={args.batch}",
+        *([f"model.num_layers={args.layers}"] if args.layers else []),
+        *([f"model.hidden_size={args.hidden}", "model.ffn_hidden_size=null"] if args.hidden else [])])
     pdist.init_distributed(cfg)
     model = build_model(cfg, args.vocab, pre_process=True, post_process=True)
     init_weights(model, cfg, tp_rank=0, pp_rank=0)
+    NUM_PARAMS[0] = sum(p.numel() for p in model.parameters())
     return model, cfg
 
 
@@ -142,6 +146,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=512, help="clean training length L")
     ap.add_argument("--block-size", type=int, default=16, help="block size K (training and sampling)")
     ap.add_argument("--batch", type=int, default=4, help="training batch size")
+    ap.add_argument("--layers", type=int, default=None, help="model.num_layers (default: tiny_block's 4)")
+    ap.add_argument("--hidden", type=int, default=None, help="model.hidden_size (default: tiny_block's 256; FFN 8/3 of it)")
     ap.add_argument("--vocab", type=int, default=8192, help="vocabulary size of the random model (last id is MASK)")
     ap.add_argument("--gen-length", type=int, default=256, help="tokens to generate")
     ap.add_argument("--prompt-length", type=int, default=16, help="prompt tokens")
@@ -164,7 +170,8 @@ def main(argv=None) -> int:
         rows += bench_sample(args)
     print(f"\nMachine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), Python {platform.python_version()}; "
-          f"{datetime.date.today().isoformat()}; model configs/tiny_block.yaml (4 x 256, vocab {args.vocab}), fp32, "
+          f"{datetime.date.today().isoformat()}; model configs/tiny_block.yaml with {args.layers or 4} layers x {args.hidden or 256} "
+          f"(vocab {args.vocab}, {NUM_PARAMS[0] / 1e6:.1f}M parameters), fp32, "
           f"medians of {args.repeats}")
     print("\n| benchmark | variant | median time | throughput | speed-up vs baseline | check |")
     print("|---|---|---|---|---|---|")

@@ -76,20 +76,44 @@ class DiffusionConfig:
     """Block diffusion: lower end of a clipped noise schedule t ~ U[t_min, t_max] (BD3-LM beta); 0 = eps."""
     t_max: float = 1.0
     """Block diffusion: upper end of the clipped noise schedule (BD3-LM omega)."""
+    p_uniform: float = 0.1
+    """Hybrid noise: probability that a corrupted token becomes a uniformly random token instead of MASK (0 < p <= 1)."""
+    anneal_steps: int = 0
+    """AR->diffusion adaptation (DiffuLLaMA): anneal attention from causal to full over this many steps (at step s each future key is visible with prob. s/anneal_steps, drawn per step); 0 = off. Use with train.init_from=AR_RUN."""
+    shift_logits: bool = False
+    """Masked diffusion: predict token i from position i-1's output (DiffuLLaMA/Dream shift, keeps an AR model's next-token head); token 0 is never masked."""
+    sigma_min: float = 1.0
+    """Continuous (CDCD): smallest noise std sigma of the log-uniform training schedule and the sampler's last level."""
+    sigma_max: float = 300.0
+    """Continuous (CDCD): largest noise std sigma (training schedule and sampler start); embeddings have norm sqrt(hidden_size)."""
+    time_embed_features: int = 64
+    """Continuous: number of Fourier features of log(sigma) fed to the learned time embedding (must be even)."""
 
 
 @dataclass(kw_only=True)
 class DataConfig:
     train_path: str = "builtin:shakespeare/train"
-    """Training shards: a directory written by tools/shard.py, or builtin:shakespeare/train."""
+    """Training shards: a directory written by tools/shard.py, builtin:shakespeare/train, or a
+    weighted blend "0.7:dirA,0.3:dirB" (relative weights; see docs/data.md)."""
     val_path: str | None = "builtin:shakespeare/val"
     """Validation shards (same forms as train_path); null disables validation."""
     tokenizer: str = "builtin"
-    """Tokenizer file (HF tokenizer.json); 'builtin' is the shipped 8k Shakespeare BPE."""
+    """Tokenizer file (HF tokenizer.json or a *.tiktoken BPE ranks file); 'builtin' is the
+    shipped 8k Shakespeare BPE."""
     seq_len: int = 128
     """Training sequence length in tokens."""
     cache_dir: str = ".cache/data"
     """Where builtin corpora are tokenized to (relative to the working directory)."""
+    document_masks: bool = False
+    """Block attention across <|endoftext|> boundaries inside a packed sequence (needs an
+    arbitrary-mask attention; see docs/data.md)."""
+    sft_path: str | None = None
+    """SFT / conditional training: a JSONL of {"prompt","response"} or {"messages":[...]}; when set,
+    training uses these examples (prompt never noised, loss on the response only; masked objective)."""
+    sft_val_path: str | None = None
+    """SFT validation JSONL (same format); used instead of val_path when sft_path is set (null: no validation)."""
+    chat_template: str = "<|{role}|>\n{content}\n"
+    """SFT: format string rendering each {"role","content"} message of a "messages" example."""
 
 
 @dataclass(kw_only=True)
@@ -366,6 +390,22 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"diffusion.random_length_prob must be in [0, 1], got {d.random_length_prob}")
     if not 0 <= d.t_min < d.t_max <= 1:
         raise ConfigError(f"diffusion.t_min/t_max must satisfy 0 <= t_min < t_max <= 1, got {d.t_min}, {d.t_max}")
+    _positive("diffusion.anneal_steps", d.anneal_steps, allow_zero=True)
+    if not 0 < d.sigma_min < d.sigma_max:
+        raise ConfigError(f"diffusion.sigma_min/sigma_max must satisfy 0 < sigma_min < sigma_max, got {d.sigma_min}, {d.sigma_max}")
+    if d.time_embed_features <= 0 or d.time_embed_features % 2:
+        raise ConfigError(f"diffusion.time_embed_features must be a positive even number, got {d.time_embed_features}")
+    if (d.anneal_steps or d.shift_logits) and d.objective != "masked":
+        raise ConfigError(f"diffusion.anneal_steps/shift_logits apply to diffusion.objective=masked only, not {d.objective!r}")
+    if d.objective == "continuous" and p.sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel is not supported with diffusion.objective=continuous yet")
+    if da.sft_path is not None and d.objective != "masked":
+        raise ConfigError(f"data.sft_path (SFT) trains the masked objective only, got diffusion.objective={d.objective}")
+    if not 0 < d.p_uniform <= 1:
+        raise ConfigError(f"diffusion.p_uniform must be in (0, 1], got {d.p_uniform}")
+    if d.objective in ("uniform", "hybrid") and p.tp > 1:
+        raise ConfigError(f"diffusion.objective={d.objective} needs the full vocabulary distribution per token and supports "
+                          f"parallel.tp=1 only (vocab-parallel reductions are not implemented), got parallel.tp={p.tp}")
     _positive("data.seq_len", da.seq_len)
     _positive("diffusion.block_size", d.block_size)
     if d.objective == "block" and da.seq_len % d.block_size:
@@ -391,6 +431,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tp={p.tp}")
     if (m.num_query_groups or m.num_attention_heads) % p.tp:
         raise ConfigError(f"model.num_query_groups={m.num_query_groups} is not divisible by parallel.tp={p.tp}")
+    if da.document_masks and d.objective in ("block", "continuous"):
+        raise ConfigError(f"data.document_masks is not supported with diffusion.objective={d.objective} "
+                          f"(its attention layout has its own mask); set data.document_masks=false")
     _choice("logging.wandb", cfg.logging.wandb, ("offline", "online", "disabled"))
     _positive("logging.log_interval", cfg.logging.log_interval)
     g = cfg.generate

@@ -14,14 +14,19 @@ import torch
 from .config import Config, ConfigError, from_dict
 
 
-def logits_fn_for(module, vocab_size: int):
+def logits_fn_for(module, vocab_size: int, shift: bool = False):
     """Wrap a (TP=1) denoiser as tokens[B,S] -> logits[B,S,V] for the samplers.
 
-    Padded vocabulary rows are cut off so the sampler never proposes a non-token."""
+    Padded vocabulary rows are cut off so the sampler never proposes a non-token.
+    ``shift``: the model was trained with diffusion.shift_logits (token i read from output i-1)."""
 
     @torch.no_grad()
     def fn(tokens_BS: torch.Tensor) -> torch.Tensor:
         logits = module(tokens_BS, None, None)
+        if shift:
+            from .diffusion.adaptation import shift_logits
+
+            logits = shift_logits(logits)
         return logits[..., :vocab_size].float()
 
     return fn
@@ -46,7 +51,25 @@ def sample_text(module, tok, cfg: Config, *, device, prompt: str | None = None, 
     try:
         ids = tok.encode(prompt if prompt is not None else cfg.generate.prompt)
         x = torch.tensor([ids], dtype=torch.long, device=device)
-        if cfg.diffusion.objective == "block":
+        if cfg.diffusion.objective == "continuous":
+            # CDCD checkpoints: Euler ODE sampler in embedding space (sampling/continuous.py).
+            from .sampling.continuous import ContinuousSamplerConfig, generate_continuous
+
+            scfg = sampler_config(cfg, **over)
+            ccfg = ContinuousSamplerConfig(steps=scfg.steps, gen_length=scfg.gen_length, sigma_min=cfg.diffusion.sigma_min,
+                                           sigma_max=cfg.diffusion.sigma_max, temperature=scfg.temperature or 1.0, seed=scfg.seed)
+            out = generate_continuous(module, x, tok.vocab_size, ccfg)
+        elif cfg.diffusion.objective in ("uniform", "hybrid"):
+            # Uniform / hybrid noise: ancestral sampler over the whole generation (sampling/uniform.py).
+            from .sampling.uniform import generate_uniform
+
+            scfg = sampler_config(cfg, **over)
+            out = generate_uniform(logits_fn_for(module, tok.vocab_size), x, mask_id=tok.mask_id, vocab_size=tok.vocab_size,
+                                   gen_length=scfg.gen_length, steps=scfg.steps,
+                                   p_uniform=1.0 if cfg.diffusion.objective == "uniform" else cfg.diffusion.p_uniform,
+                                   temperature=scfg.temperature if scfg.temperature > 0 else 1.0, seed=scfg.seed,
+                                   suppress_ids=(tok.pad_id,))
+        elif cfg.diffusion.objective == "block":
             # Block-diffusion checkpoints: KV-cached semi-AR sampler on the trained block grid.
             from .sampling import generate_blocks
 
@@ -55,7 +78,7 @@ def sample_text(module, tok, cfg: Config, *, device, prompt: str | None = None, 
                                   eos_id=tok.eot_id, suppress_ids=(tok.pad_id,))
         else:
             scfg = sampler_config(cfg, **over)
-            out = generate(logits_fn_for(module, tok.vocab_size), x, tok.mask_id, scfg,
+            out = generate(logits_fn_for(module, tok.vocab_size, shift=cfg.diffusion.shift_logits), x, tok.mask_id, scfg,
                            eos_id=tok.eot_id, suppress_ids=(tok.pad_id,))
         gen = out[0, len(ids):].tolist()
         if tok.eot_id in gen:

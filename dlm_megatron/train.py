@@ -105,7 +105,7 @@ def run(cfg: Config) -> dict:
     from . import checkpoint as ckpt
     from .data import DataError
     from .data.corpus import resolve_data_path
-    from .data.loader import PackedDataset, sample_indices
+    from .data.loader import PackedDataset, build_train_dataset, sample_indices
     from .data.tokenizer import load_tokenizer
     from .diffusion.masked import weighted_token_loss
     from .diffusion.objectives import build_objective
@@ -133,8 +133,13 @@ def run(cfg: Config) -> dict:
     dist.barrier()
     if not rank0:
         paths = {s: resolve_data_path(p, cfg.data.cache_dir, tok) for s, p in (("train", cfg.data.train_path), ("val", cfg.data.val_path)) if p is not None}
-    train_ds = PackedDataset(paths["train"], cfg.data.seq_len, tok.eot_id, tokenizer_sha=tok.sha256)
+    train_ds = build_train_dataset(cfg, tok, cfg.data.cache_dir)  # PackedDataset, or BlendedDataset for "0.7:dirA,0.3:dirB"
     val_ds = PackedDataset(paths["val"], cfg.data.seq_len, tok.eot_id, tokenizer_sha=tok.sha256) if "val" in paths else None
+    if cfg.data.sft_path:  # SFT: prompt/response examples (data/sft.py) instead of packed text
+        from .data.sft import SFTDataset
+
+        train_ds = SFTDataset(cfg.data.sft_path, tok, cfg.data.seq_len, cfg.data.chat_template)
+        val_ds = SFTDataset(cfg.data.sft_val_path, tok, cfg.data.seq_len, cfg.data.chat_template) if cfg.data.sft_val_path else None
 
     vocab = cfg.model.vocab_size or tok.vocab_size
     if vocab < tok.vocab_size:
@@ -157,6 +162,12 @@ def run(cfg: Config) -> dict:
             print(f"initialised weights from {weights_from} (fresh optimizer state)", flush=True)
     engine = build_engine(model, cfg, lay, bf16)
     objective = build_objective(cfg.diffusion, tok.mask_id, cfg.train.seed)
+    if cfg.data.sft_path:
+        from .diffusion.objectives import SFTMaskedDiffusion
+
+        objective = SFTMaskedDiffusion(cfg.diffusion, tok.mask_id, cfg.train.seed)
+    if hasattr(objective, "set_vocab_size"):  # uniform/hybrid noise draws from the tokenizer's ids
+        objective.set_vocab_size(tok.vocab_size)
 
     G, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
     per_rank = G // lay.dp
@@ -196,12 +207,19 @@ def run(cfg: Config) -> dict:
               f"zero={cfg.parallel.zero_stage} | objective={cfg.diffusion.objective} | "
               f"train samples {len(train_ds)} x {cfg.data.seq_len} tokens", flush=True)
 
-    def micro_batches(step: int, x_GL: np.ndarray, positions_G: np.ndarray, eval: bool = False):
+    def micro_batches(step: int, x_GL: np.ndarray, positions_G: np.ndarray, eval: bool = False, seg_GL: np.ndarray | None = None):
         lo = lay.dp_rank * per_rank
         xs = torch.from_numpy(x_GL[lo: lo + per_rank])
         ps = torch.from_numpy(positions_G[lo: lo + per_rank])
         for i in range(0, per_rank, mbs):
-            yield objective.make_batch(xs[i: i + mbs], ps[i: i + mbs], step=step, global_batch_size=G, eval=eval)
+            b = objective.make_batch(xs[i: i + mbs], ps[i: i + mbs], step=step, global_batch_size=G, eval=eval)
+            if seg_GL is not None:
+                # Packed documents must not see each other: block attention across <|endoftext|>.
+                from .data.loader import with_document_mask
+
+                b.attention_mask = with_document_mask(b.attention_mask, seg_GL[lo + i: lo + i + mbs],
+                                                      b.tokens_BS.shape[1], causal=objective.causal)
+            yield b
 
     loss_fn = LossFn(lay.device)
     dp_group = None
@@ -229,6 +247,7 @@ def run(cfg: Config) -> dict:
             return None
         engine.eval()
         total, count = 0.0, 0
+        loss_fn.collect = []  # per-sequence losses and t, for the per-noise-level buckets
         eval_seed = 0  # fixed: every run evaluates the same samples with the same noise
         with torch.no_grad():
             for k in range(cfg.train.eval_batches):
@@ -241,8 +260,12 @@ def run(cfg: Config) -> dict:
                     total += float(v) * b.num_tokens
                     count += b.num_tokens
         engine.train()
+        collected, loss_fn.collect = loss_fn.collect, None
         loss = dp_mean(pp_share(total / max(count, 1)))
-        return {"step": step, "split": "val", "loss": loss, "ppl_bound": math.exp(min(loss, 50.0))}
+        row = {"step": step, "split": "val", "loss": loss, "ppl_bound": math.exp(min(loss, 50.0))}
+        if not objective.causal:
+            row.update(bucket_losses(collected, pp_group if lay.pp > 1 else None, dp_group, device=lay.device))
+        return row
 
     def save(step: int) -> None:
         tmp = ckpt.begin_save(out, step)
@@ -279,11 +302,15 @@ def run(cfg: Config) -> dict:
     for step in range(start_step, cfg.train.steps):
         idx = sample_indices(step, G, len(train_ds), cfg.train.seed)
         lo = lay.dp_rank * per_rank
-        x = np.zeros((G, cfg.data.seq_len), dtype=np.int64)
+        x = np.zeros((G, getattr(train_ds, "sample_width", cfg.data.seq_len)), dtype=np.int64)
         x[lo: lo + per_rank] = np.stack([train_ds[int(i)] for i in idx[lo: lo + per_rank]])
         positions = np.arange(step * G, (step + 1) * G, dtype=np.int64)
         lr = engine.set_lr(step)
-        mbl = list(micro_batches(step, x, positions))
+        seg = None
+        if cfg.data.document_masks:
+            seg = np.zeros((G, cfg.data.seq_len), np.int32)
+            seg[lo: lo + per_rank] = np.stack([train_ds.segment_ids(int(i)) for i in idx[lo: lo + per_rank]])
+        mbl = list(micro_batches(step, x, positions, seg_GL=seg))
         losses, grad_norm, bad = engine.train_step(mbl, loss_fn, seq_len=mbl[0].tokens_BS.shape[1], micro_batch_size=mbs,
                                                    poison=step in inject_nan)
         tokens_since += sum(b.num_tokens for b in mbl) * lay.dp
@@ -341,6 +368,40 @@ def run(cfg: Config) -> dict:
     return summary
 
 
+NUM_T_BUCKETS = 10
+
+
+def bucket_losses(collected: list, pp_group, dp_group, num_buckets: int = NUM_T_BUCKETS, device=None) -> dict:
+    """Validation loss per noise-level bucket t in [k/n, (k+1)/n): keys ``loss_t0.0-0.1`` ...
+
+    ``collected`` holds (per-sequence loss [B], t [B]) pairs (empty on non-last pipeline
+    stages); sums and counts are all-reduced over the pipeline and data-parallel groups so
+    every rank returns the same dict. Empty buckets are left out. Each bucket's mean is the
+    ELBO integrand averaged over that slice of t (the bound is their mean for uniform t).
+    """
+    import torch
+    import torch.distributed as dist
+
+    acc = torch.zeros(2, num_buckets, dtype=torch.float64)
+    for loss_B, t_B in collected:
+        ok = (t_B >= 0) & (t_B <= 1)  # t_B outside [0, 1] (e.g. continuous diffusion's sigma) is not bucketed
+        k = torch.clamp((t_B[ok] * num_buckets).long(), 0, num_buckets - 1)
+        acc[0].index_add_(0, k, loss_B[ok])
+        acc[1].index_add_(0, k, torch.ones_like(loss_B[ok]))
+    if dist.is_initialized():
+        if device is not None and device.type == "cuda":  # NCCL reduces device tensors only
+            acc = acc.to(device)
+        if pp_group is not None:
+            dist.all_reduce(acc, group=pp_group)
+        dist.all_reduce(acc, group=dp_group)
+    acc = acc.cpu()
+    out = {}
+    for k in range(num_buckets):
+        if acc[1, k] > 0:
+            out[f"loss_t{k / num_buckets:.1f}-{(k + 1) / num_buckets:.1f}"] = (acc[0, k] / acc[1, k]).item()
+    return out
+
+
 class TrainingDiverged(RuntimeError):
     pass
 
@@ -368,8 +429,9 @@ class LossFn:
 
     def forward(self, model, b):
         labels = None if getattr(b, "logits_loss", None) is not None else self._dev(b.labels_BS)
+        extra = {k: self._dev(v) for k, v in (getattr(b, "model_kwargs", None) or {}).items()}
         return model(self._dev(b.tokens_BS), self._dev(b.position_ids_BS), self._dev(b.attention_mask),
-                     labels=labels, explicit_positions=b.position_ids_BS is not None)
+                     labels=labels, explicit_positions=b.position_ids_BS is not None, **extra)
 
     def contributions(self, b, out):
         """Per-position weighted loss [B, S] (sum / num_tokens is the loss)."""

@@ -35,6 +35,10 @@ COMMON_OVERRIDES = (
 
 def env(**extra) -> dict:
     e = dict(os.environ)
+    # In-process model builds (single-process init) set these in pytest's own environment;
+    # a subprocess inheriting them would try to join pytest's rendezvous port.
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        e.pop(k, None)
     e.update({"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "WANDB_SILENT": "true"})
     e.update({k: str(v) for k, v in extra.items()})
     return e

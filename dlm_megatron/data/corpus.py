@@ -122,7 +122,14 @@ def resolve_data_path(path: str, cache_dir: str | Path, tokenizer: Tokenizer) ->
 
     `builtin:shakespeare/train` and `builtin:shakespeare/val` are prepared on demand under
     `cache_dir`; anything else must already be a shard directory with a manifest.json.
+    A weighted blend "0.7:dirA,0.3:dirB" (see loader.parse_blend) resolves each item and
+    returns the blend with resolved paths.
     """
+    from dlm_megatron.data.loader import format_blend, parse_blend
+
+    items = parse_blend(path)
+    if items is not None:
+        return format_blend([(w, resolve_data_path(p, cache_dir, tokenizer)) for w, p in items])
     if path.startswith(BUILTIN_PREFIX):
         if path not in BUILTIN_PATHS:
             raise DataError(f"unknown builtin data path {path!r}; use one of "

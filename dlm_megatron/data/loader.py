@@ -210,3 +210,116 @@ class BlendedDataset:
     def __getitem__(self, i: int):
         k, index = self.locate(int(i))
         return self.datasets[k][index]
+
+
+# --- document-boundary attention masks -----------------------------------------------
+
+def _packed_segment_ids(ds: PackedDataset, i: int) -> np.ndarray:
+    """Document number (0, 1, ...) of each position of sample `i`, counted from the
+    window start. A document's EOT belongs to that document, so a new segment starts
+    right after each EOT."""
+    i = int(i)
+    if not 0 <= i < len(ds):
+        raise IndexError(f"sample {i} out of range [0, {len(ds)})")
+    start, stop = i * ds.seq_len, (i + 1) * ds.seq_len
+    lo = int(np.searchsorted(ds._eot_positions, start, side="left"))
+    hi = int(np.searchsorted(ds._eot_positions, stop - 1, side="left"))  # EOTs before last
+    starts = np.zeros(ds.seq_len, dtype=np.int32)
+    starts[ds._eot_positions[lo:hi] - start + 1] = 1  # a segment starts after each EOT
+    return np.cumsum(starts, dtype=np.int32)
+
+
+PackedDataset.segment_ids = _packed_segment_ids  # method: PackedDataset(...).segment_ids(i)
+
+
+def _blended_segment_ids(ds: BlendedDataset, i: int) -> np.ndarray:
+    k, index = ds.locate(int(i))
+    return ds.datasets[k].segment_ids(index)
+
+
+BlendedDataset.segment_ids = _blended_segment_ids
+
+
+def document_mask(segment_ids_BL: np.ndarray, causal: bool = False) -> np.ndarray:
+    """Boolean attention mask [B, 1, L, L] from per-token segment ids [B, L].
+
+    True means "may not attend" (megatron-core's convention): query q may attend key k
+    only when both lie in the same document (and k <= q if `causal`). Works on numpy
+    arrays and, unchanged, on torch tensors.
+    """
+    seg = segment_ids_BL
+    if seg.ndim != 2:
+        raise DataError(f"segment ids must be [batch, length], got shape {tuple(seg.shape)}")
+    blocked = seg[:, None, :, None] != seg[:, None, None, :]
+    if causal:
+        length = seg.shape[1]
+        upper = np.triu(np.ones((length, length), dtype=bool), k=1)
+        if not isinstance(seg, np.ndarray):  # torch
+            import torch
+
+            upper = torch.from_numpy(upper).to(seg.device)
+        blocked = blocked | upper
+    return blocked
+
+
+def with_document_mask(attention_mask, segment_ids_BL, length: int, causal: bool = False):
+    """`attention_mask` (None or a bool mask broadcastable to [B, 1, L', L']) combined with
+    the document mask of `segment_ids_BL` [B, L] cut to the first `length` positions (the
+    masked objective may shorten a batch); returns a torch bool tensor [B, 1, L', L']."""
+    import torch
+
+    seg = torch.as_tensor(np.asarray(segment_ids_BL)[:, :length])
+    mask = document_mask(seg, causal=causal)
+    return mask if attention_mask is None else (mask | attention_mask.to(torch.bool))
+
+
+# --- weighted blends from the config -------------------------------------------------
+
+def parse_blend(spec: str) -> list[tuple[float, str]] | None:
+    """Parse a blend data path "W1:PATH1,W2:PATH2,..." into [(W1, PATH1), ...].
+
+    Returns None when `spec` is a single plain path (no weights), so existing paths keep
+    working (including `builtin:shakespeare/train`: "builtin" is not a number). Weights are
+    relative (normalised later); paths in a blend cannot contain commas.
+    """
+    parts = [p.strip() for p in str(spec).split(",")]
+    parsed = []
+    for part in parts:
+        weight, sep, path = part.partition(":")
+        try:
+            w = float(weight)
+        except ValueError:
+            w = None
+        if not sep or w is None or not path:
+            if len(parts) == 1:
+                return None
+            raise DataError(f"data path {spec!r} looks like a blend but item {part!r} is not "
+                            "WEIGHT:PATH; write e.g. '0.7:shards/web,0.3:shards/books'")
+        parsed.append((w, path))
+    return parsed
+
+
+def format_blend(items: Sequence[tuple[float, str]]) -> str:
+    """Inverse of parse_blend."""
+    return ",".join(f"{w!r}:{p}" for w, p in items)
+
+
+def build_train_dataset(cfg, tok, cache_dir: str | Path | None = None):
+    """The training dataset of a Config: a PackedDataset, or a BlendedDataset when
+    `cfg.data.train_path` is a blend "0.7:dirA,0.3:dirB" (each item a shard directory or a
+    builtin: path, resolved like a single path). The blend's interleaving and per-source
+    permutations are seeded by cfg.train.seed, so it is as reproducible and DP-independent
+    as a single source."""
+    from dlm_megatron.data.corpus import resolve_data_path
+
+    cache_dir = cfg.data.cache_dir if cache_dir is None else cache_dir
+    spec = resolve_data_path(cfg.data.train_path, cache_dir, tok)
+    items = parse_blend(spec)
+
+    def packed(path: str) -> PackedDataset:
+        return PackedDataset(path, cfg.data.seq_len, tok.eot_id, tokenizer_sha=tok.sha256)
+
+    if items is None:
+        return packed(spec)
+    return BlendedDataset([packed(p) for _, p in items], [w for w, _ in items],
+                          seed=cfg.train.seed)

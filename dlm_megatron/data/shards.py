@@ -53,12 +53,15 @@ def _file_record(path: Path) -> dict:
 class _ShardSink:
     """Rolls documents into numbered shards of about `target_tokens` tokens each."""
 
-    def __init__(self, out_dir: Path, fmt: str, dtype: np.dtype, target_tokens: int) -> None:
+    def __init__(self, out_dir: Path, fmt: str, dtype: np.dtype, target_tokens: int,
+                 records: list[dict] | None = None, on_close=None) -> None:
         self.out_dir, self.fmt, self.dtype = out_dir, fmt, dtype
         self.target_tokens = target_tokens
-        self.records: list[dict] = []
+        self.records: list[dict] = list(records or [])  # finished shards (resume)
+        self.on_close = on_close  # called after each shard is finished
         self._writer = None
-        self._docs = self._tokens = self._total_docs = 0
+        self._docs = self._tokens = 0
+        self._total_docs = sum(r["num_docs"] for r in self.records)
 
     def add(self, tokens: np.ndarray) -> None:
         if self._writer is None:
@@ -100,6 +103,8 @@ class _ShardSink:
         })
         self._writer = None
         self._docs = self._tokens = 0
+        if self.on_close is not None:
+            self.on_close(self.records)
 
 
 def _check_ids(tokens: np.ndarray, vocab_size: int) -> None:
@@ -144,6 +149,51 @@ def _install(tmp_dir: Path, out_dir: Path) -> None:
         os.replace(tmp_dir, out_dir)  # rename(2) may replace an empty directory
 
 
+PROGRESS_NAME = ".progress.json"
+
+
+def _resume_dir(out_dir: Path, resume_key: str) -> Path:
+    """The deterministic build directory of a resumable write (sibling of `out_dir`)."""
+    return out_dir.parent / f".{out_dir.name}.partial-{resume_key[:16]}"
+
+
+def _load_progress(tmp_dir: Path, resume_key: str) -> dict:
+    """Finished shards of an interrupted write: {"docs_consumed": n, "records": [...]}.
+
+    Only shards whose files still match their recorded sha256 are kept; anything else in
+    the directory (e.g. the shard being written when the run died) is discarded.
+    """
+    empty = {"docs_consumed": 0, "records": []}
+    try:
+        state = json.loads((tmp_dir / PROGRESS_NAME).read_text())
+    except (OSError, ValueError):
+        return empty
+    if not isinstance(state, dict) or state.get("resume_key") != resume_key:
+        return empty
+    try:
+        for record in state["records"]:
+            for name, expected in record["files"].items():
+                if _file_record(tmp_dir / name) != expected:
+                    return empty
+    except (OSError, KeyError, TypeError):
+        return empty
+    keep = {n for r in state["records"] for n in r["files"]} | {PROGRESS_NAME}
+    for path in tmp_dir.iterdir():
+        if path.name not in keep:
+            path.unlink()
+    return {"docs_consumed": int(state["docs_consumed"]), "records": state["records"]}
+
+
+def resume_point(out_dir: str | Path, resume_key: str) -> int:
+    """How many input documents the finished shards of an interrupted `write_shards(...,
+    resume_key=resume_key)` already hold (0 if there is nothing to resume). The caller
+    skips that many items of its document iterable before calling write_shards again."""
+    tmp_dir = _resume_dir(Path(out_dir), resume_key)
+    if not (tmp_dir / PROGRESS_NAME).is_file():
+        return 0
+    return _load_progress(tmp_dir, resume_key)["docs_consumed"]
+
+
 def write_shards(
     docs: Iterable[Sequence[int] | np.ndarray],
     out_dir: str | Path,
@@ -153,6 +203,7 @@ def write_shards(
     *,
     overwrite: bool = False,
     source: dict | None = None,
+    resume_key: str | None = None,
 ) -> dict:
     """Write tokenized documents as shards + manifest.json into `out_dir`; return the manifest.
 
@@ -164,6 +215,12 @@ def write_shards(
         target_shard_tokens: start a new shard once a shard reaches this many tokens.
         overwrite: replace a non-empty `out_dir`.
         source: optional JSON-able provenance stored as manifest["source"].
+        resume_key: make the write resumable: build in `.NAME.partial-KEY` (kept if the
+            write is interrupted) and record finished shards in its `.progress.json`.
+            The key must identify the input and every setting that changes the output
+            (tools/shard.py hashes them). A later call with the same key keeps the
+            finished shards; `docs` must then start `resume_point(out_dir, key)` items
+            in. The result is byte-identical to an uninterrupted write.
     """
     if fmt not in FORMATS:
         raise DataError(f"unknown shard format {fmt!r}; use one of {', '.join(FORMATS)}")
@@ -172,10 +229,27 @@ def write_shards(
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir, overwrite)
     dtype = token_dtype(tokenizer.vocab_size)
-    tmp_dir = make_temp_dir(out_dir.parent, f".{out_dir.name}.tmp-")
+    state = {"docs_consumed": 0, "records": []}
+    if resume_key is None:
+        tmp_dir = make_temp_dir(out_dir.parent, f".{out_dir.name}.tmp-")
+    else:
+        tmp_dir = _resume_dir(out_dir, resume_key)
+        tmp_dir.mkdir(exist_ok=True)
+        state = _load_progress(tmp_dir, resume_key)
+    consumed = state["docs_consumed"]
+
+    def save_progress(records: list[dict]) -> None:
+        tmp = tmp_dir / (PROGRESS_NAME + ".tmp")
+        tmp.write_text(json.dumps({"resume_key": resume_key, "docs_consumed": consumed,
+                                   "records": records}))
+        os.replace(tmp, tmp_dir / PROGRESS_NAME)
+
+    keep = False
     try:
-        sink = _ShardSink(tmp_dir, fmt, dtype, target_shard_tokens)
+        sink = _ShardSink(tmp_dir, fmt, dtype, target_shard_tokens, state["records"],
+                          on_close=None if resume_key is None else save_progress)
         for doc in docs:
+            consumed += 1  # before add(): a shard closed by this doc includes it
             tokens = np.asarray(doc)
             if len(tokens):
                 _check_ids(tokens, tokenizer.vocab_size)
@@ -185,10 +259,17 @@ def write_shards(
             raise DataError(f"no documents to write to {out_dir}: the corpus is empty "
                             "(every input was empty or skipped); check the input paths")
         manifest = _build_manifest(records, fmt, tokenizer, dtype, source)
+        (tmp_dir / PROGRESS_NAME).unlink(missing_ok=True)
         (tmp_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         _install(tmp_dir, out_dir)
+    except DataError:
+        raise  # bad input or settings: nothing worth resuming
+    except BaseException:
+        keep = resume_key is not None  # interrupted: keep finished shards for a rerun
+        raise
     finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
     return manifest
 
 

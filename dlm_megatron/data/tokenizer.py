@@ -9,6 +9,8 @@ corpus tokenized with one vocabulary is never silently trained with another.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 from pathlib import Path
@@ -88,7 +90,8 @@ def resolve_tokenizer_path(path: str | Path | None) -> Path:
 
 
 def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
-    """Load a HF `tokenizers` JSON file (None or "builtin": the shipped Shakespeare BPE)."""
+    """Load a HF `tokenizers` JSON file (None or "builtin": the shipped Shakespeare BPE), or
+    a tiktoken BPE ranks file named `*.tiktoken` (see TiktokenTokenizer)."""
     from tokenizers import Tokenizer as HFTokenizer  # heavy-ish import, only when needed
 
     file = resolve_tokenizer_path(path)
@@ -97,6 +100,8 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
             f"tokenizer file {file} does not exist; set data.tokenizer to a HF tokenizer "
             "JSON file or 'builtin'"
         )
+    if file.name.endswith(TIKTOKEN_SUFFIX):
+        return _load_tiktoken(file)
     data = file.read_bytes()
     try:
         json.loads(data)
@@ -108,3 +113,74 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
             "point data.tokenizer at a tokenizer.json"
         ) from None
     return Tokenizer(hf_tokenizer, file, hashlib.sha256(data).hexdigest())
+
+
+# --- tiktoken BPE ranks files (`*.tiktoken`) -------------------------------------------
+#
+# A `.tiktoken` file has one line per mergeable token: `<base64 bytes> <rank>` (e.g. the
+# MIT-licensed GPT-2 ranks that ship as `whisper/assets/gpt2.tiktoken` in the
+# `openai-whisper` package). It is loaded with the `tiktoken` package (offline: only a
+# local file is read) using the GPT-2 pre-tokenisation pattern; the special tokens
+# <|endoftext|>, <|mask|>, <|pad|> are appended after the last rank, in that order (for
+# gpt2.tiktoken: eot 50256, mask 50257, pad 50258, vocab_size 50259).
+
+TIKTOKEN_SUFFIX = ".tiktoken"
+GPT2_PAT_STR = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+
+
+class TiktokenTokenizer(Tokenizer):
+    """A `.tiktoken` BPE ranks file behind the `Tokenizer` interface.
+
+    `sha256` hashes the file's bytes together with the pattern and the special tokens, so
+    changing either invalidates shards made with the old identity.
+    """
+
+    def __init__(self, path: Path, data: bytes) -> None:  # noqa: D107 (no super().__init__)
+        try:
+            import tiktoken
+        except ImportError:
+            raise DataError(f"tokenizer {path} is a .tiktoken ranks file, which needs the "
+                            "tiktoken package: pip install tiktoken") from None
+        ranks: dict[bytes, int] = {}
+        try:
+            for lineno, line in enumerate(data.splitlines(), 1):
+                if not line.strip():
+                    continue
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except (ValueError, binascii.Error):
+            raise DataError(f"{path}:{lineno} is not a tiktoken ranks line ('<base64> <rank>'); "
+                            "point data.tokenizer at a .tiktoken file") from None
+        if not ranks or sorted(ranks.values()) != list(range(len(ranks))):
+            raise DataError(f"{path}: ranks must be 0..N-1 without gaps; not a usable "
+                            ".tiktoken file")
+        n = len(ranks)
+        specials = {tok: n + k for k, tok in enumerate(SPECIAL_TOKENS)}
+        self._enc = tiktoken.Encoding(name=f"dlm:{path.name}", pat_str=GPT2_PAT_STR,
+                                      mergeable_ranks=ranks, special_tokens=specials)
+        self._num_ranks = n
+        self.path = path
+        material = data + b"\0" + GPT2_PAT_STR.encode() + b"\0" + ",".join(SPECIAL_TOKENS).encode()
+        self.sha256 = hashlib.sha256(material).hexdigest()
+        self.vocab_size = n + len(SPECIAL_TOKENS)
+        self.eot_id, self.mask_id, self.pad_id = (specials[t] for t in SPECIAL_TOKENS)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; special-token text stays ordinary bytes."""
+        return self._enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, in order (single-threaded: shard.py's workers parallelise)."""
+        return self._enc.encode_ordinary_batch(list(texts), num_threads=1)
+
+    def decode(self, ids: Sequence[int] | np.ndarray, skip_special: bool = False) -> str:
+        """Text of `ids` (invalid UTF-8 at a cut becomes U+FFFD)."""
+        ids = [int(i) for i in ids]
+        if skip_special:
+            ids = [i for i in ids if i < self._num_ranks]
+        return self._enc.decode(ids, errors="replace")
+
+
+def _load_tiktoken(file: Path) -> Tokenizer:
+    """Load a `.tiktoken` ranks file (called by load_tokenizer for that suffix)."""
+    return TiktokenTokenizer(file, file.read_bytes())

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import re
+import sys
 import tarfile
 from pathlib import Path
 from typing import Iterator
@@ -164,3 +165,82 @@ class WdsShardReader:
         if head.tell() + shape[0] * dtype.itemsize != size:
             raise self._fail(f"member {key}{MEMBER_SUFFIX} is truncated")
         return data_offset, int(shape[0])
+
+
+# --- streaming from URLs (pipe:, file:, local paths) ---------------------------------
+
+def _open_url(url: str):
+    """(binary stream, subprocess or None) for a shard URL: `pipe:COMMAND` (the command's
+    stdout, as in webdataset), `file:PATH` or a plain local path."""
+    import subprocess
+
+    if url.startswith("pipe:"):
+        proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE,
+                                bufsize=1 << 20)
+        return proc.stdout, proc
+    path = url[len("file:"):] if url.startswith("file:") else url
+    try:
+        return open(path, "rb"), None
+    except OSError as exc:
+        raise DataError(f"cannot open shard {url} ({exc.strerror}); check the URL") from None
+
+
+def stream_documents(urls, dtype: np.dtype | type | None = None) -> Iterator[np.ndarray]:
+    """Documents of WebDataset token shards streamed in order from `urls`.
+
+    `urls`: a list of URLs (`pipe:cat /data/shard-00000.tar`, `pipe:aws s3 cp s3://b/x.tar -`,
+    `file:/p.tar` or a path), or a wds shard directory, whose manifest lists them: its
+    optional "urls" entry, else the local shard files in manifest order. Each tar is read
+    sequentially (no seeking, so any pipe works); members must be `KEY.tokens.npy`. A
+    command that exits non-zero raises DataError.
+    """
+    if isinstance(urls, (str, Path)) and Path(urls).is_dir():
+        urls = manifest_urls(urls)
+    elif isinstance(urls, (str, Path)):
+        urls = [str(urls)]
+    want = None if dtype is None else np.dtype(dtype).newbyteorder("<")
+    for url in urls:
+        stream, proc = _open_url(str(url))
+        try:
+            try:
+                with tarfile.open(fileobj=stream, mode="r|") as tar:
+                    for member in tar:
+                        if not member.isfile() or not _MEMBER_RE.match(member.name):
+                            raise DataError(f"{url}: unexpected member {member.name!r} "
+                                            f"(expected KEY{MEMBER_SUFFIX})")
+                        data = tar.extractfile(member).read()
+                        try:
+                            array = np.lib.format.read_array(io.BytesIO(data),
+                                                             allow_pickle=False)
+                        except ValueError as exc:
+                            raise DataError(f"{url}: member {member.name} is not a .npy "
+                                            f"array ({exc})") from None
+                        if array.ndim != 1 or (want is not None and array.dtype != want):
+                            raise DataError(f"{url}: member {member.name} has shape "
+                                            f"{array.shape} dtype {array.dtype}, expected 1-D "
+                                            f"{want or 'tokens'}")
+                        yield array
+            except (tarfile.TarError, EOFError) as exc:
+                code = None if proc is None else proc.wait()
+                why = f"command exited with status {code}" if code else f"not a readable tar stream ({exc})"
+                raise DataError(f"{url}: {why}; check the URL or command") from None
+        finally:
+            stream.close()
+            if proc is not None:
+                code = proc.wait()
+                if code != 0 and sys.exc_info()[0] is None:
+                    raise DataError(f"{url}: command exited with status {code}")
+
+
+def manifest_urls(shard_dir: str | Path) -> list[str]:
+    """Shard URLs of a wds shard directory: manifest["urls"] if present (e.g. pipe: URLs
+    of an object store copy), else the local .tar files in manifest order."""
+    import json
+
+    manifest = json.loads((Path(shard_dir) / "manifest.json").read_text())
+    if manifest.get("format") != "wds":
+        raise DataError(f"{shard_dir} holds {manifest.get('format')} shards; streaming needs "
+                        "--format wds shards")
+    if manifest.get("urls"):
+        return list(manifest["urls"])
+    return [str(Path(shard_dir) / f"{r['name']}.tar") for r in manifest["shards"]]

@@ -37,6 +37,12 @@ class Batch:
 
     num_clean_tokens: int | None = None
     """Normaliser of the loss (clean tokens B*L); None means labels_BS.numel()."""
+    model_kwargs: dict | None = None
+    """Extra keyword inputs of the denoiser (e.g. continuous diffusion's sigma_B, noise_seed_B)."""
+    logits_loss: object | None = None
+    """Objectives whose loss needs the model's full distribution (uniform / hybrid noise):
+    a callable (logits_BSV, batch) -> per-position loss contributions [B, S] (already
+    weighted). The model is then called without labels; None = the per-token NLL path."""
 
     @property
     def num_tokens(self) -> int:
@@ -170,6 +176,103 @@ class BlockDiffusion(Objective):
 REGISTRY: dict[str, type[Objective]] = {c.name: c for c in (MaskedDiffusion, Autoregressive, BlockDiffusion)}
 
 
+def _interpolating_logits_loss(mask_id: int, num_clean: int, p_uniform: float, logits_BSV, b: "Batch"):
+    from .uniform import interpolating_loss_contributions
+
+    return interpolating_loss_contributions(logits_BSV, b.labels_BS, b.tokens_BS, b.t_B, b.loss_weight_BS,
+                                            mask_id=mask_id, num_clean=num_clean, p_uniform=p_uniform)
+
+
+class UniformDiffusion(MaskedDiffusion):
+    """UDLM uniform-noise diffusion (Schiff et al. 2025): corrupted tokens become uniformly
+    random clean tokens; loss = the exact continuous-time ELBO integrand from the model's full
+    distribution (see diffusion/uniform.py). Needs the full vocabulary: tensor parallel 1.
+
+    Noise keyed like MaskedDiffusion: per sample (seed, stream, global position) t first
+    (stratified if diffusion.antithetic), then three L-vectors of uniforms (corrupt?,
+    uniform-vs-MASK, which token)."""
+
+    name = "uniform"
+    p_uniform = 1.0
+    vocab_size: int | None = None
+
+    def set_vocab_size(self, vocab_size: int) -> None:
+        """Tokenizer vocabulary (clean ids + MASK); the model's padded rows are never used."""
+        self.vocab_size = int(vocab_size)
+
+    def noise_uniforms(self, positions_B, L: int, stream: int):
+        rows = []
+        for p in positions_B:
+            g = generator(self.seed, stream, int(p))
+            torch.rand((), generator=g, dtype=torch.float64)  # skip the t draw
+            rows.append(torch.rand(3, L, generator=g, dtype=torch.float64))
+        u = torch.stack(rows)
+        return u[:, 0], u[:, 1], u[:, 2]
+
+    def make_batch(self, x0_BL, positions_B, *, step, global_batch_size, eval=False):
+        from functools import partial
+
+        from . import uniform as ud
+
+        if self.vocab_size is None:
+            raise RuntimeError("UniformDiffusion.set_vocab_size(tokenizer.vocab_size) must be called first")
+        stream = TAG_EVAL if eval else TAG_SAMPLE
+        L = x0_BL.shape[1]
+        if not eval:
+            L = step_random_length(self.seed, step, L, self.dcfg.random_length_prob)
+            x0_BL = x0_BL[:, :L]
+        t_B = self.sample_t(positions_B, step=step, global_batch_size=global_batch_size, stream=stream)
+        u, v, w = self.noise_uniforms(positions_B, x0_BL.shape[1], stream)
+        num_clean = self.vocab_size - 1
+        zt = ud.noise_tokens(x0_BL, t_B, u, v, w, num_clean=num_clean, mask_id=self.mask_id, p_uniform=self.p_uniform)
+        return Batch(tokens_BS=zt, labels_BS=x0_BL, loss_weight_BS=torch.ones(x0_BL.shape, dtype=torch.float32),
+                     t_B=t_B.float(), logits_loss=partial(_interpolating_logits_loss, self.mask_id, num_clean, self.p_uniform))
+
+
+class HybridDiffusion(UniformDiffusion):
+    """Mask + uniform interpolating diffusion: a corrupted token becomes MASK with probability
+    1 - p_u and a uniformly random clean token with probability p_u (diffusion.p_uniform).
+    GIDD (von Rütte et al. 2025) with a constant mixing distribution; exact ELBO weights in
+    diffusion/uniform.py."""
+
+    name = "hybrid"
+
+    def __init__(self, dcfg, mask_id: int, seed: int):
+        super().__init__(dcfg, mask_id, seed)
+        self.p_uniform = float(getattr(dcfg, "p_uniform", 0.1))
+
+
+REGISTRY.update({c.name: c for c in (UniformDiffusion, HybridDiffusion)})
+
+
+class SFTMaskedDiffusion(MaskedDiffusion):
+    """LLaDA supervised fine-tuning (Nie et al. 2025, Sec. 2.3; GUIDELINES.md of the
+    LLaDA repository): the prompt is never masked; each response token (EOT padding included)
+    is masked with probability t; the loss is sum over masked response tokens of CE / t,
+    divided by that sample's response length, averaged over the batch.
+
+    Samples come from data/sft.py: int64 [L + 1] = tokens then the prompt length P. Noise
+    keyed like MaskedDiffusion (t, then L token uniforms per global sample position), so an
+    example's mask does not depend on the layout. Used when data.sft_path is set.
+    """
+
+    name = "sft_masked"
+
+    def make_batch(self, x_BW, positions_B, *, step, global_batch_size, eval=False):
+        stream = TAG_EVAL if eval else TAG_SAMPLE
+        x0_BL, P_B = x_BW[:, :-1], x_BW[:, -1]
+        B, L = x0_BL.shape
+        t_B = self.sample_t(positions_B, step=step, global_batch_size=global_batch_size, stream=stream)
+        u_BL = self.token_uniforms(positions_B, L, stream)
+        response_BL = torch.arange(L)[None, :] >= P_B[:, None]
+        u_BL = torch.where(response_BL, u_BL, torch.full_like(u_BL, 2.0))  # u >= 1: prompt never masked
+        xt_BL, is_masked_BL = md.mask_tokens(x0_BL, t_B, u_BL, self.mask_id)
+        resp_len_B = response_BL.sum(1).clamp_min(1).to(torch.float32)
+        # weighted_token_loss divides by B*L: scale by L / |response| to get LLaDA's per-sample normalisation.
+        w_BL = md.masked_loss_weights(is_masked_BL, t_B) * (L / resp_len_B)[:, None]
+        return Batch(tokens_BS=xt_BL, labels_BS=x0_BL, loss_weight_BS=w_BL, t_B=t_B.float())
+
+
 def build_objective(dcfg, mask_id: int, seed: int) -> Objective:
     if dcfg.objective not in REGISTRY:
         from ..config import ConfigError
@@ -177,4 +280,58 @@ def build_objective(dcfg, mask_id: int, seed: int) -> Objective:
         raise ConfigError(
             f"diffusion.objective={dcfg.objective!r} is not implemented yet (available: {', '.join(sorted(REGISTRY))})"
         )
+    if dcfg.objective == "masked" and (getattr(dcfg, "anneal_steps", 0) or getattr(dcfg, "shift_logits", False)):
+        return AdaptedMaskedDiffusion(dcfg, mask_id, seed)
     return REGISTRY[dcfg.objective](dcfg, mask_id, seed)
+
+
+class AdaptedMaskedDiffusion(MaskedDiffusion):
+    """Masked diffusion adapted from an AR model (DiffuLLaMA, Gong et al. 2025; Dream, Ye et
+    al. 2025): ``diffusion.anneal_steps`` anneals the attention mask from causal to full
+    (one random mask per optimizer step, shared by all samples and ranks), and
+    ``diffusion.shift_logits`` trains output i-1 to predict token i (token 0 stays clean).
+    Noise (t, token masks) is exactly MaskedDiffusion's. Validation uses full attention:
+    it measures the model being adapted to. See diffusion/adaptation.py."""
+
+    name = "masked"
+
+    def make_batch(self, x0_BL, positions_B, *, step, global_batch_size, eval=False):
+        from . import adaptation as ad
+
+        b = super().make_batch(x0_BL, positions_B, step=step, global_batch_size=global_batch_size, eval=eval)
+        if self.dcfg.shift_logits:
+            xt, w = ad.keep_first(b.tokens_BS, b.labels_BS, b.loss_weight_BS)
+            labels, w = ad.shift_targets(b.labels_BS, w)
+            b.num_clean_tokens = b.num_tokens
+            b.tokens_BS, b.labels_BS, b.loss_weight_BS = xt, labels, w
+        if self.dcfg.anneal_steps > 0:
+            frac = 1.0 if eval else ad.anneal_fraction(step, self.dcfg.anneal_steps)
+            b.attention_mask = ad.annealed_mask(b.tokens_BS.shape[1], frac, self.seed, step)
+        return b
+
+
+class ContinuousDiffusion(Objective):
+    """CDCD continuous diffusion on normalised token embeddings (Dieleman et al. 2022), see
+    diffusion/continuous.py. Per sample, from stream (seed, stream, global position): a
+    log-uniform sigma in [sigma_min, sigma_max], then a 62-bit seed from which the model
+    draws the Gaussian noise [L, H] on CPU (the objective does not know H); so TP peers
+    and any DP layout add identical noise. Loss: cross-entropy on every token, weight 1
+    (score interpolation), normalised by B*L. ``diffusion.random_length_prob`` is unused."""
+
+    name = "continuous"
+
+    def make_batch(self, x0_BL, positions_B, *, step, global_batch_size, eval=False):
+        from . import continuous as cd
+
+        stream = TAG_EVAL if eval else TAG_SAMPLE
+        u, seeds = [], []
+        for p in positions_B:
+            g = generator(self.seed, stream, int(p))
+            u.append(torch.rand((), generator=g, dtype=torch.float64))
+            seeds.append(torch.randint(0, 2**62, (), generator=g))
+        sigma_B = cd.sigma_from_uniform(torch.stack(u), self.dcfg.sigma_min, self.dcfg.sigma_max).float()
+        return Batch(tokens_BS=x0_BL, labels_BS=x0_BL, loss_weight_BS=torch.ones(x0_BL.shape, dtype=torch.float32),
+                     t_B=sigma_B, model_kwargs={"sigma_B": sigma_B, "noise_seed_B": torch.stack(seeds)})
+
+
+REGISTRY[ContinuousDiffusion.name] = ContinuousDiffusion

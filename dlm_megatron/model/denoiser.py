@@ -66,8 +66,13 @@ def transformer_config(cfg: Config, *, params_dtype: torch.dtype = torch.float32
     )
 
 
-def attn_mask_type_for(objective: str) -> AttnMaskType:
-    """The attention mask an objective trains with."""
+def attn_mask_type_for(objective) -> AttnMaskType:
+    """The attention mask an objective trains with (``objective``: a name or a Config; a
+    Config with diffusion.anneal_steps > 0 needs arbitrary masks for AR->diffusion annealing)."""
+    if isinstance(objective, Config):
+        if objective.diffusion.anneal_steps > 0 or getattr(objective.data, "document_masks", False):
+            return AttnMaskType.arbitrary  # document_masks: per-batch masks from data.loader.with_document_mask
+        objective = objective.diffusion.objective
     if objective == "ar":
         return AttnMaskType.causal
     if objective in ("block",):
@@ -105,7 +110,55 @@ class Denoiser(GPTModel):
             out = (out[0], rope_SB1D) + tuple(out[2:])
         return out
 
-    def forward(self, input_ids, position_ids, attention_mask, *args, explicit_positions: bool = False, **kwargs):
+    # ---- continuous (CDCD) diffusion: noisy embeddings enter through decoder_input ----
+
+    def enable_continuous(self, num_features: int) -> None:
+        """Add the time embedding (first pipeline stage only): a learned projection
+        [H, F] of fixed Fourier features of ln(sigma)/4, replicated across TP ranks
+        (canonical name ``time_embedding.proj.weight``, see sharding.py)."""
+        self.time_features = num_features
+        if self.pre_process:
+            self.time_embedding = torch.nn.Module()
+            self.time_embedding.proj = torch.nn.Linear(num_features, self.config.hidden_size, bias=False,
+                                                       dtype=self.config.params_dtype)
+
+    def clean_embeddings(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
+        """Token embeddings normalised to norm sqrt(H).  -> [B, S, H]
+
+        megatron's VocabParallelEmbedding looks up this rank's rows and all-reduces over TP,
+        so every TP rank gets the full vectors (and the backward reaches each shard); a row
+        normalised after lookup equals the lookup of the normalised row."""
+        from ..diffusion.continuous import normalise
+
+        return normalise(self.embedding.word_embeddings(input_ids_BS))
+
+    def normalised_embedding_table(self) -> torch.Tensor:
+        """All normalised embedding rows [V_padded, H] (TP=1, e.g. for the sampler)."""
+        from ..diffusion.continuous import normalise
+
+        return normalise(self.embedding.word_embeddings.weight)
+
+    def continuous_input(self, input_ids_BS, sigma_B, noise_seed_B=None, noisy_x_BSH=None) -> torch.Tensor:
+        """decoder_input [S, B, H] = c_in(sigma) * x + time_embedding(sigma), with
+        x = normalised e(x0) + sigma * n (noise from per-sample seeds) or the sampler's x."""
+        from ..diffusion import continuous as cd
+
+        sig = sigma_B.float()
+        if noisy_x_BSH is None:
+            e = self.clean_embeddings(input_ids_BS)
+            B, S, H = e.shape
+            n = cd.noise_for(noise_seed_B.cpu(), S, H).to(e.device, e.dtype)
+            x = e + sig.to(e.dtype)[:, None, None] * n
+        else:
+            x = noisy_x_BSH
+        feats = cd.fourier_features(cd.c_noise(sig.cpu()), self.time_features).to(x.device, self.time_embedding.proj.weight.dtype)
+        h = x * cd.c_in(sig).to(x.device, x.dtype)[:, None, None] + self.time_embedding.proj(feats)[:, None, :].to(x.dtype)
+        return h.to(self.config.params_dtype).transpose(0, 1).contiguous()
+
+    def forward(self, input_ids, position_ids, attention_mask, *args, explicit_positions: bool = False,
+                sigma_B=None, noise_seed_B=None, noisy_x_BSH=None, **kwargs):
+        if sigma_B is not None and self.pre_process:
+            kwargs["decoder_input"] = self.continuous_input(input_ids, sigma_B, noise_seed_B, noisy_x_BSH)
         self._explicit_positions = explicit_positions
         try:
             return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
@@ -133,7 +186,7 @@ def build_model(cfg: Config, vocab_size: int, *, pre_process: bool, post_process
     tcfg = transformer_config(cfg, params_dtype=params_dtype)
     model = Denoiser(
         config=tcfg,
-        transformer_layer_spec=layer_spec(cfg, attn_mask_type_for(cfg.diffusion.objective)),
+        transformer_layer_spec=layer_spec(cfg, attn_mask_type_for(cfg)),
         vocab_size=padded_vocab_size(vocab_size, cfg.model, cfg.parallel.tp),
         max_sequence_length=cfg.data.seq_len * (2 if cfg.diffusion.objective == "block" else 1),
         pre_process=pre_process,
@@ -143,6 +196,8 @@ def build_model(cfg: Config, vocab_size: int, *, pre_process: bool, post_process
         position_embedding_type="rope",
         rotary_base=cfg.model.rotary_base,
     )
+    if cfg.diffusion.objective == "continuous":
+        model.enable_continuous(cfg.diffusion.time_embed_features)
     mark_tensor_parallel(model)
     return model
 

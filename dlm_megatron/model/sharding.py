@@ -28,6 +28,8 @@ def partition_dim(name: str) -> int | None:
         return 0
     if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
         return 1
+    if name == "time_embedding.proj.weight":
+        return None  # continuous diffusion's time embedding [H, F]: replicated on every TP rank
     return None
 
 
@@ -97,6 +99,11 @@ def init_full(name: str, shape: tuple[int, ...], *, seed: int, std: float, num_l
         return torch.ones(shape)
     if name.endswith(".bias"):
         return torch.zeros(shape)
+    if name == "time_embedding.proj.weight":
+        # Continuous diffusion time embedding: N(0, std) like other input projections,
+        # drawn at full size from (seed, name) so every layout starts identical.
+        g = torch.Generator().manual_seed(name_seed(seed, name))
+        return torch.randn(shape, generator=g) * std
     s = std / (2.0 * num_layers) ** 0.5 if name.endswith(("linear_proj.weight", "linear_fc2.weight")) else std
     g = torch.Generator().manual_seed(name_seed(seed, name))
     return torch.randn(shape, generator=g) * s

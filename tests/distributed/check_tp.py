@@ -1,6 +1,6 @@
 """TP=2 vs TP=1: loss and every gradient of the masked-diffusion objective on one batch.
 
-usage: torchrun --standalone --nproc_per_node=2 tests/distributed/check_tp.py OUT.json [objective]
+usage: torchrun --standalone --nproc_per_node=2 tests/distributed/check_tp.py OUT.json [objective [key=value ...]]
 Rank 0 writes {"loss_tp1", "loss_tp2", "max_grad_diff", "max_grad"} for pytest to assert.
 """
 import json
@@ -22,7 +22,8 @@ def loss_and_grads(cfg, tok, x, pos, lay):
     model = build_model(cfg, tok.vocab_size, pre_process=True, post_process=True)
     init_weights(model, cfg, tp_rank=lay.tp_rank, pp_rank=0)
     b = build_objective(cfg.diffusion, tok.mask_id, cfg.train.seed).make_batch(x, pos, step=0, global_batch_size=len(x))
-    nll = model(b.tokens_BS, b.position_ids_BS, b.attention_mask, labels=b.labels_BS, explicit_positions=b.position_ids_BS is not None)
+    nll = model(b.tokens_BS, b.position_ids_BS, b.attention_mask, labels=b.labels_BS, explicit_positions=b.position_ids_BS is not None,
+                **(getattr(b, "model_kwargs", None) or {}))
     loss = weighted_token_loss(nll, b.loss_weight_BS, b.num_tokens)
     loss.backward()
     # Gather full gradients (canonical layout) from all TP ranks.
@@ -52,7 +53,7 @@ def main():
     from dlm_megatron.data.tokenizer import load_tokenizer
     from dlm_megatron.parallel import dist as pdist
 
-    base = list(COMMON_OVERRIDES) + [f"diffusion.objective={objective}"]
+    base = list(COMMON_OVERRIDES) + [f"diffusion.objective={objective}"] + sys.argv[3:]  # optional extra key=value
     tok = load_tokenizer("builtin")
     g = torch.Generator().manual_seed(0)
     x = torch.randint(3, tok.vocab_size, (4, 32), generator=g)

@@ -155,3 +155,20 @@ def test_activation_recomputation_gives_identical_training(tmp_path):
         losses[mode] = train_losses(out)
     assert losses["selective"] == pytest.approx(losses["none"], abs=1e-6)
     assert losses["full"] == pytest.approx(losses["none"], abs=1e-6)
+
+
+def test_document_masks_block_attention_across_packed_documents(tmp_path):
+    """With data.document_masks=true, packed short documents cannot see each other: the
+    same batch gives a different loss than with cross-document attention."""
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": f"Doc {i}: thou art {'fair' if i % 2 else 'foul'} indeed."}) + "\n" for i in range(400)))
+    data = tmp_path / "shards"
+    run([PY, "tools/shard.py", "--input", str(src), "--field", "text", "--tokenizer", "builtin", "--output", str(data),
+         "--format", "megatron", "--workers", "1", "--no-progress"])
+    losses = {}
+    for flag in ("false", "true"):
+        out = tmp_path / f"dm_{flag}"
+        run(TRAIN + list(COMMON_OVERRIDES) + [f"data.train_path={data}", "data.val_path=null", "train.steps=1",
+                                              f"data.document_masks={flag}", f"train.output_dir={out}"])
+        losses[flag] = train_losses(out)[0]
+    assert abs(losses["true"] - losses["false"]) > 1e-4, losses

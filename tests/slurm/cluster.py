@@ -111,6 +111,8 @@ class SlurmCluster:
         for k in list(e):  # a test run inside a Slurm job must not leak that job's settings
             if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and k != "SLURM_CONF":
                 del e[k]
+        for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            e.pop(k, None)  # left by in-process model builds of other tests
         e.update({k: str(v) for k, v in extra.items()})
         return e
 

@@ -51,9 +51,11 @@ def test_mask_2l_structure():
 
 def _objective(block_size, **dkw):
     from dlm_megatron.config import DiffusionConfig
-    from dlm_megatron.diffusion.objectives import BlockDiffusion
+    from dlm_megatron.diffusion.objectives import BlockDiffusion, build_objective
 
-    return BlockDiffusion(DiffusionConfig(objective="block", block_size=block_size, **dkw), MASK, SEED)
+    obj = build_objective(DiffusionConfig(objective="block", block_size=block_size, **dkw), MASK, SEED)
+    assert isinstance(obj, BlockDiffusion)
+    return obj
 
 
 def test_noise_is_per_block_clipped_and_rank_independent():

@@ -190,6 +190,8 @@ def _plan(cfg, gpus=1, mem=80.0, vocab=8192, **kw):
 @pytest.fixture(scope="module")
 def measured():
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore", WANDB_SILENT="true")
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)  # set by in-process model builds of other tests; not ours to join
     p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--measure"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, f"measurement failed\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"

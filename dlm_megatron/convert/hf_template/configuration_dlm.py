@@ -1,0 +1,78 @@
+"""Configuration of a diffusion language model exported by dlm_megatron.
+
+Shipped next to the weights (``trust_remote_code=True``); needs only torch and transformers.
+Key names follow LLaDA's published ``configuration_llada.py`` where the architecture is the
+same (d_model, n_heads, n_kv_heads, n_layers, mlp_hidden_size, vocab_size, embedding_size,
+rope_theta, rms_norm_eps, max_sequence_length, weight_tying, mask_token_id, ...). Keys of
+our own: ``objective`` (masked | block | ar | uniform | hybrid), ``block_size`` (block
+diffusion), ``shift_logits`` (token i read from output i-1, DiffuLLaMA/Dream style).
+"""
+from transformers import PretrainedConfig
+
+
+class DLMConfig(PretrainedConfig):
+    model_type = "dlm_megatron"
+    # Generic names used by transformers utilities -> LLaDA-style names stored in config.json.
+    attribute_map = {
+        "hidden_size": "d_model",
+        "num_attention_heads": "n_heads",
+        "num_key_value_heads": "n_kv_heads",
+        "num_hidden_layers": "n_layers",
+        "intermediate_size": "mlp_hidden_size",
+        "max_position_embeddings": "max_sequence_length",
+    }
+
+    def __init__(
+        self,
+        d_model: int = 256,
+        n_heads: int = 4,
+        n_kv_heads: int | None = None,
+        n_layers: int = 4,
+        mlp_hidden_size: int = 704,
+        vocab_size: int = 8192,
+        embedding_size: int | None = None,
+        max_sequence_length: int = 4096,
+        rope_theta: float = 10000.0,
+        rms_norm_eps: float = 1e-5,
+        weight_tying: bool = False,
+        include_bias: bool = False,
+        include_qkv_bias: bool = False,
+        init_std: float = 0.02,
+        mask_token_id: int | None = None,
+        objective: str = "masked",
+        block_size: int | None = None,
+        shift_logits: bool = False,
+        block_type: str = "llama",
+        layer_norm_type: str = "rms",
+        activation_type: str = "silu",
+        rope: bool = True,
+        alibi: bool = False,
+        **kwargs,
+    ):
+        self.d_model = d_model
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads if n_kv_heads is not None else n_heads
+        self.n_layers = n_layers
+        self.mlp_hidden_size = mlp_hidden_size
+        self.vocab_size = vocab_size
+        self.embedding_size = embedding_size if embedding_size is not None else vocab_size
+        self.max_sequence_length = max_sequence_length
+        self.rope_theta = rope_theta
+        self.rms_norm_eps = rms_norm_eps
+        self.weight_tying = weight_tying
+        self.include_bias = include_bias
+        self.include_qkv_bias = include_qkv_bias
+        self.init_std = init_std
+        self.mask_token_id = mask_token_id
+        self.objective = objective
+        self.block_size = block_size
+        self.shift_logits = shift_logits
+        self.block_type = block_type
+        self.layer_norm_type = layer_norm_type
+        self.activation_type = activation_type
+        self.rope = rope
+        self.alibi = alibi
+        # The output head is tied by the modeling code itself (weight_tying), not by
+        # transformers' generic tying.
+        kwargs["tie_word_embeddings"] = False
+        super().__init__(**kwargs)

@@ -1,0 +1,143 @@
+"""Rewrite a checkpoint's model shards for another tensor/pipeline-parallel layout, offline.
+
+The shards use canonical names (global layer indices, full-model names), so the source is
+merged with ``checkpoint.load_full_state_dict`` whatever layout (and world size) trained it,
+and split again with ``model.sharding.shard`` for the target layout:
+
+- pipeline stage p holds layers [p*L/pp, (p+1)*L/pp); the embedding lives on the first
+  stage, the final norm and output head on the last; other top-level parameters stay on the
+  stage(s) that held them in the source (first and/or last);
+- tied embeddings: with pp > 1 the last stage also holds ``output_layer.weight`` (megatron's
+  copy of the embedding for the output head); with pp == 1 it does not exist;
+- tensor-parallel splits follow ``sharding.partition_dim`` (SwiGLU's [gate; up] per rank).
+
+The output is a run directory (``checkpoints/step_XXXXXX`` + ``latest`` + ``config.yaml``)
+whose checkpoint has ``engine: null``: weights only. The trainer starts a fresh optimizer
+(Adam moments restart from zero) at the checkpoint's step: resume with
+``train.output_dir=OUTPUT parallel.tp=N parallel.pp=M`` or start a new run with
+``train.init_from=OUTPUT``.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import ConvertError, prepare_output_dir, progress_bar
+
+_FIRST, _LAST = "first", "last"
+
+
+def stage_of(name: str, num_layers: int, pp: int, placement: dict[str, set[str]] | None = None) -> list[int]:
+    """Pipeline stages that hold a canonical parameter."""
+    from ..model.sharding import layer_index
+
+    i = layer_index(name)
+    if i is not None:
+        if not 0 <= i < num_layers:
+            raise ConvertError(f"parameter '{name}' has layer index {i}, but the model has {num_layers} layers")
+        return [i // (num_layers // pp)]
+    if name.startswith("embedding."):
+        return [0]
+    if name.startswith(("decoder.final_layernorm.", "output_layer.")):
+        return [pp - 1]
+    where = (placement or {}).get(name)
+    if where is None:
+        if pp == 1:
+            return [0]
+        raise ConvertError(f"cannot tell which pipeline stage holds '{name}' (the source had one stage); reshard with --pp 1")
+    return sorted({0 if w == _FIRST else pp - 1 for w in where})
+
+
+def source_placement(ckpt: Path, meta: dict) -> dict[str, set[str]]:
+    """For each top-level parameter of a PP > 1 source: on its first and/or last stage."""
+    from ..checkpoint import shard_filename
+    from ..model.sharding import layer_index
+
+    pp = meta["layout"]["pp"]
+    out: dict[str, set[str]] = {}
+    if pp == 1:
+        return out
+    for p, tag in ((0, _FIRST), (pp - 1, _LAST)):
+        with safe_open(str(ckpt / "model" / shard_filename(0, p)), framework="pt") as fh:
+            for n in fh.keys():
+                if layer_index(n) is None:
+                    out.setdefault(n, set()).add(tag)
+    return out
+
+
+def write_layout(full: dict[str, torch.Tensor], meta: dict, out: Path, *, step: int, show_progress: bool = True,
+                 placement: dict[str, set[str]] | None = None) -> Path:
+    """Write ``full`` (canonical names, full tensors) as the TP x PP shards of ``meta['layout']``
+    into run directory ``out``; returns the checkpoint folder."""
+    from .. import checkpoint as ck
+    from ..config import dump_yaml, from_dict
+    from ..model import sharding
+
+    cfg = from_dict(meta["config"])
+    tp, pp = meta["layout"]["tp"], meta["layout"]["pp"]
+    full = dict(full)
+    if cfg.model.tie_embeddings:
+        if pp > 1:
+            full.setdefault("output_layer.weight", full["embedding.word_embeddings.weight"])
+        else:
+            full.pop("output_layer.weight", None)
+    stages: list[list[str]] = [[] for _ in range(pp)]
+    for name in full:
+        for p in stage_of(name, cfg.model.num_layers, pp, placement):
+            stages[p].append(name)
+    tmp = ck.begin_save(out, step)
+    ck.prepare_tmp(tmp)
+    (tmp / "model").mkdir()
+    with progress_bar(tp * pp, desc=f"writing tp{tp} x pp{pp} shards", enabled=show_progress, unit="file") as bar:
+        for p in range(pp):
+            for t in range(tp):
+                tensors = {n: sharding.shard(full[n], n, t, tp).float().contiguous().clone() for n in stages[p]}
+                save_file(tensors, str(tmp / "model" / ck.shard_filename(t, p)))
+                bar.update()
+    final = ck.commit_save(out, tmp, step, meta, keep_last=1)
+    (out / "config.yaml").write_text(dump_yaml(cfg))
+    return final
+
+
+def check_layout(meta: dict, tp: int, pp: int) -> dict:
+    """The meta config with parallel.tp/pp replaced, validated (one-line errors)."""
+    from ..config import ConfigError, from_dict, padded_vocab_size
+
+    if tp < 1 or pp < 1:
+        raise ConvertError(f"--tp and --pp must be >= 1, got tp={tp} pp={pp}")
+    cfgd = copy.deepcopy(meta["config"])
+    cfgd["parallel"]["tp"], cfgd["parallel"]["pp"] = tp, pp
+    try:
+        cfg = from_dict(cfgd)
+        padded_vocab_size(int(meta["vocab_size"]), cfg.model, tp)
+    except ConfigError as e:
+        raise ConvertError(f"layout tp={tp} pp={pp} does not fit this model: {e}") from None
+    return cfgd
+
+
+def reshard(ckpt: str | Path, output: str | Path, *, tp: int, pp: int, overwrite: bool = False,
+            show_progress: bool = True) -> Path:
+    """Checkpoint of any layout -> run directory with a weights-only checkpoint in TP x PP."""
+    from .. import checkpoint as ck
+
+    src = ck.resolve(ckpt)
+    meta = ck.read_meta(src)
+    cfgd = check_layout(meta, tp, pp)
+    out_path = Path(output).resolve()
+    if out_path == src.resolve() or src.resolve().is_relative_to(out_path):
+        raise ConvertError(f"--output {output} would overwrite the source checkpoint; choose another folder")
+    n_files = meta["layout"]["tp"] * meta["layout"]["pp"]
+    with progress_bar(n_files, desc="reading shards", enabled=show_progress, unit="file") as bar:
+        full = ck.load_full_state_dict(src, progress=lambda _n: bar.update())
+    placement = source_placement(src, meta)
+    out = prepare_output_dir(output, overwrite=overwrite)
+    new_meta = {k: v for k, v in meta.items() if k not in ("format_version", "step")}
+    new_meta["config"] = cfgd
+    new_meta["layout"] = dict(meta["layout"], tp=tp, pp=pp)
+    new_meta["engine"] = None
+    new_meta["resharded_from"] = {"path": str(src.resolve()), "layout": meta["layout"], "engine": meta.get("engine")}
+    return write_layout(full, new_meta, out, step=int(meta["step"]), show_progress=show_progress, placement=placement)
