@@ -132,7 +132,7 @@ def main(argv=None) -> int:
         ppl = last_line(e.stdout).split()[1]
         nll_line = next((ln for ln in lines if ln.startswith("nll")), "")
         nll = nll_line.split(":")[1].split("(")[0].strip() if ":" in nll_line else ""
-        kind = "exact" if name == "ar" else "bound"
+        kind = "exact" if name == "ar" else ("CDCD cross-entropy, not a bound" if name == "continuous" else "bound")
         rows.append((name, f"{float(ppl):.2f} ({kind})", nll, "", f"{train_s:.0f}", PAPER.get(name, "")))
         print(f"{name}: ppl {ppl} | nll {nll} | train {train_s:.0f}s", flush=True)
         write_table(args, rows)

@@ -352,6 +352,9 @@ def run(args) -> list[str]:
                 lines.append(f"{'t bucket':<12}{'samples':>9}{'loss/token':>12}")
                 for lo, hi, n, v in s["buckets"]:
                     lines.append(f"[{lo:.2f},{hi:.2f}) {n:>9}{v:>12.4f}")
+            if obj == "continuous":
+                lines.append("note: the continuous (CDCD) objective's loss is its denoising cross-entropy averaged over sigma, "
+                             "not an ELBO: the number below is not a likelihood bound")
             lines.append(f"nll bound (nats/token): {s['nll']:.4f} +- {s['se']:.4f} (Monte Carlo standard error; "
                          f"K={args.num_samples} stratified samples per window, seed {args.seed})")
             lines.append(f"perplexity_bound {math.exp(min(s['nll'], 50.0)):.4f}")

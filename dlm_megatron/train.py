@@ -56,7 +56,8 @@ EXIT_PREEMPTED = 3
 
 
 def flops_per_token(cfg: Config, vocab: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6 * matmul params + attention scores (12 * layers * h * s)."""
+    """Training FLOPs per data token: 6 * matmul params + attention scores (12 * layers * h * s);
+    doubled (with s = 2L) for block diffusion, whose model input is 2L tokens."""
     m = cfg.model
     from .config import ffn_size
 
@@ -64,6 +65,10 @@ def flops_per_token(cfg: Config, vocab: int, seq_len: int) -> float:
     kv = (m.num_query_groups or m.num_attention_heads) * (h // m.num_attention_heads)
     per_layer = h * (h + 2 * kv) + h * h + 3 * h * ffn_size(m)
     matmul = L * per_layer + vocab * h
+    if cfg.diffusion.objective == "block":
+        # The model runs on x_t and x_0 (2L tokens, attention span 2L) per L data tokens.
+        s = 2 * seq_len
+        return 2.0 * (6.0 * matmul + 12.0 * L * h * s)
     return 6.0 * matmul + 12.0 * L * h * seq_len
 
 

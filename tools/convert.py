@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seq-len", type=int, default=None,
                     help="--from-hf: data.seq_len recorded in the config (default min(max_position_embeddings, 4096))")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output")
-    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars (they are shown only when stderr is a terminal)")
     return ap
 
 
@@ -78,8 +78,13 @@ def build_reshard_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tp", type=int, required=True, help="target tensor-parallel size")
     ap.add_argument("--pp", type=int, required=True, help="target pipeline-parallel size")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output")
-    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars (they are shown only when stderr is a terminal)")
     return ap
+
+
+def _bars(args) -> bool:
+    """Progress bars on an interactive terminal only (never in logs or captured output)."""
+    return not args.quiet and sys.stderr.isatty()
 
 
 def _run(argv: list[str]) -> str:
@@ -87,12 +92,12 @@ def _run(argv: list[str]) -> str:
         a = build_reshard_parser().parse_args(argv[1:])
         from dlm_megatron.convert.reshard import reshard
 
-        path = reshard(a.ckpt, a.output, tp=a.tp, pp=a.pp, overwrite=a.overwrite, show_progress=not a.quiet)
+        path = reshard(a.ckpt, a.output, tp=a.tp, pp=a.pp, overwrite=a.overwrite, show_progress=_bars(a))
         return f"wrote tp={a.tp} pp={a.pp} checkpoint {path} (weights only: optimizer state restarts)"
 
     ap = build_parser()
     a = ap.parse_args(argv)
-    show = not a.quiet
+    show = _bars(a)
     if a.from_hf:
         if a.to:
             ap.error("--to is for exports (--ckpt); --from-hf imports")

@@ -313,14 +313,20 @@ def special_ids(tokenizer_file: Path) -> dict[str, int]:
 # Output folders
 
 
-def prepare_output_dir(path: str | Path, *, overwrite: bool) -> Path:
-    """An empty folder to write into (refuses a non-empty one unless ``overwrite``)."""
+def check_output_dir(path: str | Path, *, overwrite: bool) -> Path:
+    """Fail early (before any reading) if ``path`` cannot become the output folder."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise ConvertError(f"--output {p} exists and is not a directory")
+    if p.is_dir() and any(p.iterdir()) and not overwrite:
+        raise ConvertError(f"--output {p} is not empty (pass --overwrite to replace its contents)")
+    return p
+
+
+def prepare_output_dir(path: str | Path, *, overwrite: bool) -> Path:
+    """An empty folder to write into (refuses a non-empty one unless ``overwrite``)."""
+    p = check_output_dir(path, overwrite=overwrite)
     if p.is_dir() and any(p.iterdir()):
-        if not overwrite:
-            raise ConvertError(f"--output {p} is not empty (pass --overwrite to replace its contents)")
         shutil.rmtree(p)
     p.mkdir(parents=True, exist_ok=True)
     return p

@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import (Arch, ConvertError, Layer, Weights, canonical_from_weights, open_checkpoint, prepare_output_dir,
+from . import (Arch, ConvertError, Layer, Weights, canonical_from_weights, check_output_dir, open_checkpoint, prepare_output_dir,
                progress_bar, special_ids, track, write_json)
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "hf_template"
@@ -165,6 +165,7 @@ def export_hf(ckpt: str | Path, output: str | Path, *, dtype: str = "float32", m
     if dtype not in HF_DTYPES:
         raise ConvertError(f"--dtype {dtype!r} is not valid for HF exports (use {', '.join(HF_DTYPES)})")
     max_bytes = parse_size(max_shard_size)
+    check_output_dir(output, overwrite=overwrite)
     src = open_checkpoint(ckpt, show_progress=show_progress)
     out = prepare_output_dir(output, overwrite=overwrite)
     tensors = llada_state_dict(src.weights, src.arch, HF_DTYPES[dtype])
@@ -235,6 +236,7 @@ def export_hf_llama(ckpt: str | Path, output: str | Path, *, dtype: str = "auto"
     dtype 'auto' restores the dtype of an imported HF checkpoint (so HF -> framework -> HF is
     bit-exact), else float32."""
     max_bytes = parse_size(max_shard_size)
+    check_output_dir(output, overwrite=overwrite)
     src = open_checkpoint(ckpt, show_progress=show_progress)
     if src.arch.objective != "ar" or src.arch.shift_logits:
         raise ConvertError(f"--to hf-llama writes a causal LM, but this checkpoint is diffusion.objective={src.arch.objective!r}"
@@ -446,6 +448,7 @@ def import_hf(hf_dir: str | Path, output: str | Path, *, tp: int = 1, pp: int = 
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise ConvertError(f"--from-hf {hf_dir} is not a directory")
+    check_output_dir(output, overwrite=overwrite)
     hf_cfg = read_hf_config(hf_dir)
     arch, info = arch_from_hf(hf_cfg)
     weights, dtype_name = load_hf_weights(hf_dir, arch, info["model_type"], show_progress=show_progress)

@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import ConvertError, prepare_output_dir, progress_bar
+from . import ConvertError, check_output_dir, prepare_output_dir, progress_bar
 
 _FIRST, _LAST = "first", "last"
 
@@ -130,6 +130,7 @@ def reshard(ckpt: str | Path, output: str | Path, *, tp: int, pp: int, overwrite
     out_path = Path(output).resolve()
     if out_path == src.resolve() or src.resolve().is_relative_to(out_path):
         raise ConvertError(f"--output {output} would overwrite the source checkpoint; choose another folder")
+    check_output_dir(output, overwrite=overwrite)
     n_files = meta["layout"]["tp"] * meta["layout"]["pp"]
     with progress_bar(n_files, desc="reading shards", enabled=show_progress, unit="file") as bar:
         full = ck.load_full_state_dict(src, progress=lambda _n: bar.update())

@@ -243,8 +243,8 @@ def test_8b_parameter_count_matches_llada():
 def test_flops_per_token_matches_trainer():
     from dlm_megatron.train import flops_per_token
 
-    for path in ("configs/tiny.yaml", "configs/8b.yaml"):
-        cfg = _cfg(path)
+    for path, extra in (("configs/tiny.yaml", ()), ("configs/8b.yaml", ()), ("configs/tiny.yaml", ("diffusion.objective=block",))):
+        cfg = _cfg(path, *extra)
         p = _plan(cfg, gpus=2 if "8b" in path else 1, vocab=126464)
         assert p["flops_per_token"] == pytest.approx(flops_per_token(cfg, 126464, cfg.data.seq_len), rel=1e-12)
     # Block diffusion runs 2L model tokens per L data tokens, attention over 2L.

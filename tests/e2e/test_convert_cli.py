@@ -1,0 +1,486 @@
+"""tools/convert.py end to end on tiny trained checkpoints: HF export (LLaDA layout, our
+modeling code, logits and sampler vs the framework), GGUF files (metadata, and a forward pass
+in llama.cpp's own conventions vs the framework), resharding (bit-exact, trainer resumes),
+and HF Llama / Qwen2 import (causal logits vs transformers, bit-exact round trip).
+
+The real llama.cpp check is tests/e2e/test_gguf_llamacpp.py. Checkpoints are trained for 2
+steps (three runs in parallel) and their norm weights are then randomised, so a swapped norm
+or projection cannot hide behind weights that are all ~1."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common import COMMON_OVERRIDES, PY, REPO, env, run
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here loads from local folders
+pytestmark = pytest.mark.e2e
+
+CONVERT = [PY, "tools/convert.py"]
+TRAIN_OVERRIDES = list(COMMON_OVERRIDES) + ["train.steps=2"]
+BUILTIN_TOKENIZER = Path(REPO) / "dlm_megatron" / "assets" / "tokenizer" / "shakespeare_bpe8k.json"
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers (also used by test_gguf_llamacpp.py)
+
+
+def train_tiny(out: Path, *extra: str, config: str = "configs/tiny.yaml", nproc: int = 1) -> subprocess.Popen:
+    """Start a 2-step tiny training run (returns the process; see wait_all)."""
+    launcher = [PY, "-m", "dlm_megatron.train"] if nproc == 1 else \
+        [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "dlm_megatron.train"]
+    cmd = launcher + [config, *TRAIN_OVERRIDES, f"train.output_dir={out}", *extra]
+    return subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float = 600) -> None:
+    for p in procs:
+        out, _ = p.communicate(timeout=timeout)
+        if p.returncode != 0:
+            raise AssertionError(f"training failed ({p.returncode}): {' '.join(p.args)}\n{out[-4000:]}")
+
+
+def perturb_norms(run_dir: Path) -> None:
+    """Randomise every norm weight of a checkpoint in place (same values on every TP rank)."""
+    from safetensors.torch import load_file, save_file
+
+    from dlm_megatron.checkpoint import resolve
+
+    for f in sorted((resolve(run_dir) / "model").glob("*.safetensors")):
+        sd = load_file(str(f))
+        for name, t in sd.items():
+            if "layernorm" in name:
+                g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+                sd[name] = torch.rand(t.shape, generator=g) + 0.5
+        save_file(sd, str(f))
+
+
+def framework_logits(ckpt, tokens_BS: torch.Tensor) -> torch.Tensor:
+    """The framework's own forward (merged to one process), all padded vocabulary columns."""
+    from dlm_megatron.generate import load_model
+
+    model, *_ = load_model(str(ckpt))
+    with torch.no_grad():
+        return model(tokens_BS, None, None).double()
+
+
+def convert(*args) -> int:
+    """tools/convert.py main() in this process (fast; the CLI's own process is tested below)."""
+    spec = importlib.util.spec_from_file_location("dlm_convert_cli", Path(REPO) / "tools" / "convert.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main([str(a) for a in args] + ["--quiet"])
+
+
+def convert_cli(*args) -> subprocess.CompletedProcess:
+    return run(CONVERT + [str(a) for a in args], check=False, timeout=300)
+
+
+def sample_tokens(vocab: int, mask_id: int, B: int = 2, S: int = 24, seed: int = 0) -> torch.Tensor:
+    x = torch.randint(3, vocab, (B, S), generator=torch.Generator().manual_seed(seed))
+    x[:, 4] = mask_id
+    x[0, 9:13] = mask_id
+    return x
+
+
+def gguf_reference_logits(path, tokens_S) -> torch.Tensor:
+    """Forward pass of a ``llada`` GGUF file in llama.cpp's conventions, in fp64: tensors as
+    stored (dequantised), NORM rope rotating adjacent pairs (2i, 2i+1), GQA broadcast of
+    kv head h // (heads / kv_heads), bidirectional attention, output = ``output`` or
+    ``token_embd``."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    r = GGUFReader(str(path))
+    kv = {k: f.contents() for k, f in r.fields.items() if k.startswith("llada.")}
+    T = {}
+    for t in r.tensors:
+        a = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float64)
+        T[t.name] = torch.from_numpy(a.reshape([int(n) for n in reversed(t.shape.tolist())]).copy())
+    nh, nkv = kv["llada.attention.head_count"], kv["llada.attention.head_count_kv"]
+    eps, base = kv["llada.attention.layer_norm_rms_epsilon"], kv["llada.rope.freq_base"]
+    x = T["token_embd.weight"][torch.as_tensor(tokens_S)]
+    S, H = x.shape
+    d = H // nh
+    ang = torch.arange(S, dtype=torch.float64)[:, None] / base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    cos, sin = ang.cos()[:, None], ang.sin()[:, None]
+
+    def rope(v):  # [S, heads, d]
+        a, b = v[..., 0::2], v[..., 1::2]
+        out = torch.empty_like(v)
+        out[..., 0::2], out[..., 1::2] = a * cos - b * sin, a * sin + b * cos
+        return out
+
+    def norm(v, w):
+        return v / torch.sqrt((v * v).mean(-1, keepdim=True) + eps) * w
+
+    for i in range(kv["llada.block_count"]):
+        p = f"blk.{i}."
+        h = norm(x, T[p + "attn_norm.weight"])
+        q = rope((h @ T[p + "attn_q.weight"].T).view(S, nh, d))
+        k = rope((h @ T[p + "attn_k.weight"].T).view(S, nkv, d)).repeat_interleave(nh // nkv, 1)
+        v = (h @ T[p + "attn_v.weight"].T).view(S, nkv, d).repeat_interleave(nh // nkv, 1)
+        att = torch.softmax(torch.einsum("qhd,khd->hqk", q, k) / d ** 0.5, -1)
+        x = x + torch.einsum("hqk,khd->qhd", att, v).reshape(S, H) @ T[p + "attn_output.weight"].T
+        h = norm(x, T[p + "ffn_norm.weight"])
+        g = h @ T[p + "ffn_gate.weight"].T
+        x = x + (g * torch.sigmoid(g) * (h @ T[p + "ffn_up.weight"].T)) @ T[p + "ffn_down.weight"].T
+    x = norm(x, T["output_norm.weight"])
+    return x @ T.get("output.weight", T["token_embd.weight"]).T
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """masked (MHA, TP=1), block (block_size 8) and TP=2 GQA (2 query groups) runs."""
+    root = tmp_path_factory.mktemp("convert_ckpts")
+    runs = {"masked": root / "masked", "block": root / "block", "tp2": root / "tp2"}
+    wait_all([
+        train_tiny(runs["masked"]),
+        train_tiny(runs["block"], "diffusion.block_size=8", config="configs/tiny_block.yaml"),
+        train_tiny(runs["tp2"], "model.num_query_groups=2", "parallel.tp=2", nproc=2),
+    ])
+    for r in runs.values():
+        perturb_norms(r)
+    return runs
+
+
+def _load_hf(path):
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(str(path), trust_remote_code=True).eval()
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+# ---------------------------------------------------------------------------------------
+# HF export
+
+
+def test_hf_export_masked_logits_tokenizer_and_sampler(ckpts, tmp_path):
+    from transformers import AutoTokenizer
+
+    from dlm_megatron.data.tokenizer import load_tokenizer
+    from dlm_megatron.generate import load_model, logits_fn_for
+    from dlm_megatron.sampling import SamplerConfig, generate
+
+    out = tmp_path / "hf_masked"
+    assert convert("--ckpt", ckpts["masked"], "--to", "hf", "--output", out) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "dlm_megatron" and cfg["architectures"] == ["DLMModelLM"]
+    assert cfg["auto_map"]["AutoModel"] == "modeling_dlm.DLMModelLM"
+    assert (cfg["mask_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (1, 0, 2)
+    assert (cfg["d_model"], cfg["n_heads"], cfg["n_kv_heads"], cfg["n_layers"], cfg["mlp_hidden_size"]) == (64, 4, 4, 2, 192)
+    assert (cfg["vocab_size"], cfg["embedding_size"], cfg["objective"]) == (8192, 8192, "masked")
+    assert "block_size" not in cfg
+    for f in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "configuration_dlm.py", "modeling_dlm.py"):
+        assert (out / f).is_file(), f
+    for f in ("configuration_dlm.py", "modeling_dlm.py"):  # self-contained: never imports the framework
+        assert not re.search(r"^\s*(from|import)\s+dlm_megatron", (out / f).read_text(), re.M)
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as fh:
+        names = set(fh.keys())
+    assert {"model.transformer.wte.weight", "model.transformer.ln_f.weight", "model.transformer.ff_out.weight",
+            "model.transformer.blocks.1.q_proj.weight", "model.transformer.blocks.1.ff_proj.weight",
+            "model.transformer.blocks.1.up_proj.weight", "model.transformer.blocks.1.ff_out.weight",
+            "model.transformer.blocks.1.attn_out.weight", "model.transformer.blocks.1.attn_norm.weight",
+            "model.transformer.blocks.1.ff_norm.weight"} <= names
+
+    hf = _load_hf(out)
+    x = sample_tokens(8192, 1)
+    ref = framework_logits(ckpts["masked"], x)
+    with torch.no_grad():
+        got = hf(x).logits
+    diff = _max_diff(got, ref)
+    print(f"\n[convert] HF export (masked, fp32) max |logit diff| = {diff:.2e}")
+    assert diff < 1e-4
+
+    tok = load_tokenizer("builtin")
+    hf_tok = AutoTokenizer.from_pretrained(str(out))
+    text = "ROMEO: But soft, what light through yonder window breaks?"
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+    assert hf_tok.mask_token == "<|mask|>" and hf_tok.mask_token_id == 1
+
+    # generate() is the framework's masked sampler, token for token.
+    model, tok, fcfg, _ = load_model(str(ckpts["masked"]))
+    prompt = torch.tensor([tok.encode("ROMEO: But soft")[:5], tok.encode("JULIET: Ay me, ")[:5]])
+    for temperature, rule in ((0.0, "low_confidence"), (0.8, "low_confidence"), (1.0, "random")):
+        scfg = SamplerConfig(steps=16, gen_length=16, block_length=8, temperature=temperature, remasking=rule, seed=3)
+        want = generate(logits_fn_for(model, tok.vocab_size), prompt, tok.mask_id, scfg, eos_id=tok.eot_id, suppress_ids=(tok.pad_id,))
+        got = hf.generate(prompt, gen_length=16, steps=16, block_length=8, temperature=temperature, remasking=rule, seed=3)
+        assert torch.equal(got, want), (temperature, rule)
+
+
+def test_hf_export_block_checkpoint(ckpts, tmp_path):
+    from dlm_megatron.generate import load_model
+    from dlm_megatron.sampling import SamplerConfig, generate_blocks
+
+    out = tmp_path / "hf_block"
+    assert convert("--ckpt", ckpts["block"], "--to", "hf", "--output", out) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["objective"] == "block" and cfg["block_size"] == 8
+    hf = _load_hf(out)
+    x = sample_tokens(8192, 1)
+    with torch.no_grad():
+        got = hf(x).logits
+    diff = _max_diff(got, framework_logits(ckpts["block"], x))  # plain bidirectional forward
+    print(f"\n[convert] HF export (block, fp32) max |logit diff| = {diff:.2e}")
+    assert diff < 1e-4
+
+    model, tok, _, _ = load_model(str(ckpts["block"]))
+    prompt = torch.tensor([tok.encode("ROMEO: But soft, what light")[:11]] * 2)  # 11: not on the block grid
+    prompt[1, 3] = tok.encode(" the")[0]
+    for temperature in (0.0, 0.7):
+        scfg = SamplerConfig(steps=16, gen_length=16, block_length=8, temperature=temperature, seed=5)
+        want = generate_blocks(model, prompt, tok.mask_id, scfg, vocab_size=tok.vocab_size, eos_id=tok.eot_id,
+                               suppress_ids=(tok.pad_id,))
+        got = hf.generate(prompt, gen_length=16, steps=16, temperature=temperature, seed=5)
+        assert torch.equal(got, want), temperature
+
+
+def test_hf_export_tp2_gqa_sharded_and_bf16(ckpts, tmp_path):
+    out = tmp_path / "hf_tp2"
+    assert convert("--ckpt", ckpts["tp2"], "--to", "hf", "--output", out, "--max-shard-size", "1MB") == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 3 and all((out / s).is_file() for s in shards)
+    assert not (out / "model.safetensors").exists()
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["n_heads"], cfg["n_kv_heads"]) == (4, 2)
+    x = sample_tokens(8192, 1)
+    ref = framework_logits(ckpts["tp2"], x)
+    with torch.no_grad():
+        got = _load_hf(out)(x).logits
+    diff = _max_diff(got, ref)
+    print(f"\n[convert] HF export (TP=2 GQA checkpoint, sharded, fp32) max |logit diff| = {diff:.2e}")
+    assert diff < 1e-4
+
+    out16 = tmp_path / "hf_tp2_bf16"
+    assert convert("--ckpt", ckpts["tp2"], "--to", "hf", "--output", out16, "--dtype", "bfloat16") == 0
+    hf16 = _load_hf(out16)
+    assert hf16.model.transformer.wte.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        got16 = hf16(x).logits
+    diff16 = _max_diff(got16, ref)
+    print(f"[convert] HF export (bf16 weights and compute) max |logit diff| = {diff16:.2e}")
+    assert diff16 < 0.1
+
+
+# ---------------------------------------------------------------------------------------
+# GGUF files (llama.cpp itself: test_gguf_llamacpp.py)
+
+
+def test_gguf_metadata_and_reference_forward(ckpts, tmp_path):
+    from gguf import GGUFReader
+
+    x = sample_tokens(8192, 1, B=1)
+    ref = framework_logits(ckpts["tp2"], x)[0, :, :8192]
+    tol = {"f32": 1e-4, "f16": 5e-3, "q8_0": 0.05}
+    for dtype, limit in tol.items():
+        f = tmp_path / f"tp2-{dtype}.gguf"
+        assert convert("--ckpt", ckpts["tp2"], "--to", "gguf", "--output", f, "--dtype", dtype) == 0
+        diff = _max_diff(gguf_reference_logits(f, x[0]), ref)
+        print(f"\n[convert] GGUF {dtype}: reference forward (llama.cpp conventions) max |logit diff| = {diff:.2e}")
+        assert diff < limit, dtype
+    r = GGUFReader(str(tmp_path / "tp2-q8_0.gguf"))
+    kv = {k: v.contents() for k, v in r.fields.items() if not k.startswith("tokenizer.ggml.tokens")
+          and k not in ("tokenizer.ggml.merges", "tokenizer.ggml.token_type")}
+    assert kv["general.architecture"] == "llada"
+    assert kv["llada.attention.causal"] is False and kv["diffusion.shift_logits"] is False
+    assert (kv["llada.attention.head_count"], kv["llada.attention.head_count_kv"], kv["llada.block_count"]) == (4, 2, 2)
+    assert (kv["tokenizer.ggml.model"], kv["tokenizer.ggml.pre"]) == ("gpt2", "gpt-2")
+    assert (kv["tokenizer.ggml.mask_token_id"], kv["tokenizer.ggml.eos_token_id"], kv["tokenizer.ggml.padding_token_id"]) == (1, 0, 2)
+    assert len(r.fields["tokenizer.ggml.tokens"].data) == 8192
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
+
+
+# ---------------------------------------------------------------------------------------
+# Reshard
+
+
+def test_reshard_any_layout_bit_exact_and_trainer_resumes(ckpts, tmp_path):
+    from safetensors import safe_open
+
+    from dlm_megatron.checkpoint import load_full_state_dict, read_meta, resolve
+
+    src = resolve(ckpts["tp2"])
+    want = load_full_state_dict(src)
+    chain = [(src, None), (tmp_path / "tp1pp2", (1, 2)), (tmp_path / "tp2pp2", (2, 2)), (tmp_path / "tp1pp1", (1, 1))]
+    for (prev, _), (dst, (tp, pp)) in zip(chain, chain[1:]):
+        assert convert("reshard", "--ckpt", prev, "--output", dst, "--tp", tp, "--pp", pp) == 0
+        ck = resolve(dst)
+        meta = read_meta(ck)
+        assert meta["layout"]["tp"] == tp and meta["layout"]["pp"] == pp and meta["engine"] is None
+        assert meta["step"] == 2 and (meta["config"]["parallel"]["tp"], meta["config"]["parallel"]["pp"]) == (tp, pp)
+        assert sorted(p.name for p in (ck / "model").iterdir()) == sorted(f"tp{t}_pp{p}.safetensors" for t in range(tp) for p in range(pp))
+        got = load_full_state_dict(ck)
+        assert sorted(got) == sorted(want)
+        assert all(torch.equal(got[n], want[n]) for n in want), dst
+    with safe_open(str(resolve(tmp_path / "tp1pp2") / "model" / "tp0_pp1.safetensors"), "pt") as fh:
+        last = set(fh.keys())
+    assert "output_layer.weight" in last and "decoder.final_layernorm.weight" in last
+    assert not any(n.startswith(("embedding.", "decoder.layers.0.")) for n in last)
+
+    # The trainer continues from a weights-only checkpoint at its step (fresh optimizer).
+    out = tmp_path / "tp1pp1"
+    p = run([PY, "-m", "dlm_megatron.train", "configs/tiny.yaml", *TRAIN_OVERRIDES, "model.num_query_groups=2",
+             "train.steps=3", f"train.output_dir={out}"], timeout=600)
+    assert "initialised weights from" in p.stdout
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_000003"
+
+    bad = convert_cli("reshard", "--ckpt", ckpts["tp2"], "--output", tmp_path / "bad", "--tp", "3", "--pp", "1")
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "tp=3" in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# HF import
+
+
+def _tiny_hf(kind: str, out: Path, dtype=torch.float32, **over):
+    """A random tiny Llama / Qwen2 checkpoint with our tokenizer; norms randomised."""
+    import transformers
+
+    cls_cfg, cls_model = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}[kind]
+    kw = dict(vocab_size=8200, hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+    kw.update(over)
+    torch.manual_seed(0)
+    model = getattr(transformers, cls_model)(getattr(transformers, cls_cfg)(**kw))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    model.to(dtype).save_pretrained(str(out))
+    shutil.copyfile(BUILTIN_TOKENIZER, out / "tokenizer.json")
+    return model.float().eval()
+
+
+def test_import_llama_tp2_pp2_causal_logits_and_bit_exact_round_trip(tmp_path):
+    from safetensors.torch import load_file
+
+    from dlm_megatron.checkpoint import read_meta, resolve
+
+    hf_dir = tmp_path / "llama"
+    ref_model = _tiny_hf("llama", hf_dir)
+    imp = tmp_path / "imported"
+    assert convert("--from-hf", hf_dir, "--output", imp, "--tp", "2", "--pp", "2") == 0
+    meta = read_meta(resolve(imp))
+    assert meta["engine"] is None and meta["step"] == 0 and meta["layout"]["tp"] == 2 and meta["layout"]["pp"] == 2
+    assert meta["vocab_size"] == 8200 and meta["config"]["model"]["num_query_groups"] == 2
+    assert meta["config"]["diffusion"]["objective"] == "ar"
+    assert len(list((resolve(imp) / "model").glob("*.safetensors"))) == 4
+
+    x = sample_tokens(8192, 1)
+    with torch.no_grad():
+        want = ref_model(x).logits
+    diff = _max_diff(framework_logits(imp, x)[..., :8200], want)
+    print(f"\n[convert] HF Llama import: framework causal logits vs transformers LlamaForCausalLM max |diff| = {diff:.2e}")
+    assert diff < 1e-4
+
+    back = tmp_path / "back"
+    assert convert("--ckpt", imp, "--to", "hf-llama", "--output", back) == 0
+    a, b = load_file(str(hf_dir / "model.safetensors")), load_file(str(back / "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    assert all(a[n].dtype == b[n].dtype and torch.equal(a[n], b[n]) for n in a)
+    assert json.loads((back / "config.json").read_text()) == json.loads((hf_dir / "config.json").read_text())
+
+    # bf16 source: the round trip restores bf16 bit for bit.
+    hf16 = tmp_path / "llama_bf16"
+    _tiny_hf("llama", hf16, dtype=torch.bfloat16)
+    assert convert("--from-hf", hf16, "--output", tmp_path / "imp16") == 0
+    assert convert("--ckpt", tmp_path / "imp16", "--to", "hf-llama", "--output", tmp_path / "back16") == 0
+    a, b = load_file(str(hf16 / "model.safetensors")), load_file(str(tmp_path / "back16" / "model.safetensors"))
+    assert all(b[n].dtype == torch.bfloat16 and torch.equal(a[n], b[n]) for n in a)
+
+    # A framework-native causal checkpoint (no imported config) exports to a loadable Llama.
+    meta_file = resolve(imp) / "meta.json"
+    m = json.loads(meta_file.read_text())
+    m.pop("source")
+    meta_file.write_text(json.dumps(m))
+    native = tmp_path / "native"
+    assert convert("--ckpt", imp, "--to", "hf-llama", "--output", native) == 0
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(str(native)).eval()(x).logits
+    assert _max_diff(got, want) < 1e-4
+
+
+def test_import_qwen2_zero_bias_ok_nonzero_bias_refused(tmp_path):
+    hf_dir = tmp_path / "qwen2"
+    ref_model = _tiny_hf("qwen2", hf_dir)
+    assert all(float(p.abs().max()) == 0 for n, p in ref_model.named_parameters() if n.endswith("proj.bias"))
+    assert convert("--from-hf", hf_dir, "--output", tmp_path / "imp") == 0
+    x = sample_tokens(8192, 1)
+    with torch.no_grad():
+        want = ref_model(x).logits
+    diff = _max_diff(framework_logits(tmp_path / "imp", x)[..., :8200], want)
+    print(f"\n[convert] HF Qwen2 (zero qkv bias) import: causal logits vs Qwen2ForCausalLM max |diff| = {diff:.2e}")
+    assert diff < 1e-4
+
+    with torch.no_grad():
+        ref_model.model.layers[0].self_attn.q_proj.bias.fill_(0.1)
+    biased = tmp_path / "qwen2_bias"
+    ref_model.save_pretrained(str(biased))
+    shutil.copyfile(BUILTIN_TOKENIZER, biased / "tokenizer.json")
+    p = convert_cli("--from-hf", biased, "--output", tmp_path / "imp2")
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "bias" in p.stderr, p.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# CLI surface
+
+
+def test_cli_help_and_one_line_errors(ckpts, tmp_path, capsys):
+    h = convert_cli("--help")
+    assert h.returncode == 0
+    for flag in ("--ckpt", "--from-hf", "--to", "--output", "--dtype", "--max-shard-size", "--tokenizer-pre", "--tp", "--pp",
+                 "--tokenizer", "--objective", "--seq-len", "--overwrite", "--quiet", "reshard"):
+        assert flag in h.stdout, flag
+    h = convert_cli("reshard", "--help")
+    for flag in ("--ckpt", "--output", "--tp", "--pp", "--overwrite", "--quiet"):
+        assert flag in h.stdout, flag
+    p = convert_cli("--ckpt", tmp_path / "nope", "--to", "hf", "--output", tmp_path / "o0")  # the real process
+    assert p.returncode == 2 and p.stderr.startswith("error:") and p.stderr.strip().count("\n") == 0, p.stderr
+    assert "does not exist" in p.stderr and p.stdout == ""
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("x")
+    cases = [
+        (["--ckpt", ckpts["masked"], "--to", "gguf", "--output", tmp_path / "o.gguf", "--dtype", "float32"], "GGUF type"),
+        (["--ckpt", ckpts["masked"], "--to", "hf", "--output", busy], "--overwrite"),
+        (["--ckpt", ckpts["masked"], "--to", "hf-llama", "--output", tmp_path / "o2"], "causal"),
+        (["--ckpt", ckpts["masked"], "--output", tmp_path / "o3"], "--to"),
+        (["--ckpt", ckpts["masked"], "--to", "hf", "--output", tmp_path / "o4", "--max-shard-size", "big"], "max-shard-size"),
+        (["--from-hf", tmp_path, "--output", tmp_path / "o5"], "config.json"),
+        (["reshard", "--ckpt", ckpts["masked"], "--output", tmp_path / "o6", "--tp", "1"], "--pp"),
+    ]
+    for args, needle in cases:
+        capsys.readouterr()
+        try:
+            rc = convert(*args)
+        except SystemExit as e:  # argparse errors
+            rc = e.code
+        err = capsys.readouterr().err
+        assert rc == 2, (args, err)
+        assert err.startswith("error:") and err.strip().count("\n") == 0 and needle in err, (args, err)
+    assert (busy / "x").is_file()  # a refused export leaves the folder alone

@@ -1,0 +1,185 @@
+"""GGUF export checked with a real llama.cpp (llama-cpp-python's low-level API).
+
+llama-cpp-python is source-only on PyPI and compiling it takes 9-30+ minutes on 2 cores, so
+the built wheel is cached in ``.cache/wheels/`` (gitignored). This test installs it from
+there when ``llama_cpp`` is not importable; with an empty cache it builds the wheel first
+(one time, with a progress message), and skips with the reason only if that build is
+impossible (no C/C++ compiler, no package index). ``DLM_SKIP_LLAMA_CPP_BUILD=1`` skips
+instead of building.
+
+The check: a tiny masked-diffusion checkpoint (GQA, norms randomised) exported as f32 and
+q8_0 GGUF; llama.cpp must load it as a diffusion model (``llama_model_is_diffusion``) with
+our mask token, non-shifted logits and our tokenizer (same token ids for a sample text),
+and its logits (one ``llama_decode`` of a whole sequence, n_ubatch >= n_tokens, flash
+attention off) must equal the framework's: f32 within 1e-3, q8_0 within 0.05.
+
+llama.cpp runs in a child process (this file's ``__main__``), so a native crash fails the
+test instead of killing the test session.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+LLAMA_CPP_VERSION = "0.3.36"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+WHEEL_DIR = REPO_ROOT / ".cache" / "wheels"
+pytestmark = pytest.mark.e2e
+
+
+# ---------------------------------------------------------------------------------------
+# Child process: run llama.cpp on one GGUF file
+
+
+def llama_cpp_run(gguf_path: str, tokens: list[int], text: str) -> dict:
+    """Load a GGUF with llama.cpp, decode ``tokens`` in one batch, return logits and facts."""
+    import ctypes
+
+    import llama_cpp as L
+
+    L.llama_backend_init()
+    model = L.llama_model_load_from_file(gguf_path.encode(), L.llama_model_default_params())
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load {gguf_path}")
+    vocab = L.llama_model_get_vocab(model)
+    buf = ctypes.create_string_buffer(64)
+    L.llama_model_meta_val_str(model, b"general.architecture", buf, 64)
+    arch = buf.value.decode()
+    L.llama_model_meta_val_str(model, b"diffusion.shift_logits", buf, 64)
+    shift = buf.value.decode()
+    n_vocab = L.llama_vocab_n_tokens(vocab)
+    raw = text.encode()
+    ids = (L.llama_token * (len(raw) + 8))()
+    n_ids = L.llama_tokenize(vocab, raw, len(raw), ids, len(raw) + 8, False, False)
+
+    n = len(tokens)
+    cp = L.llama_context_default_params()
+    cp.n_ctx = cp.n_batch = cp.n_ubatch = max(n, 32)  # the llada graph needs n_ubatch >= n_tokens
+    cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    cp.n_threads = cp.n_threads_batch = 2
+    ctx = L.llama_init_from_model(model, cp)
+    if not ctx:
+        raise RuntimeError("llama.cpp could not create a context")
+    L.llama_set_causal_attn(ctx, False)  # as llama.cpp's diffusion example does
+    batch = L.llama_batch_init(n, 0, 1)
+    for i, t in enumerate(tokens):
+        batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = int(t), i, 1, True
+        batch.seq_id[i][0] = 0
+    batch.n_tokens = n
+    rc = L.llama_decode(ctx, batch)
+    if rc != 0:
+        raise RuntimeError(f"llama_decode returned {rc}")
+    logits = np.stack([np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(n_vocab,)).copy() for i in range(n)])
+    facts = {"arch": arch, "is_diffusion": bool(L.llama_model_is_diffusion(model)), "mask_id": int(L.llama_vocab_mask(vocab)),
+             "eos_id": int(L.llama_vocab_eos(vocab)), "n_vocab": int(n_vocab), "shift_logits": shift,
+             "tokens": [int(ids[i]) for i in range(n_ids)] if n_ids >= 0 else None}
+    L.llama_batch_free(batch)
+    L.llama_free(ctx)
+    L.llama_model_free(model)
+    return {"facts": facts, "logits": logits}
+
+
+def _child_main(argv: list[str]) -> int:
+    gguf_path, request, out = argv
+    req = json.loads(Path(request).read_text())
+    res = llama_cpp_run(gguf_path, req["tokens"], req["text"])
+    np.save(out + ".npy", res["logits"])
+    Path(out + ".json").write_text(json.dumps(res["facts"]))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# Getting llama-cpp-python
+
+
+def _say(request, msg: str) -> None:
+    """A line on the terminal even while pytest captures output."""
+    rep = request.config.pluginmanager.get_plugin("terminalreporter")
+    if rep is not None:
+        rep.write_line(f"[test_gguf_llamacpp] {msg}")
+    else:
+        print(f"[test_gguf_llamacpp] {msg}", file=sys.stderr)
+
+
+def _importable() -> bool:
+    r = subprocess.run([sys.executable, "-c", "import llama_cpp"], capture_output=True)
+    return r.returncode == 0
+
+
+def ensure_llama_cpp(request) -> None:
+    if _importable():
+        return
+    wheels = sorted(glob.glob(str(WHEEL_DIR / f"llama_cpp_python-{LLAMA_CPP_VERSION}-*.whl")))
+    if not wheels:
+        if os.environ.get("DLM_SKIP_LLAMA_CPP_BUILD"):
+            pytest.skip("llama-cpp-python is not installed, no cached wheel in .cache/wheels, and DLM_SKIP_LLAMA_CPP_BUILD is set")
+        if not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
+            pytest.skip("cannot build llama-cpp-python: no C++ compiler on this machine")
+        WHEEL_DIR.mkdir(parents=True, exist_ok=True)
+        log = WHEEL_DIR / f"llama_cpp_python-{LLAMA_CPP_VERSION}-build.log"
+        _say(request, f"building llama-cpp-python=={LLAMA_CPP_VERSION} from source (one time, 9-30+ min on 2 cores; "
+                      f"log: {log}); the wheel is cached in {WHEEL_DIR}")
+        env = dict(os.environ, CMAKE_ARGS=os.environ.get("CMAKE_ARGS", "-DGGML_NATIVE=OFF"),
+                   CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
+        with open(log, "w") as fh:
+            r = subprocess.run([sys.executable, "-m", "pip", "wheel", f"llama-cpp-python=={LLAMA_CPP_VERSION}", "--no-deps",
+                                "-w", str(WHEEL_DIR)], env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=3 * 3600)
+        wheels = sorted(glob.glob(str(WHEEL_DIR / f"llama_cpp_python-{LLAMA_CPP_VERSION}-*.whl")))
+        if r.returncode != 0 or not wheels:
+            tail = log.read_text().strip().splitlines()[-1:] if log.is_file() else ["?"]
+            pytest.skip(f"building llama-cpp-python failed (see {log}): {tail[0][:200]}")
+        _say(request, f"built {Path(wheels[-1]).name}")
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", wheels[-1]], capture_output=True, text=True)
+    if r.returncode != 0 or not _importable():
+        pytest.skip(f"installing {Path(wheels[-1]).name} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+
+
+# ---------------------------------------------------------------------------------------
+# The test
+
+
+def test_gguf_runs_in_llama_cpp_and_matches_framework_logits(request, tmp_path):
+    ensure_llama_cpp(request)
+    from test_convert_cli import convert, framework_logits, perturb_norms, sample_tokens, train_tiny, wait_all
+
+    from dlm_megatron.data.tokenizer import load_tokenizer
+
+    run_dir = tmp_path / "run"
+    wait_all([train_tiny(run_dir, "model.num_query_groups=2")])
+    perturb_norms(run_dir)
+    tok = load_tokenizer("builtin")
+    x = sample_tokens(tok.vocab_size, tok.mask_id, B=1, S=24)
+    ref = framework_logits(run_dir, x)[0, :, : tok.vocab_size].numpy()
+    text = "ROMEO: But soft, what light through yonder window breaks?\nIt is the east."
+    req = tmp_path / "request.json"
+    req.write_text(json.dumps({"tokens": x[0].tolist(), "text": text}))
+
+    limits = {"f32": 1e-3, "q8_0": 0.05}
+    for dtype, limit in limits.items():
+        gguf_file = tmp_path / f"model-{dtype}.gguf"
+        assert convert("--ckpt", run_dir, "--to", "gguf", "--output", gguf_file, "--dtype", dtype) == 0
+        out = str(tmp_path / f"llama-{dtype}")
+        p = subprocess.run([sys.executable, __file__, str(gguf_file), str(req), out], capture_output=True, text=True,
+                           timeout=300, env=dict(os.environ, OMP_NUM_THREADS="2"))
+        assert p.returncode == 0, f"llama.cpp child failed ({p.returncode}):\n{p.stderr[-3000:]}"
+        facts = json.loads(Path(out + ".json").read_text())
+        got = np.load(out + ".npy")
+        assert facts["arch"] == "llada" and facts["is_diffusion"], facts
+        assert facts["mask_id"] == tok.mask_id and facts["eos_id"] == tok.eot_id, facts
+        assert facts["n_vocab"] == tok.vocab_size and facts["shift_logits"] == "false", facts
+        assert facts["tokens"] == tok.encode(text), "llama.cpp tokenizes differently from the framework"
+        diff = float(np.abs(got - ref).max())
+        print(f"\n[gguf/llama.cpp] {dtype}: max |logit diff| vs framework = {diff:.2e} (max |logit| {np.abs(ref).max():.2f})")
+        assert got.shape == ref.shape and diff < limit, (dtype, diff)
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))
