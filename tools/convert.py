@@ -36,7 +36,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="python tools/convert.py", description=__doc__.splitlines()[1],
+    ap = _Parser(prog="python tools/convert.py", description=__doc__.strip(),
                  epilog="Subcommand: 'python tools/convert.py reshard --help' rewrites a checkpoint for another TP/PP layout.",
                  formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)

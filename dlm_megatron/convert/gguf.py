@@ -166,6 +166,7 @@ def export_gguf(ckpt: str | Path, output: str | Path, *, dtype: str = "f32", tok
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     writer = gguf.GGUFWriter(str(tmp), arch=GGUF_ARCH)
+    ok = False
     try:
         writer.add_name(src.path.parent.parent.name or "dlm_megatron")
         writer.add_context_length(arch.seq_len)
@@ -202,7 +203,10 @@ def export_gguf(ckpt: str | Path, output: str | Path, *, dtype: str = "f32", tok
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=show_progress)
+        ok = True
     finally:
         writer.close()
+        if not ok:
+            tmp.unlink(missing_ok=True)
     os.replace(tmp, out)
     return out

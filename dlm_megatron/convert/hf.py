@@ -16,6 +16,7 @@ Shape legend: V vocabulary, Vp padded vocabulary (embedding rows), H hidden size
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -25,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import (Arch, ConvertError, Layer, Weights, canonical_from_weights, check_output_dir, open_checkpoint, prepare_output_dir,
-               progress_bar, special_ids, track, write_json)
+               special_ids, track, write_json)
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "hf_template"
 MODELING_FILES = ("configuration_dlm.py", "modeling_dlm.py")
@@ -70,11 +71,19 @@ def save_sharded(tensors: dict[str, torch.Tensor], out: Path, *, max_shard_bytes
     weight_map = {}
     for fname, names in track(list(zip(files, groups)), desc="writing safetensors", total=len(files), enabled=show_progress):
         save_file({n: tensors[n].contiguous() for n in names}, str(out / fname), metadata={"format": "pt"})
+        _readable(out / fname)
         weight_map.update({n: fname for n in names})
     if len(files) > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
     return files
+
+
+def _readable(path: Path) -> None:
+    """safetensors creates files 0600; exports are meant to be shared: apply the umask instead."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def write_tokenizer_files(tokenizer_file: Path, out: Path, *, model_max_length: int) -> dict[str, int]:
@@ -440,7 +449,6 @@ def import_hf(hf_dir: str | Path, output: str | Path, *, tp: int = 1, pp: int = 
 
     The config is derived from the HF config; train from it with
     ``train.init_from=OUTPUT`` (or ``train.output_dir=OUTPUT`` to continue in place)."""
-    from .. import checkpoint as ck
     from ..config import Config, ConfigError, from_dict, to_dict
     from ..data.tokenizer import load_tokenizer
     from .reshard import write_layout

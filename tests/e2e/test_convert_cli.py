@@ -213,7 +213,7 @@ def test_hf_export_masked_logits_tokenizer_and_sampler(ckpts, tmp_path):
     assert diff < 1e-4
 
     tok = load_tokenizer("builtin")
-    hf_tok = AutoTokenizer.from_pretrained(str(out))
+    hf_tok = AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
     text = "ROMEO: But soft, what light through yonder window breaks?"
     assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
     assert hf_tok.mask_token == "<|mask|>" and hf_tok.mask_token_id == 1
@@ -281,6 +281,40 @@ def test_hf_export_tp2_gqa_sharded_and_bf16(ckpts, tmp_path):
     diff16 = _max_diff(got16, ref)
     print(f"[convert] HF export (bf16 weights and compute) max |logit diff| = {diff16:.2e}")
     assert diff16 < 0.1
+
+
+def test_shift_logits_flag_reaches_hf_and_gguf(ckpts, tmp_path):
+    """A diffusion.shift_logits checkpoint (DiffuLLaMA/Dream style, token i read from output
+    i-1): config.json and the GGUF carry the flag, generate() shifts like the framework."""
+    import dataclasses
+
+    from gguf import GGUFReader
+
+    from dlm_megatron.checkpoint import resolve
+    from dlm_megatron.config import DiffusionConfig
+    from dlm_megatron.generate import load_model, logits_fn_for
+    from dlm_megatron.sampling import SamplerConfig, generate
+
+    if "shift_logits" not in {f.name for f in dataclasses.fields(DiffusionConfig)}:
+        pytest.skip("this framework version has no diffusion.shift_logits")
+    ck = tmp_path / "shift_ckpt"
+    shutil.copytree(resolve(ckpts["masked"]), ck)
+    meta = json.loads((ck / "meta.json").read_text())
+    meta["config"]["diffusion"]["shift_logits"] = True
+    (ck / "meta.json").write_text(json.dumps(meta))
+    out = tmp_path / "hf_shift"
+    assert convert("--ckpt", ck, "--to", "hf", "--output", out) == 0
+    assert json.loads((out / "config.json").read_text())["shift_logits"] is True
+    assert convert("--ckpt", ck, "--to", "gguf", "--output", tmp_path / "shift.gguf") == 0
+    assert GGUFReader(str(tmp_path / "shift.gguf")).fields["diffusion.shift_logits"].contents() is True
+
+    model, tok, _, _ = load_model(str(ck))
+    prompt = torch.tensor([tok.encode("ROMEO: But soft")[:5]])
+    scfg = SamplerConfig(steps=8, gen_length=8, block_length=8, temperature=0.0)
+    want = generate(logits_fn_for(model, tok.vocab_size, shift=True), prompt, tok.mask_id, scfg, eos_id=tok.eot_id,
+                    suppress_ids=(tok.pad_id,))
+    got = _load_hf(out).generate(prompt, gen_length=8, steps=8)
+    assert torch.equal(got, want)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """GGUF export checked with a real llama.cpp (llama-cpp-python's low-level API).
 
 llama-cpp-python is source-only on PyPI and compiling it takes 9-30+ minutes on 2 cores, so
-the built wheel is cached in ``.cache/wheels/`` (gitignored). This test installs it from
+the built wheel is cached in ``~/.cache/dlm_megatron/wheels/`` (``DLM_WHEEL_CACHE``). This test installs it from
 there when ``llama_cpp`` is not importable; with an empty cache it builds the wheel first
 (one time, with a progress message), and skips with the reason only if that build is
 impossible (no C/C++ compiler, no package index). ``DLM_SKIP_LLAMA_CPP_BUILD=1`` skips
@@ -31,7 +31,9 @@ import pytest
 
 LLAMA_CPP_VERSION = "0.3.36"
 REPO_ROOT = Path(__file__).resolve().parents[2]
-WHEEL_DIR = REPO_ROOT / ".cache" / "wheels"
+# A machine-level cache (outside the checkout) so every clone on this machine, CI's fresh
+# clone included, reuses one build; DLM_WHEEL_CACHE overrides.
+WHEEL_DIR = Path(os.environ.get("DLM_WHEEL_CACHE", Path.home() / ".cache" / "dlm_megatron" / "wheels"))
 pytestmark = pytest.mark.e2e
 
 
@@ -120,7 +122,7 @@ def ensure_llama_cpp(request) -> None:
     wheels = sorted(glob.glob(str(WHEEL_DIR / f"llama_cpp_python-{LLAMA_CPP_VERSION}-*.whl")))
     if not wheels:
         if os.environ.get("DLM_SKIP_LLAMA_CPP_BUILD"):
-            pytest.skip("llama-cpp-python is not installed, no cached wheel in .cache/wheels, and DLM_SKIP_LLAMA_CPP_BUILD is set")
+            pytest.skip("llama-cpp-python is not installed, no cached wheel in the wheel cache, and DLM_SKIP_LLAMA_CPP_BUILD is set")
         if not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
             pytest.skip("cannot build llama-cpp-python: no C++ compiler on this machine")
         WHEEL_DIR.mkdir(parents=True, exist_ok=True)
