@@ -98,13 +98,18 @@ class MaskedDiffusion(Objective):
             rows.append(torch.rand(L, generator=g, dtype=torch.float64))
         return torch.stack(rows)
 
-    def make_batch(self, x0_BL, positions_B, *, step, global_batch_size, eval=False):
+    def cut_and_sample_t(self, x0_BL, positions_B, *, step, global_batch_size, eval):
+        """Shared prologue of the discrete objectives: the noise stream, LLaDA's random-length
+        cut of the step's batch (training only) and the per-sequence noise levels."""
         stream = TAG_EVAL if eval else TAG_SAMPLE
-        L = x0_BL.shape[1]
         if not eval:
-            L = step_random_length(self.seed, step, L, self.dcfg.random_length_prob)
+            L = step_random_length(self.seed, step, x0_BL.shape[1], self.dcfg.random_length_prob)
             x0_BL = x0_BL[:, :L]
         t_B = self.sample_t(positions_B, step=step, global_batch_size=global_batch_size, stream=stream)
+        return x0_BL, t_B, stream
+
+    def make_batch(self, x0_BL, positions_B, *, step, global_batch_size, eval=False):
+        x0_BL, t_B, stream = self.cut_and_sample_t(x0_BL, positions_B, step=step, global_batch_size=global_batch_size, eval=eval)
         u_BL = self.token_uniforms(positions_B, x0_BL.shape[1], stream)
         xt_BL, is_masked_BL = md.mask_tokens(x0_BL, t_B, u_BL, self.mask_id)
         w_BL = md.masked_loss_weights(is_masked_BL, t_B)
@@ -216,12 +221,7 @@ class UniformDiffusion(MaskedDiffusion):
 
         if self.vocab_size is None:
             raise RuntimeError("UniformDiffusion.set_vocab_size(tokenizer.vocab_size) must be called first")
-        stream = TAG_EVAL if eval else TAG_SAMPLE
-        L = x0_BL.shape[1]
-        if not eval:
-            L = step_random_length(self.seed, step, L, self.dcfg.random_length_prob)
-            x0_BL = x0_BL[:, :L]
-        t_B = self.sample_t(positions_B, step=step, global_batch_size=global_batch_size, stream=stream)
+        x0_BL, t_B, stream = self.cut_and_sample_t(x0_BL, positions_B, step=step, global_batch_size=global_batch_size, eval=eval)
         u, v, w = self.noise_uniforms(positions_B, x0_BL.shape[1], stream)
         num_clean = self.vocab_size - 1
         zt = ud.noise_tokens(x0_BL, t_B, u, v, w, num_clean=num_clean, mask_id=self.mask_id, p_uniform=self.p_uniform)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common import COMMON_OVERRIDES, PY, REPO, metrics, run
+from common import env, COMMON_OVERRIDES, PY, REPO, metrics, run
 
 from dlm_megatron.diffusion import adaptation as ad
 
@@ -59,17 +59,6 @@ def test_objective_batch_shift_and_mask():
     assert b.num_tokens == 4 * 12
     assert not obj.make_batch(x0, pos, step=4, global_batch_size=4).attention_mask.any()
     assert not obj.make_batch(x0, pos, step=0, global_batch_size=4, eval=True).attention_mask.any()
-
-
-def _clean_env():
-    """Subprocess env without the MASTER_ADDR/PORT that an in-process model fixture set
-    (the child would try to listen on the port this process still holds)."""
-    from common import env
-
-    e = env()
-    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        e.pop(k, None)
-    return e
 
 
 @pytest.fixture(scope="module")
@@ -137,12 +126,12 @@ def test_cli_ar_then_annealed_masked(tmp_path):
     """Train `ar` 3 steps, then adapt with init_from + anneal_steps through the CLI."""
     base = [PY, "-m", "dlm_megatron.train", "configs/tiny.yaml", *COMMON_OVERRIDES]
     ar = tmp_path / "ar"
-    run(base + ["diffusion.objective=ar", "train.steps=3", f"train.output_dir={ar}"], timeout=600, env=_clean_env())
+    run(base + ["diffusion.objective=ar", "train.steps=3", f"train.output_dir={ar}"], timeout=600, env=env())
     out = tmp_path / "adapt"
     p = run(base + ["diffusion.objective=masked", f"train.init_from={ar}", "diffusion.anneal_steps=3",
                     "diffusion.shift_logits=true", "train.steps=4", f"train.output_dir={out}",
                     "train.sample_at_end=true", "generate.gen_length=8", "generate.steps=8", "generate.block_length=8"],
-            timeout=600, env=_clean_env())
+            timeout=600, env=env())
     assert "initialised weights from" in p.stdout
     assert "---- sample ----" in p.stdout
     rows = [r for r in metrics(out) if r.get("split") != "val"]
@@ -157,7 +146,7 @@ def test_tp2_equals_tp1_with_annealed_mask_and_shift(tmp_path):
 
     res = tmp_path / "tp.json"
     run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/distributed/check_tp.py", str(res), "masked", "diffusion.anneal_steps=2", "diffusion.shift_logits=true"],
-        timeout=600, env=_clean_env())
+        timeout=600, env=env())
     r = json.loads(res.read_text())
     assert abs(r["loss_tp1"] - r["loss_tp2"]) < 1e-5, r
     assert r["max_grad_diff"] < 1e-5 and r["max_grad"] > 1e-3, r

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from common import COMMON_OVERRIDES, PY, REPO, run, train_losses
+from common import env, COMMON_OVERRIDES, PY, REPO, run, train_losses
 
 from dlm_megatron.diffusion import continuous as cd
 
@@ -77,17 +77,6 @@ def test_objective_noise_is_per_sample_and_in_range():
     # A sample's noise depends on its global position only (not on batch split / rank).
     b2 = obj.make_batch(x0[2:], torch.arange(12, 14), step=0, global_batch_size=4)
     assert torch.equal(b2.model_kwargs["sigma_B"], sig[2:]) and torch.equal(b2.model_kwargs["noise_seed_B"], b.model_kwargs["noise_seed_B"][2:])
-
-
-def _clean_env():
-    """Subprocess env without the MASTER_ADDR/PORT that an in-process model fixture set
-    (the child would try to listen on the port this process still holds)."""
-    from common import env
-
-    e = env()
-    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        e.pop(k, None)
-    return e
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +171,7 @@ def test_cli_loss_falls_embeddings_bounded_and_generates(tmp_path):
 
     out = tmp_path / "cont"
     run([PY, "-m", "dlm_megatron.train", "configs/tiny.yaml", *COMMON_OVERRIDES, "diffusion.objective=continuous",
-         "diffusion.sigma_min=0.5", "diffusion.sigma_max=50", "train.steps=20", f"train.output_dir={out}"], timeout=600, env=_clean_env())
+         "diffusion.sigma_min=0.5", "diffusion.sigma_max=50", "train.steps=20", f"train.output_dir={out}"], timeout=600, env=env())
     losses = train_losses(out)
     assert len(losses) == 20 and all(math.isfinite(v) for v in losses)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses
@@ -194,14 +183,14 @@ def test_cli_loss_falls_embeddings_bounded_and_generates(tmp_path):
     cos = (E @ E.T / 64.0).fill_diagonal_(0)
     assert cos.abs().mean() < 0.5, "embeddings collapsed together"
     p = run([PY, "-m", "dlm_megatron.generate", "--ckpt", str(out), "--prompt", "ROMEO:", "--gen-length", "8",
-             "--steps", "8", "--block-length", "8"], timeout=300, env=_clean_env())
+             "--steps", "8", "--block-length", "8"], timeout=300, env=env())
     assert p.stdout.strip().startswith("ROMEO")
 
 
 @pytest.mark.distributed
 def test_tp2_equals_tp1(tmp_path):
     res = tmp_path / "tp.json"
-    run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/distributed/check_tp.py", str(res), "continuous"], timeout=600, env=_clean_env())
+    run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/distributed/check_tp.py", str(res), "continuous"], timeout=600, env=env())
     r = json.loads(res.read_text())
     assert abs(r["loss_tp1"] - r["loss_tp2"]) < 1e-5, r
     assert r["max_grad_diff"] < 1e-5 * max(1.0, r["max_grad"]) + 1e-6, r
