@@ -4,7 +4,7 @@ the embedded Shakespeare corpus, then evaluate the held-out plays with ``dlm_meg
 
     python benchmarks/bench_objectives.py                       # defaults: ~2-3 min per objective on 2 cores
     python benchmarks/bench_objectives.py --steps 30 --only masked,ar --eval-tokens 2048
-    python benchmarks/bench_objectives.py --output docs/BENCHMARKS_objectives.md
+    python benchmarks/bench_objectives.py --output docs/BENCHMARKS.md
 
 Objectives: ar, masked, block (B=4 and B=16, if registered), uniform, hybrid, continuous (if
 registered). Every run uses configs/tiny.yaml's model (4 layers x 256), the same seed, data
