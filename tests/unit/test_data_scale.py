@@ -221,9 +221,8 @@ def test_blend_from_config(two_sources, tok, tmp_path):
     cfg.data.train_path = str(a)
     single = build_train_dataset(cfg, tok, tmp_path)
     assert isinstance(single, PackedDataset) and len(single) == len(pa)
-    cfg.data.document_masks = True  # not wired into the trainer yet: refused, not ignored
-    with pytest.raises(DataError, match="document_masks"):
-        build_train_dataset(cfg, tok, tmp_path)
+    cfg.data.document_masks = True  # wired into the trainer (tests/e2e): the dataset still builds
+    assert isinstance(build_train_dataset(cfg, tok, tmp_path), PackedDataset)
     cfg.data.document_masks = False
     cfg.data.train_path = f"1:{tmp_path / 'missing'}"
     with pytest.raises(DataError, match="does not exist"):

@@ -14,7 +14,17 @@ import torch
 
 from dlm_megatron.diffusion import uniform as ud
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64_default():
+    """The brute-force references need float64; scoped to this module's tests (a module-level
+    set_default_dtype would leak into every later test of the session)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
 
 C = 3          # clean tokens
 MASK = 1       # MASK id sits inside the id range (model ids 0, 2, 3 are clean)
