@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         model, tok, cfg, meta = load_model(args.ckpt, args.device)
         gen_length = args.gen_length or cfg.generate.gen_length
         block = args.block_length or min(cfg.generate.block_length, gen_length)
-        text = sample_text(model, tok, cfg, device=args.device, prompt=args.prompt, gen_length=gen_length, steps=args.steps or gen_length,
+        text = sample_text(model, tok, cfg, device=args.device, prompt=args.prompt, gen_length=gen_length, steps=args.steps or (cfg.generate.steps if gen_length == cfg.generate.gen_length else gen_length),
                            block_length=block, temperature=args.temperature, temperature_schedule=args.temperature_schedule,
                            remasking=args.remasking, confidence_threshold=args.confidence_threshold,
                            renoise_prob=args.renoise_prob, seed=args.seed)

@@ -112,7 +112,6 @@ def run(cfg: Config) -> dict:
     from .data.corpus import resolve_data_path
     from .data.loader import PackedDataset, build_train_dataset, sample_indices
     from .data.tokenizer import load_tokenizer
-    from .diffusion.masked import weighted_token_loss
     from .diffusion.objectives import build_objective
     from .logging import MetricsLogger
     from .model.denoiser import build_model, canonical_params, init_weights
@@ -227,7 +226,6 @@ def run(cfg: Config) -> dict:
             yield b
 
     loss_fn = LossFn(lay.device)
-    dp_group = None
     from megatron.core import parallel_state as ps
 
     dp_group = ps.get_data_parallel_group()

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from .schedules import lr_at
+from .schedules import lr_for
 
 
 def ds_config(cfg, *, dp: int, bf16: bool) -> dict:
@@ -68,8 +68,7 @@ class DeepSpeedEngine:
 
     def set_lr(self, step: int) -> float:
         t = self.cfg.train
-        lr = lr_at(step, schedule=t.lr_schedule, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps,
-                   total_steps=t.steps, decay_fraction=t.decay_fraction)
+        lr = lr_for(t, step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         return lr

@@ -18,7 +18,7 @@ from functools import partial
 
 import torch
 
-from .schedules import lr_at
+from .schedules import lr_for
 
 
 class MegatronEngine:
@@ -61,8 +61,7 @@ class MegatronEngine:
     # -- interface shared with DeepSpeedEngine ------------------------------------------
     def set_lr(self, step: int) -> float:
         t = self.cfg.train
-        lr = lr_at(step, schedule=t.lr_schedule, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps,
-                   total_steps=t.steps, decay_fraction=t.decay_fraction)
+        lr = lr_for(t, step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_mult", 1.0)
             # megatron-core's groups carry wd_mult (0 for norms/biases), which only its own

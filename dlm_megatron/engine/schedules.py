@@ -28,3 +28,10 @@ def lr_at(step: int, *, schedule: str, lr: float, min_lr: float, warmup_steps: i
         progress = min(1.0, (step - decay_start) / decay_steps)
         return lr + (min_lr - lr) * progress
     raise ValueError(f"unknown lr schedule {schedule!r}")
+
+
+def lr_for(train_cfg, step: int) -> float:
+    """``lr_at`` with the schedule of a TrainConfig (what every engine sets each step)."""
+    t = train_cfg
+    return lr_at(step, schedule=t.lr_schedule, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps,
+                 total_steps=t.steps, decay_fraction=t.decay_fraction)
