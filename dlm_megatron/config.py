@@ -52,6 +52,8 @@ class ModelConfig:
     """Std of the normal init of weight matrices; output projections get std/sqrt(2*num_layers)."""
     tie_embeddings: bool = False
     """Share input embedding and output head weights (LLaDA does not)."""
+    add_qkv_bias: bool = False
+    """Learned biases on the query/key/value projections (Qwen2 style; tools/convert.py --from-hf sets it for checkpoints that have them). No other linear layer has a bias."""
     transformer_impl: str = "local"
     """Layer implementation: 'local' (pure megatron-core, runs on CPU) or 'transformer_engine' (GPU)."""
     attention_backend: str = "auto"

@@ -64,6 +64,8 @@ class Dims:
     tied: bool
     explicit_positions: bool
     """Block diffusion passes RoPE positions per sample: the rotary tables become [s, b, 1, d]."""
+    qkv_bias: bool = False
+    """model.add_qkv_bias: q/k/v projection biases (h + 2*kv_dim per layer, split by TP)."""
 
 
 def model_dims(cfg: Config, vocab_size: int, tp: int = 1) -> Dims:
@@ -78,7 +80,8 @@ def model_dims(cfg: Config, vocab_size: int, tp: int = 1) -> Dims:
         raise PlanError(str(e)) from None
     return Dims(hidden=h, layers=m.num_layers, heads=a, kv_heads=g, head_dim=d, kv_dim=g * d, ffn=ffn_size(m),
                 vocab=vocab_size, padded_vocab=vp, data_seq_len=cfg.data.seq_len,
-                seq_len=cfg.data.seq_len * (2 if block else 1), tied=m.tie_embeddings, explicit_positions=block)
+                seq_len=cfg.data.seq_len * (2 if block else 1), tied=m.tie_embeddings, explicit_positions=block,
+                qkv_bias=m.add_qkv_bias)
 
 
 # ---------------------------------------------------------------------------------------
@@ -92,9 +95,14 @@ def layer_matrix_params(dm: Dims) -> int:
     return h * (h + 2 * dm.kv_dim) + h * h + 3 * h * dm.ffn
 
 
+def layer_bias_params(dm: Dims) -> int:
+    """q/k/v biases of one layer (model.add_qkv_bias), else 0."""
+    return dm.hidden + 2 * dm.kv_dim if dm.qkv_bias else 0
+
+
 def layer_params(dm: Dims) -> int:
-    """One layer: matrices plus its two RMSNorm weights (2h)."""
-    return layer_matrix_params(dm) + 2 * dm.hidden
+    """One layer: matrices, q/k/v biases if any, and its two RMSNorm weights (2h)."""
+    return layer_matrix_params(dm) + layer_bias_params(dm) + 2 * dm.hidden
 
 
 def param_counts(dm: Dims, tp: int = 1, pp: int = 1) -> dict:
@@ -110,7 +118,7 @@ def param_counts(dm: Dims, tp: int = 1, pp: int = 1) -> dict:
     out = 0 if dm.tied else dm.padded_vocab * h
     total = L * layer_params(dm) + emb + out + h
     lps = L // pp
-    stage_layers = lps * (layer_matrix_params(dm) // tp + 2 * h)
+    stage_layers = lps * ((layer_matrix_params(dm) + layer_bias_params(dm)) // tp + 2 * h)
     emb_local = emb // tp
     first = stage_layers + emb_local
     last = stage_layers + h + emb_local  # final norm + output layer (or its tied copy)

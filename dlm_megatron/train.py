@@ -101,6 +101,27 @@ def memory_gib(device) -> float:
         return float("nan")
 
 
+# Model fields whose mismatch with a train.init_from source would silently drop or misuse
+# weights (shape mismatches are caught when slicing the state dict).
+_INIT_FROM_STRUCTURAL = ("add_qkv_bias", "tie_embeddings")
+# Fields a user may change on purpose when continuing from other weights (e.g. a larger RoPE
+# base for context extension): warned about, not refused.
+_INIT_FROM_NUMERIC = ("rotary_base", "norm_epsilon")
+
+
+def check_init_from(cfg: Config, meta: dict, path, *, warn: bool = True) -> None:
+    """Refuse a train.init_from source whose architecture differs structurally from ``cfg``."""
+    src = meta.get("config", {}).get("model", {})
+    for key in _INIT_FROM_STRUCTURAL:
+        if key in src and bool(src[key]) != bool(getattr(cfg.model, key)):
+            raise ConfigError(f"train.init_from={path} was saved with model.{key}={str(src[key]).lower()} but this run has "
+                              f"model.{key}={str(getattr(cfg.model, key)).lower()}; set model.{key}={str(src[key]).lower()}")
+    for key in _INIT_FROM_NUMERIC:
+        if warn and key in src and float(src[key]) != float(getattr(cfg.model, key)):
+            print(f"warning: train.init_from={path} was trained with model.{key}={src[key]}, this run uses "
+                  f"{getattr(cfg.model, key)}", flush=True)
+
+
 def run(cfg: Config) -> dict:
     """Train according to ``cfg``; returns a summary dict (on every rank)."""
     quiet_warnings()
@@ -158,6 +179,7 @@ def run(cfg: Config) -> dict:
         weights_from = latest  # e.g. resharded offline: weights only, optimizer restarts
     elif latest is None and cfg.train.init_from:
         weights_from = ckpt.resolve(cfg.train.init_from)
+        check_init_from(cfg, ckpt.read_meta(weights_from), weights_from, warn=rank0)
     if weights_from is not None:
         # Before the engine exists: ZeRO-3 partitions parameters at initialisation.
         full = ckpt.load_full_state_dict(weights_from)

@@ -41,10 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
                  formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", metavar="PATH", help="export: a run directory (its latest checkpoint) or one checkpoint folder, any TP/PP layout")
-    src.add_argument("--from-hf", metavar="DIR", help="import: a Hugging Face Llama- or Qwen2-style folder (config.json + model.safetensors[.index.json])")
+    src.add_argument("--from-hf", metavar="DIR", help="import: a Hugging Face Llama- or Qwen2-style folder (config.json + model.safetensors[.index.json]); "
+                                                            "q/k/v biases set model.add_qkv_bias")
     ap.add_argument("--to", choices=("hf", "hf-llama", "gguf"),
                     help="export format (with --ckpt): hf = our modeling code in LLaDA's layout (AutoModel, trust_remote_code); "
-                         "hf-llama = standard LlamaForCausalLM (causal checkpoints only); gguf = llama.cpp 'llada' file")
+                         "hf-llama = standard LlamaForCausalLM, or Qwen2ForCausalLM when q/k/v have biases (causal checkpoints only); "
+                         "gguf = llama.cpp 'llada' file ('dream' when q/k/v have biases)")
     ap.add_argument("--output", required=True, metavar="PATH",
                     help="hf/hf-llama: a folder; gguf: a .gguf file; --from-hf: a run directory (checkpoints/step_000000 + latest)")
     ap.add_argument("--dtype", default=None,

@@ -11,6 +11,7 @@ live here, once:
   ``head_dim`` rows (see ``SelfAttention.get_query_key_value_tensors``). Query head ``j``
   therefore belongs to group ``j // (heads/ng)``, the same grouping as Hugging Face's
   ``repeat_kv``.
+- ``linear_qkv.bias`` (``model.add_qkv_bias``, Qwen2) has the same group-major row order.
 - ``linear_fc1`` is SwiGLU's [gate; up] stacked along the rows (``silu(gate) * up``).
 - RoPE is megatron's default non-interleaved ("rotate half") layout, the same as HF Llama
   and LLaDA; GGUF needs the llama.cpp row permutation (gguf.py).
@@ -100,6 +101,8 @@ class Arch:
     shift_logits: bool
     seq_len: int
     init_std: float = 0.02
+    qkv_bias: bool = False
+    """model.add_qkv_bias: the q/k/v projections have biases (Qwen2 style)."""
 
     @property
     def heads_per_group(self) -> int:
@@ -132,6 +135,7 @@ def arch_from_meta(meta: dict) -> Arch:
         shift_logits=bool(getattr(d, "shift_logits", False)),
         seq_len=cfg.data.seq_len,
         init_std=m.init_method_std,
+        qkv_bias=bool(m.add_qkv_bias),
     )
 
 
@@ -150,6 +154,9 @@ class Layer:
     gate: torch.Tensor  # [ffn, hidden] (silu applied to it)
     up: torch.Tensor  # [ffn, hidden]
     down: torch.Tensor  # [hidden, ffn]
+    q_bias: torch.Tensor | None = None  # [heads * head_dim] (model.add_qkv_bias)
+    k_bias: torch.Tensor | None = None  # [groups * head_dim]
+    v_bias: torch.Tensor | None = None  # [groups * head_dim]
 
 
 @dataclass
@@ -193,6 +200,7 @@ _LAYER_FIELDS = {
     "input_layernorm.weight": "attn_norm",
     "self_attention.linear_qkv.layer_norm_weight": "attn_norm",
     "self_attention.linear_qkv.weight": "qkv",
+    "self_attention.linear_qkv.bias": "qkv_bias",
     "self_attention.linear_proj.weight": "o",
     "pre_mlp_layernorm.weight": "mlp_norm",
     "mlp.linear_fc1.layer_norm_weight": "mlp_norm",
@@ -230,11 +238,15 @@ def weights_from_canonical(full: dict[str, torch.Tensor], arch: Arch) -> Weights
         if missing:
             raise ConvertError(f"layer {i} lacks {', '.join(sorted(missing))}")
         q, k, v = split_qkv(d["qkv"], arch)
+        if ("qkv_bias" in d) != arch.qkv_bias:
+            raise ConvertError(f"layer {i} {'lacks' if arch.qkv_bias else 'has'} linear_qkv.bias but the config says "
+                               f"model.add_qkv_bias={str(arch.qkv_bias).lower()}")
+        qb, kb, vb = split_qkv(d["qkv_bias"], arch) if "qkv_bias" in d else (None, None, None)
         if d["fc1"].shape[0] != 2 * arch.ffn_hidden_size:
             raise ConvertError(f"layer {i} linear_fc1 has {d['fc1'].shape[0]} rows, expected 2 x ffn_hidden_size={arch.ffn_hidden_size}")
         gate, up = d["fc1"].chunk(2, dim=0)
         layers.append(Layer(attn_norm=d["attn_norm"], q=q, k=k, v=v, o=d["o"], mlp_norm=d["mlp_norm"],
-                            gate=gate.contiguous(), up=up.contiguous(), down=d["down"]))
+                            gate=gate.contiguous(), up=up.contiguous(), down=d["down"], q_bias=qb, k_bias=kb, v_bias=vb))
     embed = top["embedding.word_embeddings.weight"]
     if embed.shape != (arch.padded_vocab_size, arch.hidden_size):
         raise ConvertError(f"embedding has shape {tuple(embed.shape)}, expected ({arch.padded_vocab_size}, {arch.hidden_size})")
@@ -252,6 +264,8 @@ def canonical_from_weights(w: Weights, arch: Arch) -> dict[str, torch.Tensor]:
         p = f"decoder.layers.{i}."
         out[p + "input_layernorm.weight"] = L.attn_norm
         out[p + "self_attention.linear_qkv.weight"] = fuse_qkv(L.q, L.k, L.v, arch)
+        if L.q_bias is not None:
+            out[p + "self_attention.linear_qkv.bias"] = fuse_qkv(L.q_bias, L.k_bias, L.v_bias, arch)
         out[p + "self_attention.linear_proj.weight"] = L.o
         out[p + "pre_mlp_layernorm.weight"] = L.mlp_norm
         out[p + "mlp.linear_fc1.weight"] = torch.cat([L.gate, L.up], dim=0).contiguous()

@@ -1,4 +1,6 @@
-"""GGUF export for llama.cpp's ``llada`` architecture (masked / block diffusion denoisers).
+"""GGUF export for llama.cpp's ``llada`` architecture (masked / block diffusion denoisers),
+or its ``dream`` architecture for checkpoints with q/k/v biases (``model.add_qkv_bias``,
+e.g. adapted from Qwen2): ``llada`` has no bias tensors, ``dream`` (Qwen2-based) requires them.
 
 Written with the ``gguf`` PyPI package (the writer llama.cpp's own converters use). What
 llama.cpp's ``llada`` loader needs and gets here:
@@ -17,6 +19,10 @@ llama.cpp's ``llada`` loader needs and gets here:
   rotates: row order [0, d/2, 1, d/2+1, ...], which is what llama.cpp's converter does to
   Llama-layout HF weights.
 
+For ``dream`` the hyper-parameters live under ``dream.*``, the tensors additionally include
+``blk.{i}.attn_{q,k,v}.bias``, and Q/K rows keep the rotate-half order: llama.cpp applies
+its NEOX rope (dims i and i + d/2 rotate together) to Qwen2-family models.
+
 Also stored, for our own tools: ``dlm_megatron.objective`` and ``dlm_megatron.block_size``.
 """
 from __future__ import annotations
@@ -31,7 +37,11 @@ import torch
 from . import Arch, ConvertError, Weights, open_checkpoint, special_ids
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
-GGUF_ARCH = "llada"
+
+
+def gguf_arch(arch: Arch) -> str:
+    """llama.cpp architecture of an export: ``dream`` when q/k/v have biases, else ``llada``."""
+    return "dream" if arch.qkv_bias else "llada"
 
 # Split regexes of known HF pre-tokenizers -> llama.cpp pre-tokenizer names.
 _KNOWN_SPLIT_REGEXES = {
@@ -109,14 +119,23 @@ def tokenizer_vocab(tokenizer_file: Path, vocab_size: int, pre_override: str | N
 def gguf_tensors(w: Weights, arch: Arch) -> list[tuple[str, torch.Tensor]]:
     """(llama.cpp name, fp32 tensor) in file order; vocab rows cut to the real vocabulary."""
     V = arch.vocab_size
+    neox = gguf_arch(arch) == "dream"  # NEOX rope = our rotate-half order: no permutation
+
+    def qk(t: torch.Tensor, heads: int) -> torch.Tensor:
+        return t if neox else permute_rope_rows(t, heads)
+
     out = [("token_embd.weight", w.embed[:V])]
     for i, L in enumerate(w.layers):
         b = f"blk.{i}."
         out += [(b + "attn_norm.weight", L.attn_norm),
-                (b + "attn_q.weight", permute_rope_rows(L.q, arch.num_heads)),
-                (b + "attn_k.weight", permute_rope_rows(L.k, arch.num_groups)),
-                (b + "attn_v.weight", L.v),
-                (b + "attn_output.weight", L.o),
+                (b + "attn_q.weight", qk(L.q, arch.num_heads)),
+                (b + "attn_k.weight", qk(L.k, arch.num_groups)),
+                (b + "attn_v.weight", L.v)]
+        if L.q_bias is not None:
+            out += [(b + "attn_q.bias", qk(L.q_bias, arch.num_heads)),
+                    (b + "attn_k.bias", qk(L.k_bias, arch.num_groups)),
+                    (b + "attn_v.bias", L.v_bias)]
+        out += [(b + "attn_output.weight", L.o),
                 (b + "ffn_norm.weight", L.mlp_norm),
                 (b + "ffn_gate.weight", L.gate),
                 (b + "ffn_up.weight", L.up),
@@ -158,14 +177,14 @@ def export_gguf(ckpt: str | Path, output: str | Path, *, dtype: str = "f32", tok
     src = open_checkpoint(ckpt, show_progress=show_progress)
     arch = src.arch
     if arch.objective not in ("masked", "block"):
-        raise ConvertError(f"llama.cpp's llada architecture is a masked-diffusion denoiser; this checkpoint is "
+        raise ConvertError(f"llama.cpp's {gguf_arch(arch)} architecture is a masked-diffusion denoiser; this checkpoint is "
                            f"diffusion.objective={arch.objective!r} (export it with --to hf)")
     ids = special_ids(src.tokenizer_file)
     tokens, types, merges, pre = tokenizer_vocab(src.tokenizer_file, arch.vocab_size, tokenizer_pre)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    writer = gguf.GGUFWriter(str(tmp), arch=GGUF_ARCH)
+    writer = gguf.GGUFWriter(str(tmp), arch=gguf_arch(arch))
     ok = False
     try:
         writer.add_name(src.path.parent.parent.name or "dlm_megatron")

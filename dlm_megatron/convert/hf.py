@@ -4,12 +4,14 @@ Export (``export_hf``): a folder loadable with
 ``AutoModel.from_pretrained(dir, trust_remote_code=True)``: ``config.json`` (LLaDA's key
 names plus ours), weights in LLaDA's parameter layout (``model.transformer.*``), the
 modeling code from ``hf_template/`` and the tokenizer. Export (``export_hf_llama``): the
-standard ``LlamaForCausalLM`` layout for causal (``diffusion.objective=ar``) checkpoints.
+standard ``LlamaForCausalLM`` layout for causal (``diffusion.objective=ar``) checkpoints,
+or ``Qwen2ForCausalLM`` when the checkpoint has q/k/v biases (``model.add_qkv_bias``; a
+Llama config cannot express biases on q/k/v only).
 
 Import (``import_hf``): Llama- and Qwen2-style safetensors checkpoints (config.json +
 model.safetensors[.index.json]) into a framework checkpoint (weights only, ``engine:
-null``) of any TP/PP layout. Qwen2's q/k/v biases are accepted only when they are all
-zero: the framework's transformer has no biases (``add_qkv_bias=False``).
+null``) of any TP/PP layout. q/k/v biases (Qwen2; Llama with ``attention_bias``) set
+``model.add_qkv_bias``; an output-projection bias must be zero (the framework has none).
 
 Shape legend: V vocabulary, Vp padded vocabulary (embedding rows), H hidden size.
 """
@@ -118,6 +120,8 @@ def llada_state_dict(w: Weights, arch: Arch, dtype: torch.dtype) -> dict[str, to
         out.update({b + "attn_norm.weight": L.attn_norm, b + "q_proj.weight": L.q, b + "k_proj.weight": L.k,
                     b + "v_proj.weight": L.v, b + "attn_out.weight": L.o, b + "ff_norm.weight": L.mlp_norm,
                     b + "ff_proj.weight": L.gate, b + "up_proj.weight": L.up, b + "ff_out.weight": L.down})
+        if L.q_bias is not None:
+            out.update({b + "q_proj.bias": L.q_bias, b + "k_proj.bias": L.k_bias, b + "v_proj.bias": L.v_bias})
     out[p + "ln_f.weight"] = w.final_norm
     if w.lm_head is not None:
         out[p + "ff_out.weight"] = w.lm_head
@@ -146,7 +150,7 @@ def llada_config(arch: Arch, ids: dict[str, int], dtype_name: str, meta: dict) -
         "rms_norm_eps": arch.norm_eps,
         "weight_tying": arch.tied,
         "include_bias": False,
-        "include_qkv_bias": False,
+        "include_qkv_bias": arch.qkv_bias,
         "init_std": arch.init_std,
         "block_type": "llama",
         "layer_norm_type": "rms",
@@ -201,37 +205,49 @@ def llama_state_dict(w: Weights, arch: Arch, dtype: torch.dtype) -> dict[str, to
                     b + "self_attn.k_proj.weight": L.k, b + "self_attn.v_proj.weight": L.v,
                     b + "self_attn.o_proj.weight": L.o, b + "post_attention_layernorm.weight": L.mlp_norm,
                     b + "mlp.gate_proj.weight": L.gate, b + "mlp.up_proj.weight": L.up, b + "mlp.down_proj.weight": L.down})
+        if L.q_bias is not None:
+            out.update({b + "self_attn.q_proj.bias": L.q_bias, b + "self_attn.k_proj.bias": L.k_bias,
+                        b + "self_attn.v_proj.bias": L.v_bias})
     out["model.norm.weight"] = w.final_norm
     if w.lm_head is not None:
         out["lm_head.weight"] = w.lm_head[:V]
     return {k: v.to(dtype).contiguous() for k, v in out.items()}
 
 
+def causal_model_type(arch: Arch) -> str:
+    """transformers model_type of a causal export: Qwen2 has q/k/v-only biases, Llama none."""
+    return "qwen2" if arch.qkv_bias else "llama"
+
+
 def llama_config(arch: Arch, ids: dict[str, int], dtype_name: str, source_config: dict | None) -> dict:
-    """A LlamaForCausalLM config.json; the imported model's own config when it came from one."""
-    cfg = dict(source_config) if source_config and source_config.get("model_type") == "llama" else {}
+    """A LlamaForCausalLM (or, with q/k/v biases, Qwen2ForCausalLM) config.json; the imported
+    model's own config when it came from one of that type."""
+    mt = causal_model_type(arch)
+    same = bool(source_config) and source_config.get("model_type") == mt
+    cfg = dict(source_config) if same else {}
     cfg.update({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": ["Qwen2ForCausalLM" if mt == "qwen2" else "LlamaForCausalLM"],
+        "model_type": mt,
         "hidden_size": arch.hidden_size,
         "intermediate_size": arch.ffn_hidden_size,
         "num_attention_heads": arch.num_heads,
         "num_key_value_heads": arch.num_groups,
         "num_hidden_layers": arch.num_layers,
-        "head_dim": arch.head_dim,
         "vocab_size": arch.vocab_size,
         "rms_norm_eps": arch.norm_eps,
         "tie_word_embeddings": arch.tied,
         "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
     })
-    if not source_config or source_config.get("model_type") != "llama":
+    if mt == "llama":
+        cfg.update({"head_dim": arch.head_dim, "attention_bias": False, "mlp_bias": False})
+    else:  # Qwen2 derives head_dim = hidden_size / heads, as the framework does
+        cfg.setdefault("use_sliding_window", False)
+    if not same:
         cfg.update({"max_position_embeddings": arch.seq_len, "bos_token_id": ids["eot"], "eos_token_id": ids["eot"],
                     "pad_token_id": ids["pad"], "initializer_range": arch.init_std})
     # transformers 5 reads rope_parameters, 4.x reads rope_theta.
     cfg["rope_parameters"] = {**(cfg.get("rope_parameters") or {}), "rope_theta": arch.rope_theta, "rope_type": "default"}
-    if "rope_theta" in cfg or not source_config:
+    if "rope_theta" in cfg or not same:
         cfg["rope_theta"] = arch.rope_theta
     cfg.pop("torch_dtype", None)
     cfg["dtype"] = dtype_name
@@ -383,16 +399,25 @@ def load_hf_weights(hf_dir: Path, arch: Arch, model_type: str, *, show_progress:
     H, hd = arch.hidden_size, arch.head_dim
     embed = take("model.embed_tokens.weight", (arch.vocab_size, H))
     dtype_name = _hf_dtype_name(read_hf_config(hf_dir), embed)
+    # q/k/v biases (Qwen2; Llama with attention_bias) become model.add_qkv_bias: all or none.
+    arch.qkv_bias = "model.layers.0.self_attn.q_proj.bias" in files
+    bias_rows = {"q_proj": arch.num_heads * hd, "k_proj": arch.num_groups * hd, "v_proj": arch.num_groups * hd}
     layers = []
     for i in track(range(arch.num_layers), desc="reading layers", total=arch.num_layers, enabled=show_progress):
         b = f"model.layers.{i}."
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            bias = get(f"{b}self_attn.{proj}.bias", required=False)
-            if bias is not None:
-                used.add(f"{b}self_attn.{proj}.bias")
-                if bool(bias.float().abs().max() > 0):
-                    raise ConvertError(f"{model_type} checkpoint has nonzero attention bias '{b}self_attn.{proj}.bias'; "
-                                       f"the framework's attention has no biases (add_qkv_bias=False), so it cannot be imported exactly")
+        biases = {}
+        for proj, rows in bias_rows.items():
+            name = f"{b}self_attn.{proj}.bias"
+            if arch.qkv_bias:
+                biases[proj] = take(name, (rows,)).float()
+            elif name in files:
+                raise ConvertError(f"{hf_dir} has '{name}' but layer 0 has no q_proj bias; q/k/v biases must be on every layer or none")
+        o_bias = get(f"{b}self_attn.o_proj.bias", required=False)
+        if o_bias is not None:  # Llama's attention_bias=True also adds one to the output projection
+            used.add(f"{b}self_attn.o_proj.bias")
+            if bool(o_bias.float().abs().max() > 0):
+                raise ConvertError(f"{model_type} checkpoint has a nonzero output-projection bias '{b}self_attn.o_proj.bias'; "
+                                   f"the framework has biases only on q/k/v (model.add_qkv_bias), so it cannot be imported exactly")
         layers.append(Layer(
             attn_norm=take(b + "input_layernorm.weight", (H,)).float(),
             q=take(b + "self_attn.q_proj.weight", (arch.num_heads * hd, H)).float(),
@@ -403,6 +428,7 @@ def load_hf_weights(hf_dir: Path, arch: Arch, model_type: str, *, show_progress:
             gate=take(b + "mlp.gate_proj.weight", (arch.ffn_hidden_size, H)).float(),
             up=take(b + "mlp.up_proj.weight", (arch.ffn_hidden_size, H)).float(),
             down=take(b + "mlp.down_proj.weight", (H, arch.ffn_hidden_size)).float(),
+            q_bias=biases.get("q_proj"), k_bias=biases.get("k_proj"), v_bias=biases.get("v_proj"),
         ))
     final_norm = take("model.norm.weight", (H,)).float()
     head = None
@@ -482,6 +508,7 @@ def import_hf(hf_dir: str | Path, output: str | Path, *, tp: int = 1, pp: int = 
         raise ConvertError(f"rope_theta={arch.rope_theta} is not an integer (model.rotary_base is an integer)")
     m.rotary_base, m.norm_epsilon, m.tie_embeddings = int(arch.rope_theta), arch.norm_eps, arch.tied
     m.init_method_std = arch.init_std
+    m.add_qkv_bias = arch.qkv_bias
     cfg.diffusion.objective = objective
     cfg.data.tokenizer = str(tok_file.resolve())
     cfg.data.seq_len = int(seq_len or min(arch.seq_len, 4096))

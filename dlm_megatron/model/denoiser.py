@@ -41,7 +41,7 @@ def transformer_config(cfg: Config, *, params_dtype: torch.dtype = torch.float32
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=m.add_qkv_bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=m.init_method_std,
@@ -177,8 +177,12 @@ def mark_tensor_parallel(model: torch.nn.Module) -> None:
 
     for name, p in model.named_parameters():
         dim = sharding.partition_dim(name)
-        if dim is not None:
-            set_tensor_model_parallel_attributes(p, True, dim, 1)
+        if dim is None:
+            continue
+        if hasattr(p, "tensor_model_parallel"):  # megatron-core tags biases itself
+            assert p.tensor_model_parallel and p.partition_dim == dim, name
+            continue
+        set_tensor_model_parallel_attributes(p, True, dim, 1)
 
 
 def build_model(cfg: Config, vocab_size: int, *, pre_process: bool, post_process: bool, params_dtype=torch.float32) -> Denoiser:

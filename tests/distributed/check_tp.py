@@ -21,6 +21,12 @@ def loss_and_grads(cfg, tok, x, pos, lay):
 
     model = build_model(cfg, tok.vocab_size, pre_process=True, post_process=True)
     init_weights(model, cfg, tp_rank=lay.tp_rank, pp_rank=0)
+    with torch.no_grad():  # biases start at zero, which would hide a wrong TP split: make them nonzero
+        for name, p in canonical_params(model, cfg, 0):
+            if name.endswith(".bias"):
+                full = torch.randn(sharding.full_shape(p.shape, name, cfg.parallel.tp),
+                                   generator=torch.Generator().manual_seed(len(name))) * 0.5
+                p.copy_(sharding.shard(full, name, lay.tp_rank, cfg.parallel.tp))
     b = build_objective(cfg.diffusion, tok.mask_id, cfg.train.seed).make_batch(x, pos, step=0, global_batch_size=len(x))
     nll = model(b.tokens_BS, b.position_ids_BS, b.attention_mask, labels=b.labels_BS, explicit_positions=b.position_ids_BS is not None,
                 **(getattr(b, "model_kwargs", None) or {}))
@@ -68,7 +74,7 @@ def main():
     worst = max(g1, key=lambda k: (g2[k] - g1[k]).abs().max().item())
     if lay.rank == 0:
         with open(out, "w") as f:
-            json.dump({"loss_tp1": l1, "loss_tp2": l2, "max_grad_diff": diff, "worst": worst,
+            json.dump({"loss_tp1": l1, "loss_tp2": l2, "max_grad_diff": diff, "worst": worst, "params": sorted(g1),
                        "max_grad": max(v.abs().max().item() for v in g1.values())}, f)
     pdist.destroy()
 

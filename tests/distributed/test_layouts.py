@@ -108,3 +108,14 @@ def test_tp2_loss_and_grads_equal_tp1(tmp_path):
     assert r["loss_tp2"] == pytest.approx(r["loss_tp1"], abs=1e-5)
     assert r["max_grad_diff"] < 1e-5, r
     assert r["max_grad"] > 1e-3  # gradients are not trivially zero
+
+
+def test_tp2_equals_tp1_with_qkv_bias_and_gqa(tmp_path):
+    """Qwen2-style q/k/v biases (nonzero, see check_tp.py) split over TP ranks with the
+    weights' group-major layout: same loss and gradients, biases' included."""
+    out = tmp_path / "tp_bias.json"
+    torchrun(2, "tests/distributed/check_tp.py", str(out), "masked", "model.add_qkv_bias=true", "model.num_query_groups=2")
+    r = json.loads(out.read_text())
+    assert "decoder.layers.0.self_attention.linear_qkv.bias" in r["params"]
+    assert r["loss_tp2"] == pytest.approx(r["loss_tp1"], abs=1e-5)
+    assert r["max_grad_diff"] < 1e-5, r

@@ -94,21 +94,23 @@ def sample_tokens(vocab: int, mask_id: int, B: int = 2, S: int = 24, seed: int =
 
 
 def gguf_reference_logits(path, tokens_S) -> torch.Tensor:
-    """Forward pass of a ``llada`` GGUF file in llama.cpp's conventions, in fp64: tensors as
-    stored (dequantised), NORM rope rotating adjacent pairs (2i, 2i+1), GQA broadcast of
+    """Forward pass of a ``llada`` or ``dream`` GGUF file in llama.cpp's conventions, in fp64:
+    tensors as stored (dequantised), llada's NORM rope rotating adjacent pairs (2i, 2i+1) or
+    dream's NEOX rope rotating (i, i + d/2), q/k/v biases when stored, GQA broadcast of
     kv head h // (heads / kv_heads), bidirectional attention, output = ``output`` or
     ``token_embd``."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
     r = GGUFReader(str(path))
-    kv = {k: f.contents() for k, f in r.fields.items() if k.startswith("llada.")}
+    arch = r.fields["general.architecture"].contents()
+    kv = {k[len(arch) + 1:]: f.contents() for k, f in r.fields.items() if k.startswith(arch + ".")}
     T = {}
     for t in r.tensors:
         a = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float64)
         T[t.name] = torch.from_numpy(a.reshape([int(n) for n in reversed(t.shape.tolist())]).copy())
-    nh, nkv = kv["llada.attention.head_count"], kv["llada.attention.head_count_kv"]
-    eps, base = kv["llada.attention.layer_norm_rms_epsilon"], kv["llada.rope.freq_base"]
+    nh, nkv = kv["attention.head_count"], kv["attention.head_count_kv"]
+    eps, base = kv["attention.layer_norm_rms_epsilon"], kv["rope.freq_base"]
     x = T["token_embd.weight"][torch.as_tensor(tokens_S)]
     S, H = x.shape
     d = H // nh
@@ -116,20 +118,25 @@ def gguf_reference_logits(path, tokens_S) -> torch.Tensor:
     cos, sin = ang.cos()[:, None], ang.sin()[:, None]
 
     def rope(v):  # [S, heads, d]
-        a, b = v[..., 0::2], v[..., 1::2]
+        pairs = (slice(0, None, 2), slice(1, None, 2)) if arch == "llada" else (slice(0, d // 2), slice(d // 2, None))
+        a, b = v[..., pairs[0]], v[..., pairs[1]]
         out = torch.empty_like(v)
-        out[..., 0::2], out[..., 1::2] = a * cos - b * sin, a * sin + b * cos
+        out[..., pairs[0]], out[..., pairs[1]] = a * cos - b * sin, a * sin + b * cos
         return out
+
+    def proj(h, name):
+        y = h @ T[name + ".weight"].T
+        return y + T[name + ".bias"] if name + ".bias" in T else y
 
     def norm(v, w):
         return v / torch.sqrt((v * v).mean(-1, keepdim=True) + eps) * w
 
-    for i in range(kv["llada.block_count"]):
+    for i in range(kv["block_count"]):
         p = f"blk.{i}."
         h = norm(x, T[p + "attn_norm.weight"])
-        q = rope((h @ T[p + "attn_q.weight"].T).view(S, nh, d))
-        k = rope((h @ T[p + "attn_k.weight"].T).view(S, nkv, d)).repeat_interleave(nh // nkv, 1)
-        v = (h @ T[p + "attn_v.weight"].T).view(S, nkv, d).repeat_interleave(nh // nkv, 1)
+        q = rope(proj(h, p + "attn_q").view(S, nh, d))
+        k = rope(proj(h, p + "attn_k").view(S, nkv, d)).repeat_interleave(nh // nkv, 1)
+        v = proj(h, p + "attn_v").view(S, nkv, d).repeat_interleave(nh // nkv, 1)
         att = torch.softmax(torch.einsum("qhd,khd->hqk", q, k) / d ** 0.5, -1)
         x = x + torch.einsum("hqk,khd->qhd", att, v).reshape(S, H) @ T[p + "attn_output.weight"].T
         h = norm(x, T[p + "ffn_norm.weight"])
@@ -402,6 +409,8 @@ def _tiny_hf(kind: str, out: Path, dtype=torch.float32, **over):
         for n, p in model.named_parameters():
             if "norm" in n:
                 p.uniform_(0.5, 1.5)
+            elif n.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):  # transformers starts them at 0
+                p.uniform_(-0.5, 0.5)
     model.to(dtype).save_pretrained(str(out))
     shutil.copyfile(BUILTIN_TOKENIZER, out / "tokenizer.json")
     return model.float().eval()
@@ -458,25 +467,106 @@ def test_import_llama_tp2_pp2_causal_logits_and_bit_exact_round_trip(tmp_path):
     assert _max_diff(got, want) < 1e-4
 
 
-def test_import_qwen2_zero_bias_ok_nonzero_bias_refused(tmp_path):
+def test_import_qwen2_biases_tp2_pp2_round_trip_and_diffusion_exports(tmp_path):
+    """A Qwen2 checkpoint with real (nonzero) q/k/v biases: imported at TP2 x PP2 its causal
+    logits equal Qwen2ForCausalLM's; --to hf-llama writes it back as Qwen2 bit for bit; as a
+    masked-diffusion start point it exports to HF (include_qkv_bias) and to a llama.cpp
+    ``dream`` GGUF (llada has no bias tensors) whose reference forward matches."""
+    from gguf import GGUFReader
+    from safetensors.torch import load_file
+
+    from dlm_megatron.checkpoint import load_full_state_dict, read_meta, resolve
+    from dlm_megatron.config import from_dict
+    from dlm_megatron.planner import model_dims, param_counts
+
     hf_dir = tmp_path / "qwen2"
-    ref_model = _tiny_hf("qwen2", hf_dir)
-    assert all(float(p.abs().max()) == 0 for n, p in ref_model.named_parameters() if n.endswith("proj.bias"))
-    assert convert("--from-hf", hf_dir, "--output", tmp_path / "imp") == 0
+    ref_model = _tiny_hf("qwen2", hf_dir, initializer_range=0.1)  # peaked attention: rope/bias layout errors show
+    biases = {n: p for n, p in ref_model.named_parameters() if n.endswith("proj.bias")}
+    assert len(biases) == 6 and all(float(p.abs().min()) > 0 for p in biases.values())
+    imp = tmp_path / "imported"
+    assert convert("--from-hf", hf_dir, "--output", imp, "--tp", "2", "--pp", "2") == 0
+    meta = read_meta(resolve(imp))
+    assert meta["config"]["model"]["add_qkv_bias"] is True and meta["source"]["format"] == "hf-qwen2"
+
     x = sample_tokens(8192, 1)
     with torch.no_grad():
         want = ref_model(x).logits
-    diff = _max_diff(framework_logits(tmp_path / "imp", x)[..., :8200], want)
-    print(f"\n[convert] HF Qwen2 (zero qkv bias) import: causal logits vs Qwen2ForCausalLM max |diff| = {diff:.2e}")
-    assert diff < 1e-4
+        for p in biases.values():
+            p.zero_()
+        without_bias = ref_model(x).logits
+    diff = _max_diff(framework_logits(imp, x)[..., :8200], want)
+    print(f"\n[convert] HF Qwen2 (nonzero q/k/v biases) import at TP2xPP2: causal logits vs Qwen2ForCausalLM "
+          f"max |diff| = {diff:.2e} (biases move logits by {_max_diff(want, without_bias):.2f})")
+    assert diff < 1e-4 and _max_diff(want, without_bias) > 1e-2
 
+    # The planner counts the biases: same total as the checkpoint holds.
+    cfg = from_dict(meta["config"])
+    full = load_full_state_dict(resolve(imp))
+    assert param_counts(model_dims(cfg, meta["vocab_size"]))["total"] == sum(t.numel() for t in full.values())
+
+    back = tmp_path / "back"
+    assert convert("--ckpt", imp, "--to", "hf-llama", "--output", back) == 0
+    a, b = load_file(str(hf_dir / "model.safetensors")), load_file(str(back / "model.safetensors"))
+    assert sorted(a) == sorted(b) and any(n.endswith("q_proj.bias") for n in b)
+    assert all(a[n].dtype == b[n].dtype and torch.equal(a[n], b[n]) for n in a)
+    assert json.loads((back / "config.json").read_text()) == json.loads((hf_dir / "config.json").read_text())
+
+    # As the start of AR -> diffusion adaptation: masked objective, HF and GGUF exports.
+    dlm = tmp_path / "dlm"
+    assert convert("--from-hf", hf_dir, "--output", dlm, "--objective", "masked") == 0
+    ref = framework_logits(dlm, x)
+    out = tmp_path / "hf_dlm"
+    assert convert("--ckpt", dlm, "--to", "hf", "--output", out) == 0
+    assert json.loads((out / "config.json").read_text())["include_qkv_bias"] is True
     with torch.no_grad():
-        ref_model.model.layers[0].self_attn.q_proj.bias.fill_(0.1)
-    biased = tmp_path / "qwen2_bias"
-    ref_model.save_pretrained(str(biased))
-    shutil.copyfile(BUILTIN_TOKENIZER, biased / "tokenizer.json")
-    p = convert_cli("--from-hf", biased, "--output", tmp_path / "imp2")
-    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "bias" in p.stderr, p.stderr
+        got = _load_hf(out)(x).logits
+    diff_hf = _max_diff(got, ref)
+    gguf_file = tmp_path / "dlm.gguf"
+    assert convert("--ckpt", dlm, "--to", "gguf", "--output", gguf_file) == 0
+    r = GGUFReader(str(gguf_file))
+    assert r.fields["general.architecture"].contents() == "dream"
+    assert {"blk.0.attn_q.bias", "blk.1.attn_v.bias"} <= {t.name for t in r.tensors}
+    diff_gguf = _max_diff(gguf_reference_logits(gguf_file, x[0]), ref[0, :, :8200])
+    print(f"[convert] Qwen2-initialised masked denoiser: HF export {diff_hf:.2e}, dream GGUF reference forward {diff_gguf:.2e}")
+    assert diff_hf < 1e-4 and diff_gguf < 1e-4
+
+    # Training continues from it with the biases (train.init_from), and refuses to drop them.
+    new_run = tmp_path / "adapt"
+    train = [PY, "-m", "dlm_megatron.train", str(dlm / "config.yaml"), *TRAIN_OVERRIDES, "train.steps=2",
+             "model.vocab_size=8200", "model.num_query_groups=2", f"train.init_from={dlm}", f"train.output_dir={new_run}"]
+    p = run(train, timeout=600)
+    assert "initialised weights from" in p.stdout
+    name = "decoder.layers.1.self_attention.linear_qkv.bias"
+    before, after = load_full_state_dict(resolve(dlm))[name], load_full_state_dict(resolve(new_run))[name]
+    assert after.abs().min() > 0 and 0 < _max_diff(after, before) < 0.1  # started from the biases, then trained
+    p = run(train[:-1] + [f"train.output_dir={tmp_path / 'nobias'}", "model.add_qkv_bias=false"], check=False, timeout=300)
+    assert p.returncode == 2 and "model.add_qkv_bias=true" in p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
+
+    # A framework-native checkpoint with biases (no imported config) exports to a loadable Qwen2.
+    meta_file = resolve(imp) / "meta.json"
+    m = json.loads(meta_file.read_text())
+    m.pop("source")
+    meta_file.write_text(json.dumps(m))
+    native = tmp_path / "native"
+    assert convert("--ckpt", imp, "--to", "hf-llama", "--output", native) == 0
+    from transformers import AutoModelForCausalLM
+
+    hf_native = AutoModelForCausalLM.from_pretrained(str(native)).eval()
+    assert type(hf_native).__name__ == "Qwen2ForCausalLM"
+    with torch.no_grad():
+        assert _max_diff(hf_native(x).logits, want) < 1e-4
+
+
+def test_import_refuses_nonzero_output_projection_bias(tmp_path):
+    """Llama's attention_bias=True also puts a bias on o_proj, which the framework lacks."""
+    hf_dir = tmp_path / "llama_bias"
+    model = _tiny_hf("llama", hf_dir, attention_bias=True)
+    assert convert("--from-hf", hf_dir, "--output", tmp_path / "ok") == 0  # o_proj bias all zero: exact
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.bias.fill_(0.1)
+    model.save_pretrained(str(hf_dir))
+    p = convert_cli("--from-hf", hf_dir, "--output", tmp_path / "imp2")
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "o_proj.bias" in p.stderr, p.stderr
 
 
 # ---------------------------------------------------------------------------------------

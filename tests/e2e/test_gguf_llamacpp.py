@@ -183,5 +183,40 @@ def test_gguf_runs_in_llama_cpp_and_matches_framework_logits(request, tmp_path):
         assert got.shape == ref.shape and diff < limit, (dtype, diff)
 
 
+
+def test_qwen2_biased_checkpoint_runs_in_llama_cpp_as_dream(request, tmp_path):
+    """A masked denoiser initialised from a Qwen2 checkpoint with nonzero q/k/v biases: llama.cpp's
+    llada graph has no bias tensors, so the export is a ``dream`` GGUF (Qwen2-based diffusion, NEOX
+    rope, biases). llama.cpp must load it as a diffusion model and match the framework's logits."""
+    ensure_llama_cpp(request)
+    from test_convert_cli import _tiny_hf, convert, framework_logits, sample_tokens
+
+    from dlm_megatron.data.tokenizer import load_tokenizer
+
+    hf_dir, run_dir = tmp_path / "qwen2", tmp_path / "dlm"
+    _tiny_hf("qwen2", hf_dir, initializer_range=0.1)  # peaked attention: a wrong rope layout shows (~2 vs 2e-6)
+    assert convert("--from-hf", hf_dir, "--output", run_dir, "--objective", "masked") == 0
+    tok = load_tokenizer(run_dir / "tokenizer.json")
+    x = sample_tokens(tok.vocab_size, tok.mask_id, B=1, S=24)
+    V = 8200  # the Qwen2 config's vocabulary (tokenizer ids + unused rows)
+    ref = framework_logits(run_dir, x)[0, :, :V].numpy()
+    req = tmp_path / "request.json"
+    req.write_text(json.dumps({"tokens": x[0].tolist(), "text": "ROMEO: But soft"}))
+    gguf_file = tmp_path / "dream.gguf"
+    assert convert("--ckpt", run_dir, "--to", "gguf", "--output", gguf_file) == 0
+    out = str(tmp_path / "llama-dream")
+    p = subprocess.run([sys.executable, __file__, str(gguf_file), str(req), out], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert p.returncode == 0, f"llama.cpp child failed ({p.returncode}):\n{p.stderr[-3000:]}"
+    facts = json.loads(Path(out + ".json").read_text())
+    got = np.load(out + ".npy")
+    assert facts["arch"] == "dream" and facts["is_diffusion"] and facts["mask_id"] == tok.mask_id, facts
+    assert facts["n_vocab"] == V and facts["shift_logits"] == "false", facts
+    diff = float(np.abs(got - ref).max())
+    print(f"\n[gguf/llama.cpp] dream (q/k/v biases) f32: max |logit diff| vs framework = {diff:.2e} "
+          f"(max |logit| {np.abs(ref).max():.2f})")
+    assert got.shape == ref.shape and diff < 1e-3
+
+
 if __name__ == "__main__":
     sys.exit(_child_main(sys.argv[1:]))
