@@ -454,17 +454,25 @@ def test_import_llama_tp2_pp2_causal_logits_and_bit_exact_round_trip(tmp_path):
     assert all(b[n].dtype == torch.bfloat16 and torch.equal(a[n], b[n]) for n in a)
 
     # A framework-native causal checkpoint (no imported config) exports to a loadable Llama.
+    assert type(_export_native_causal(imp, tmp_path / "native", x, want)).__name__ == "LlamaForCausalLM"
+
+
+def _export_native_causal(imp: Path, out: Path, x: torch.Tensor, want: torch.Tensor):
+    """Forget where an imported checkpoint came from (as if trained here), export it with
+    --to hf-llama, load it with AutoModelForCausalLM and compare logits; returns the model."""
+    from transformers import AutoModelForCausalLM
+
+    from dlm_megatron.checkpoint import resolve
+
     meta_file = resolve(imp) / "meta.json"
     m = json.loads(meta_file.read_text())
     m.pop("source")
     meta_file.write_text(json.dumps(m))
-    native = tmp_path / "native"
-    assert convert("--ckpt", imp, "--to", "hf-llama", "--output", native) == 0
-    from transformers import AutoModelForCausalLM
-
+    assert convert("--ckpt", imp, "--to", "hf-llama", "--output", out) == 0
+    model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     with torch.no_grad():
-        got = AutoModelForCausalLM.from_pretrained(str(native)).eval()(x).logits
-    assert _max_diff(got, want) < 1e-4
+        assert _max_diff(model(x).logits, want) < 1e-4
+    return model
 
 
 def test_import_qwen2_biases_tp2_pp2_round_trip_and_diffusion_exports(tmp_path):
@@ -543,18 +551,7 @@ def test_import_qwen2_biases_tp2_pp2_round_trip_and_diffusion_exports(tmp_path):
     assert p.returncode == 2 and "model.add_qkv_bias=true" in p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
 
     # A framework-native checkpoint with biases (no imported config) exports to a loadable Qwen2.
-    meta_file = resolve(imp) / "meta.json"
-    m = json.loads(meta_file.read_text())
-    m.pop("source")
-    meta_file.write_text(json.dumps(m))
-    native = tmp_path / "native"
-    assert convert("--ckpt", imp, "--to", "hf-llama", "--output", native) == 0
-    from transformers import AutoModelForCausalLM
-
-    hf_native = AutoModelForCausalLM.from_pretrained(str(native)).eval()
-    assert type(hf_native).__name__ == "Qwen2ForCausalLM"
-    with torch.no_grad():
-        assert _max_diff(hf_native(x).logits, want) < 1e-4
+    assert type(_export_native_causal(imp, tmp_path / "native", x, want)).__name__ == "Qwen2ForCausalLM"
 
 
 def test_import_refuses_nonzero_output_projection_bias(tmp_path):
