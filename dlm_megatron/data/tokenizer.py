@@ -14,11 +14,12 @@ import binascii
 import hashlib
 import json
 from pathlib import Path
-from typing import Sequence
-
-import numpy as np
+from typing import TYPE_CHECKING, Sequence
 
 from dlm_megatron.data import DataError
+
+if TYPE_CHECKING:  # numpy only for annotations: shard.py's worker processes skip importing it
+    import numpy as np
 
 EOT_TOKEN = "<|endoftext|>"
 MASK_TOKEN = "<|mask|>"
@@ -56,9 +57,13 @@ class Tokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each text, in order (uses the library's thread pool)."""
-        encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
-        return [e.ids for e in encodings]
+        """Token ids of each text, in order (uses the library's thread pool).
+
+        `encode_batch_fast` (tokenizers >= 0.21) gives the same ids without computing
+        character offsets, which nothing here uses; it is about 1.5x faster.
+        """
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return [e.ids for e in encode(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int] | np.ndarray, skip_special: bool = False) -> str:
         """Text of `ids`; special tokens are shown (e.g. `<|mask|>`) unless skip_special."""
