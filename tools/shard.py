@@ -42,14 +42,9 @@ from typing import Iterable, Iterator
 if importlib.util.find_spec("dlm_megatron") is None:  # run from a checkout, not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+# Light imports only at module level: the tokenizer worker processes (spawned) import this
+# file as __mp_main__, and they need neither numpy nor the shard writer.
 from dlm_megatron.data import DataError, load_tokenizer  # noqa: E402
-from dlm_megatron.data.shards import (  # noqa: E402
-    DEFAULT_SHARD_TOKENS,
-    FORMATS,
-    resume_point,
-    tokenize_texts,
-    write_shards,
-)
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -61,6 +56,8 @@ MAX_EXAMPLES = 3
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line; every flag is documented for --help."""
+    from dlm_megatron.data.shards import DEFAULT_SHARD_TOKENS, FORMATS
+
     parser = argparse.ArgumentParser(
         description="Tokenize plain-text / JSONL (optionally .gz) files into token shards "
         "plus manifest.json; use the output directory as a data path in the config.",
@@ -325,6 +322,8 @@ def resume_key(files: list[Path], args: argparse.Namespace, tokenizer_sha: str) 
 
 def run(args: argparse.Namespace) -> int:
     """Shard everything; return the exit status."""
+    from dlm_megatron.data.shards import resume_point, tokenize_texts, write_shards
+
     files = expand_inputs(args.input)
     tokenizer = load_tokenizer(args.tokenizer)
     key = resume_key(files, args, tokenizer.sha256)

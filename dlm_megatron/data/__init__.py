@@ -11,18 +11,36 @@ class DataError(ValueError):
     """A data/tokenizer problem the user can fix; the message says what and how."""
 
 
-# Submodules import DataError from here, so it must be defined before these imports.
-from dlm_megatron.data.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
-from dlm_megatron.data.shards import DocStore, open_shards, write_shards  # noqa: E402
-from dlm_megatron.data.loader import (  # noqa: E402
-    BlendedDataset,
-    PackedDataset,
-    sample_indices,
-)
-from dlm_megatron.data.corpus import (  # noqa: E402
-    prepare_builtin_corpus,
-    resolve_data_path,
-)
+# Public names resolve lazily (PEP 562), so importing one light submodule (e.g. the
+# tokenizer in tools/shard.py's worker processes) does not pull in numpy and the rest.
+_EXPORTS = {
+    "Tokenizer": "tokenizer",
+    "load_tokenizer": "tokenizer",
+    "DocStore": "shards",
+    "open_shards": "shards",
+    "write_shards": "shards",
+    "PackedDataset": "loader",
+    "BlendedDataset": "loader",
+    "sample_indices": "loader",
+    "prepare_builtin_corpus": "corpus",
+    "resolve_data_path": "corpus",
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "DataError",

@@ -28,8 +28,16 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from dlm_megatron.data import DataError
+from dlm_megatron.data.encode_pool import (
+    CHUNK_CHARS,
+    CHUNK_DOCS,
+    IN_FLIGHT_CHARS,
+    chunk_texts,
+    encode_chunk,
+    init_worker,
+)
 from dlm_megatron.data.indexed import IndexedReader, IndexedWriter
-from dlm_megatron.data.tokenizer import Tokenizer, load_tokenizer
+from dlm_megatron.data.tokenizer import Tokenizer
 from dlm_megatron.data.wds import WdsShardReader, WdsShardWriter
 
 MANIFEST_NAME = "manifest.json"
@@ -453,66 +461,51 @@ def open_shards(
 
 
 # --- parallel tokenization (used by tools/shard.py and the builtin corpus) -------------
+# The worker side lives in encode_pool (no numpy there, so workers start quickly).
 
-_WORKER_TOKENIZER: Tokenizer | None = None
-
-
-def _init_worker(path: str, sha256: str) -> None:
-    """Load the tokenizer once per worker process and make sure it is the same file."""
-    global _WORKER_TOKENIZER
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
-    _WORKER_TOKENIZER = load_tokenizer(path)
-    if _WORKER_TOKENIZER.sha256 != sha256:
-        raise DataError(f"tokenizer {path} changed while sharding; rerun")
+_chunks = chunk_texts  # older name, kept for callers
 
 
-def _encode_chunk(texts: list[str], tokenizer: Tokenizer | None = None) -> list[np.ndarray]:
-    """Encode a chunk of texts into compact arrays (cheap to send between processes)."""
-    tokenizer = tokenizer or _WORKER_TOKENIZER
-    dtype = token_dtype(tokenizer.vocab_size)
-    return [np.asarray(ids, dtype=dtype) for ids in tokenizer.encode_batch(texts)]
-
-
-def _chunks(texts: Iterable[str], chunk_chars: int, chunk_docs: int) -> Iterator[list[str]]:
-    """Group texts into chunks; boundaries depend only on the texts, never on workers."""
-    chunk, size = [], 0
-    for text in texts:
-        chunk.append(text)
-        size += len(text)
-        if size >= chunk_chars or len(chunk) >= chunk_docs:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
+def _split_chunk(result: tuple, dtype: np.dtype) -> Iterator[np.ndarray]:
+    """One array per document: views into the chunk's flat buffer (no copy)."""
+    buf, lengths = result
+    assert buf.itemsize == dtype.itemsize, (buf.typecode, dtype)
+    flat = np.frombuffer(buf, dtype=dtype)
+    start = 0
+    for n in lengths:
+        yield flat[start:start + n]
+        start += n
 
 
 def tokenize_texts(
     texts: Iterable[str],
     tokenizer: Tokenizer,
     workers: int = 1,
-    chunk_chars: int = 1 << 20,
-    chunk_docs: int = 1024,
+    chunk_chars: int = CHUNK_CHARS,
+    chunk_docs: int = CHUNK_DOCS,
 ) -> Iterator[np.ndarray]:
     """Tokenize texts in order, optionally in `workers` processes; yields one array per text.
 
     Output is identical for any worker count: chunks are formed independently of it and
-    results are yielded in submission order. At most 2 chunks per worker are in flight, so
-    memory stays bounded on corpora of any size.
+    results are yielded in submission order. About IN_FLIGHT_CHARS of text per worker is
+    in flight (at least 2 chunks), so memory stays bounded on corpora of any size.
     """
-    chunks = _chunks(texts, chunk_chars, chunk_docs)
+    dtype = token_dtype(tokenizer.vocab_size)
+    chunks = chunk_texts(texts, chunk_chars, chunk_docs)
     if workers <= 1:
         for chunk in chunks:
-            yield from _encode_chunk(chunk, tokenizer)
+            yield from _split_chunk(encode_chunk(chunk, dtype.char, tokenizer), dtype)
         return
     import multiprocessing
 
     # spawn: forking a process whose tokenizer thread pool is running can deadlock.
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, _init_worker, (str(tokenizer.path), tokenizer.sha256)) as pool:
+    window = workers * max(2, IN_FLIGHT_CHARS // max(chunk_chars, 1))
+    with ctx.Pool(workers, init_worker, (str(tokenizer.path), tokenizer.sha256)) as pool:
         pending: collections.deque = collections.deque()
         for chunk in chunks:
-            pending.append(pool.apply_async(_encode_chunk, (chunk,)))
-            if len(pending) >= 2 * workers:
-                yield from pending.popleft().get()
+            pending.append(pool.apply_async(encode_chunk, (chunk, dtype.char)))
+            if len(pending) >= window:
+                yield from _split_chunk(pending.popleft().get(), dtype)
         while pending:
-            yield from pending.popleft().get()
+            yield from _split_chunk(pending.popleft().get(), dtype)
