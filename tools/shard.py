@@ -352,7 +352,7 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - progress.start
     rate = progress.tokens / max(elapsed, 1e-9)
     print(f"shard.py: wrote {manifest['num_docs']} docs, {manifest['num_tokens']} tokens in "
-          f"{len(manifest['shards'])} {args.format} shards to {args.output} ({elapsed:.1f}s, "
+          f"{len(manifest['shards'])} {args.format} shards to {args.output} ({elapsed:.2f}s, "
           f"{progress.docs / max(elapsed, 1e-9):.0f} docs/s, {rate / 1e3:.1f}k tok/s"
           f"{f', resumed after {skip} docs' if skip else ''}); "
           f"skipped {stats.empty} empty docs, {stats.bad} bad records")
