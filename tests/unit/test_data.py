@@ -329,6 +329,33 @@ def test_shard_cli_worker_independent(tmp_path):
     assert manifest["num_docs"] == 5 and len(manifest["shards"]) > 1
 
 
+def test_tokenize_texts_chunking_and_workers(tok):
+    """Many small chunks (several in flight per worker): same arrays, in order, as encoding
+    each text alone, for 1 and 2 workers; empty texts give empty arrays."""
+    from dlm_megatron.data.shards import tokenize_texts
+
+    texts = [d["text"][:3000] for d in corpus_mod.load_builtin_documents("all")[:12]]
+    texts[3] = ""
+    expected = [tok.encode(t) for t in texts]
+    for workers in (1, 2):
+        got = list(tokenize_texts(iter(texts), tok, workers, chunk_chars=5000, chunk_docs=2))
+        assert [g.tolist() for g in got] == expected
+        assert all(g.dtype == np.uint16 for g in got)
+
+
+def test_shard_tool_workers_import_no_numpy():
+    """Spawned tokenizer workers import tools/shard.py (as __mp_main__) and the encode_pool
+    module; neither may pull in numpy or the rest of the data package (start-up cost)."""
+    code = ("import sys, runpy; runpy.run_path(sys.argv[1], run_name='__mp_main__'); "
+            "import dlm_megatron.data.encode_pool; "
+            "print(sorted(m for m in ('numpy', 'torch', 'dlm_megatron.data.shards') "
+            "if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code, str(TOOLS / "shard.py")],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_shard_cli_errors(tmp_path):
     result = _shard_cli("--input", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o"))
     assert result.returncode == 2
