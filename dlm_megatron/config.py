@@ -405,9 +405,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.sft_path (SFT) trains the masked objective only, got diffusion.objective={d.objective}")
     if not 0 < d.p_uniform <= 1:
         raise ConfigError(f"diffusion.p_uniform must be in (0, 1], got {d.p_uniform}")
-    if d.objective in ("uniform", "hybrid") and p.tp > 1:
-        raise ConfigError(f"diffusion.objective={d.objective} needs the full vocabulary distribution per token and supports "
-                          f"parallel.tp=1 only (vocab-parallel reductions are not implemented), got parallel.tp={p.tp}")
     _positive("data.seq_len", da.seq_len)
     _positive("diffusion.block_size", d.block_size)
     if d.objective == "block" and da.seq_len % d.block_size:

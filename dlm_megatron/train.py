@@ -194,6 +194,10 @@ def run(cfg: Config) -> dict:
         objective = SFTMaskedDiffusion(cfg.diffusion, tok.mask_id, cfg.train.seed)
     if hasattr(objective, "set_vocab_size"):  # uniform/hybrid noise draws from the tokenizer's ids
         objective.set_vocab_size(tok.vocab_size)
+    if hasattr(objective, "set_tensor_parallel"):  # uniform/hybrid losses sum over the vocab-parallel logits
+        from megatron.core import parallel_state
+
+        objective.set_tensor_parallel(parallel_state.get_tensor_model_parallel_group() if lay.tp > 1 else None, lay.tp_rank, lay.tp)
 
     G, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
     per_rank = G // lay.dp

@@ -181,17 +181,18 @@ class BlockDiffusion(Objective):
 REGISTRY: dict[str, type[Objective]] = {c.name: c for c in (MaskedDiffusion, Autoregressive, BlockDiffusion)}
 
 
-def _interpolating_logits_loss(mask_id: int, num_clean: int, p_uniform: float, logits_BSV, b: "Batch"):
+def _interpolating_logits_loss(mask_id: int, num_clean: int, p_uniform: float, tp: dict, logits_BSV, b: "Batch"):
     from .uniform import interpolating_loss_contributions
 
     return interpolating_loss_contributions(logits_BSV, b.labels_BS, b.tokens_BS, b.t_B, b.loss_weight_BS,
-                                            mask_id=mask_id, num_clean=num_clean, p_uniform=p_uniform)
+                                            mask_id=mask_id, num_clean=num_clean, p_uniform=p_uniform, **tp)
 
 
 class UniformDiffusion(MaskedDiffusion):
     """UDLM uniform-noise diffusion (Schiff et al. 2025): corrupted tokens become uniformly
     random clean tokens; loss = the exact continuous-time ELBO integrand from the model's full
-    distribution (see diffusion/uniform.py). Needs the full vocabulary: tensor parallel 1.
+    distribution (see diffusion/uniform.py); at TP > 1 its vocabulary sums are reduced over the
+    tensor-parallel group (``set_tensor_parallel``).
 
     Noise keyed like MaskedDiffusion: per sample (seed, stream, global position) t first
     (stratified if diffusion.antithetic), then three L-vectors of uniforms (corrupt?,
@@ -201,9 +202,16 @@ class UniformDiffusion(MaskedDiffusion):
     p_uniform = 1.0
     vocab_size: int | None = None
 
+    tensor_parallel: dict = {}
+
     def set_vocab_size(self, vocab_size: int) -> None:
         """Tokenizer vocabulary (clean ids + MASK); the model's padded rows are never used."""
         self.vocab_size = int(vocab_size)
+
+    def set_tensor_parallel(self, group, rank: int, size: int) -> None:
+        """The model's logits are vocabulary-parallel over ``group`` (size > 1): the loss
+        reduces its vocabulary sums over it (diffusion/uniform.py)."""
+        self.tensor_parallel = {"tp_group": group, "tp_rank": int(rank), "tp_size": int(size)} if size > 1 else {}
 
     def noise_uniforms(self, positions_B, L: int, stream: int):
         rows = []
@@ -226,7 +234,8 @@ class UniformDiffusion(MaskedDiffusion):
         num_clean = self.vocab_size - 1
         zt = ud.noise_tokens(x0_BL, t_B, u, v, w, num_clean=num_clean, mask_id=self.mask_id, p_uniform=self.p_uniform)
         return Batch(tokens_BS=zt, labels_BS=x0_BL, loss_weight_BS=torch.ones(x0_BL.shape, dtype=torch.float32),
-                     t_B=t_B.float(), logits_loss=partial(_interpolating_logits_loss, self.mask_id, num_clean, self.p_uniform))
+                     t_B=t_B.float(), logits_loss=partial(_interpolating_logits_loss, self.mask_id, num_clean, self.p_uniform,
+                                                 self.tensor_parallel))
 
 
 class HybridDiffusion(UniformDiffusion):

@@ -127,20 +127,129 @@ def interpolating_elbo_terms(logp_BLC: torch.Tensor, x0_BL: torch.Tensor, zt_BL:
 
 
 def interpolating_loss_contributions(logits_BSV: torch.Tensor, x0_BL: torch.Tensor, zt_BL: torch.Tensor, t_B: torch.Tensor,
-                                     weight_BL: torch.Tensor, *, mask_id: int, num_clean: int, p_uniform: float) -> torch.Tensor:
-    """Per-position loss contributions from model logits (TP=1: full vocabulary).  -> [B, L]
+                                     weight_BL: torch.Tensor, *, mask_id: int, num_clean: int, p_uniform: float,
+                                     tp_group=None, tp_rank: int = 0, tp_size: int = 1) -> torch.Tensor:
+    """Per-position loss contributions from model logits.  -> [B, L]
 
+    TP=1: ``logits_BSV`` has the full (padded) vocabulary. TP>1: it is TP rank ``tp_rank``'s
+    vocabulary-parallel slice and the reductions run over ``tp_group``.
     ``weight_BL`` selects positions (1 = in the loss, 0 = e.g. a prompt token); positions with
     weight 0 contribute an exact 0 even if their logits are non-finite.
     """
-    if logits_BSV.shape[-1] < num_clean + 1:
-        raise ValueError(f"logits have {logits_BSV.shape[-1]} columns, fewer than the vocabulary ({num_clean + 1}); "
-                         f"uniform/hybrid losses need the full vocabulary (tensor parallel size 1)")
-    logp = clean_log_probs(logits_BSV, mask_id, num_clean)
-    f = interpolating_elbo_terms(logp, x0_BL.to(logp.device), zt_BL.to(logp.device), t_B.to(logp.device),
-                                 mask_id=mask_id, p_uniform=p_uniform)
+    if tp_size > 1:
+        Vl = logits_BSV.shape[-1]
+        f = interpolating_elbo_terms_vocab_parallel(logits_BSV, x0_BL, zt_BL, t_B.to(logits_BSV.device), mask_id=mask_id,
+                                                    num_clean=num_clean, p_uniform=p_uniform, vocab_start=tp_rank * Vl,
+                                                    group=tp_group)
+    else:
+        if logits_BSV.shape[-1] < num_clean + 1:
+            raise ValueError(f"logits have {logits_BSV.shape[-1]} columns, fewer than the vocabulary ({num_clean + 1}); "
+                             f"pass the tensor-parallel group for vocabulary-parallel logits")
+        logp = clean_log_probs(logits_BSV, mask_id, num_clean)
+        f = interpolating_elbo_terms(logp, x0_BL.to(logp.device), zt_BL.to(logp.device), t_B.to(logp.device),
+                                     mask_id=mask_id, p_uniform=p_uniform)
     w = weight_BL.to(f.device, f.dtype)
     return torch.where(w != 0, f * w, torch.zeros_like(f))
+
+
+# --------------------------------------------------------------------------------------------
+# Tensor parallel: the same integrand from vocabulary-parallel logits
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) over ``group`` in forward, identity in backward. Right for a sum of
+    per-rank terms that the (replicated) loss uses only through the sum: every rank gets the
+    same dL/dsum and passes it to its own terms."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        import torch.distributed as dist
+
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _VocabParallelLogSoftmax(torch.autograd.Function):
+    """log softmax over the columns where ``valid`` is True, the columns spread over the ranks of
+    ``group``; -inf elsewhere.  [B, L, Vl] -> [B, L, Vl]
+
+    The normaliser is shared by every rank's columns, so its gradient needs every rank's
+    share: backward is g - p * sum_all_ranks(g) (one all-reduce), which an identity-backward
+    sum would get wrong (each rank would only see its own columns' pull on the normaliser)."""
+
+    @staticmethod
+    def forward(ctx, logits, valid, group):
+        import torch.distributed as dist
+
+        row_max = torch.where(valid, logits, float("-inf")).max(-1, keepdim=True).values
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        e = torch.where(valid, (logits - row_max).exp(), torch.zeros_like(logits))
+        z = e.sum(-1, keepdim=True)
+        dist.all_reduce(z, group=group)
+        ctx.save_for_backward(e / z, valid)
+        ctx.group = group
+        return torch.where(valid, logits - row_max - z.log(), float("-inf"))
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        p, valid = ctx.saved_tensors
+        grad = torch.where(valid, grad, torch.zeros_like(grad))
+        total = grad.sum(-1, keepdim=True)
+        dist.all_reduce(total, group=ctx.group)
+        return grad - p * total, None, None
+
+
+def interpolating_elbo_terms_vocab_parallel(logits_BLVl: torch.Tensor, x0_BL: torch.Tensor, zt_BL: torch.Tensor,
+                                            t_B: torch.Tensor, *, mask_id: int, num_clean: int, p_uniform: float,
+                                            vocab_start: int, group) -> torch.Tensor:
+    """``interpolating_elbo_terms`` when each tensor-parallel rank holds the model-vocabulary
+    columns [vocab_start, vocab_start + Vl) of the logits (megatron's vocab-parallel output
+    layer).  -> [B, L] fp32, identical on every rank of ``group``.
+
+    Only three quantities cross ranks, each a sum over the vocabulary: the softmax normaliser
+    (``_VocabParallelLogSoftmax``), ``sum_y m_y log1p(d_y/m_y)`` and x_theta at z (a one-hot
+    sum); m_z needs no gather (it is a * [z == x0] + beta * pi_c). Columns outside the clean
+    vocabulary (MASK, padded rows) are excluded exactly as ``clean_log_probs`` drops them.
+    """
+    if not 0.0 < p_uniform <= 1.0:
+        raise ValueError(f"p_uniform must be in (0, 1], got {p_uniform}")
+    logits = logits_BLVl.to(torch.promote_types(logits_BLVl.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
+    Vl = logits.shape[-1]
+    ids = torch.arange(vocab_start, vocab_start + Vl, device=logits.device)  # global model ids of my columns
+    clean = (ids < num_clean + 1) & (ids != mask_id)                          # [Vl]
+    logp = _VocabParallelLogSoftmax.apply(logits, clean.expand_as(logits), group)
+    x_theta = torch.where(clean, logp.exp(), torch.zeros_like(logits))       # [B,L,Vl], 0 off the clean ids
+
+    dt = x_theta.dtype
+    a = alpha(t_B).to(dt)[:, None, None]
+    b = 1.0 - a
+    neg_da = (-dalpha(t_B)).to(dt)[:, None]
+    pi_c = p_uniform / num_clean
+    x0 = x0_BL.to(logits.device)
+    zt = zt_BL.to(logits.device)
+    onehot = (ids == x0[..., None]).to(dt)
+    m = a * onehot + b * pi_c
+    d = a * (x_theta - onehot)
+    local_sum = torch.where(clean, m * torch.log1p(d / m), torch.zeros_like(m)).sum(-1)
+    sum_term = _SumOverRanks.apply(local_sum, group)                           # [B,L]
+    z_is_mask = zt == mask_id
+    z = torch.where(z_is_mask, x0, zt)
+    x_theta_z = _SumOverRanks.apply((x_theta * (ids == z[..., None])).sum(-1), group)
+    same = (z == x0).to(dt)
+    m_z = a[..., 0] * same + b[..., 0] * pi_c
+    d_z = a[..., 0] * (x_theta_z - same)
+    clean_bracket = torch.log1p(d_z / m_z) - d_z / (m_z + d_z) - sum_term
+    clean_f = pi_c / m_z * clean_bracket
+    mask_f = -sum_term / b[..., 0]
+    f = torch.where(z_is_mask, mask_f, clean_f)
+    return neg_da / a[..., 0] * f
 
 
 # --------------------------------------------------------------------------------------------

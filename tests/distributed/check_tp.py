@@ -27,10 +27,19 @@ def loss_and_grads(cfg, tok, x, pos, lay):
                 full = torch.randn(sharding.full_shape(p.shape, name, cfg.parallel.tp),
                                    generator=torch.Generator().manual_seed(len(name))) * 0.5
                 p.copy_(sharding.shard(full, name, lay.tp_rank, cfg.parallel.tp))
-    b = build_objective(cfg.diffusion, tok.mask_id, cfg.train.seed).make_batch(x, pos, step=0, global_batch_size=len(x))
-    nll = model(b.tokens_BS, b.position_ids_BS, b.attention_mask, labels=b.labels_BS, explicit_positions=b.position_ids_BS is not None,
+    obj = build_objective(cfg.diffusion, tok.mask_id, cfg.train.seed)
+    if hasattr(obj, "set_vocab_size"):  # uniform / hybrid, as train.py sets them up
+        from megatron.core import parallel_state as ps
+
+        obj.set_vocab_size(tok.vocab_size)
+        obj.set_tensor_parallel(ps.get_tensor_model_parallel_group() if lay.tp > 1 else None, lay.tp_rank, lay.tp)
+    b = obj.make_batch(x, pos, step=0, global_batch_size=len(x))
+    nll = model(b.tokens_BS, b.position_ids_BS, b.attention_mask, labels=None if b.logits_loss is not None else b.labels_BS, explicit_positions=b.position_ids_BS is not None,
                 **(getattr(b, "model_kwargs", None) or {}))
-    loss = weighted_token_loss(nll, b.loss_weight_BS, b.num_tokens)
+    if b.logits_loss is not None:  # model returned logits (labels=None below)
+        loss = b.logits_loss(nll, b).sum() / b.num_tokens
+    else:
+        loss = weighted_token_loss(nll, b.loss_weight_BS, b.num_tokens)
     loss.backward()
     # Gather full gradients (canonical layout) from all TP ranks.
     import torch.distributed as dist

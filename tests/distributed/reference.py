@@ -44,6 +44,8 @@ def main():
     t = cfg.train
     opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
     obj = build_objective(cfg.diffusion, tok.mask_id, t.seed)
+    if hasattr(obj, "set_vocab_size"):  # uniform / hybrid: loss from the full logits
+        obj.set_vocab_size(tok.vocab_size)
     G, mbs = t.global_batch_size, t.micro_batch_size
     gas = G // mbs
     losses = []
@@ -59,9 +61,12 @@ def main():
         step_losses = []
         for i in range(0, G, mbs):
             b = obj.make_batch(x[i:i + mbs], pos[i:i + mbs], step=step, global_batch_size=G)
-            nll = model(b.tokens_BS, b.position_ids_BS, b.attention_mask, labels=b.labels_BS,
+            nll = model(b.tokens_BS, b.position_ids_BS, b.attention_mask, labels=None if b.logits_loss else b.labels_BS,
                         explicit_positions=b.position_ids_BS is not None)
-            loss = weighted_token_loss(nll, b.loss_weight_BS, b.num_tokens)
+            if b.logits_loss:
+                loss = b.logits_loss(nll, b).sum() / b.num_tokens
+            else:
+                loss = weighted_token_loss(nll, b.loss_weight_BS, b.num_tokens)
             (loss / gas).backward()
             step_losses.append(loss.item())
         if t.grad_clip > 0:

@@ -40,12 +40,16 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("layouts")
     run([PY, "tests/distributed/reference.py", str(root / "reference")])
     run([PY, "tests/distributed/reference.py", str(root / "reference_block"), *BLOCK.split(",")])
+    for obj in ("uniform", "hybrid"):
+        run([PY, "tests/distributed/reference.py", str(root / f"reference_{obj}"), f"diffusion.objective={obj}"])
     # The RESUME runs stop after step 2 at one DP size and are finished by the next launch
     # at another DP size.
     torchrun(2, "tests/distributed/run_layouts.py", str(root), *[f"{k}:{v}" for k, v in WORLD2.items()],
              *[f"{k}:{BLOCK},{v}" for k, v in BLOCK_LAYOUTS.items()],
+             *[f"{k}:diffusion.objective={obj},{v}" for k, (obj, v, n) in VOCAB_LAYOUTS.items() if n == 2],
              *[f"{k}:{v},@stop=2" for k, (v, _) in RESUME.items()])
     torchrun(4, "tests/distributed/run_layouts.py", str(root), *[f"{k}:{v}" for k, v in WORLD4.items()],
+             *[f"{k}:diffusion.objective={obj},{v}" for k, (obj, v, n) in VOCAB_LAYOUTS.items() if n == 4],
              *[f"{k}:{v}" for k, (_, v) in RESUME.items()])
     return root
 
@@ -56,6 +60,13 @@ BLOCK_LAYOUTS = {
     "block_tp2": "parallel.tp=2",
     "block_pp2": "parallel.pp=2,parallel.zero_stage=1",
     "block_dp2_zero2": "parallel.zero_stage=2",
+}
+
+# Uniform / hybrid noise: the loss sums over the whole vocabulary, reduced across the TP
+# ranks' vocab-parallel logits (diffusion/uniform.py). name: (objective, layout, processes)
+VOCAB_LAYOUTS = {
+    "uniform_tp2": ("uniform", "parallel.tp=2", 2),
+    "hybrid_tp2_dp2_zero1": ("hybrid", "parallel.tp=2,parallel.zero_stage=1", 4),
 }
 
 # name: (layout of the first 2 steps on 2 processes, layout of the last 2 on 4 processes)
@@ -70,9 +81,10 @@ def _final_params(run_dir: Path) -> dict:
     return load_full_state_dict(ckpts[-1])
 
 
-@pytest.mark.parametrize("layout", list(WORLD2) + list(WORLD4) + list(RESUME) + list(BLOCK_LAYOUTS))
+@pytest.mark.parametrize("layout", list(WORLD2) + list(WORLD4) + list(RESUME) + list(BLOCK_LAYOUTS) + list(VOCAB_LAYOUTS))
 def test_layout_matches_plain_adamw(runs, layout):
-    refname = "reference_block" if layout in BLOCK_LAYOUTS else "reference"
+    refname = ("reference_block" if layout in BLOCK_LAYOUTS else
+               f"reference_{VOCAB_LAYOUTS[layout][0]}" if layout in VOCAB_LAYOUTS else "reference")
     ref_losses = json.loads((runs / refname / "losses.json").read_text())
     losses = train_losses(runs / layout)
     assert len(losses) == len(ref_losses) == 4
@@ -108,6 +120,25 @@ def test_tp2_loss_and_grads_equal_tp1(tmp_path):
     assert r["loss_tp2"] == pytest.approx(r["loss_tp1"], abs=1e-5)
     assert r["max_grad_diff"] < 1e-5, r
     assert r["max_grad"] > 1e-3  # gradients are not trivially zero
+
+
+@pytest.mark.parametrize("objective", ["uniform", "hybrid"])
+def test_tp2_loss_and_grads_equal_tp1_vocab_parallel_objectives(tmp_path, objective):
+    """Uniform / hybrid: the ELBO integrand's vocabulary sums run over vocab-parallel logits."""
+    out = tmp_path / "tp.json"
+    torchrun(2, "tests/distributed/check_tp.py", str(out), objective)
+    r = json.loads(out.read_text())
+    assert r["loss_tp2"] == pytest.approx(r["loss_tp1"], abs=1e-5)
+    assert r["max_grad_diff"] < 1e-6 and r["max_grad"] > 1e-3, r
+
+
+def test_vocab_parallel_elbo_with_mask_and_padding_columns(tmp_path):
+    """Toy vocabulary split over 2 ranks with MASK in rank 0's slice and padding in rank 1's:
+    integrand and gradient equal the full-vocabulary path in float64; padding gets no gradient."""
+    out = tmp_path / "vp.json"
+    torchrun(2, "tests/distributed/check_vocab_parallel.py", str(out))
+    for p_u, r in json.loads(out.read_text()).items():
+        assert r["f"] < 1e-12 and r["grad"] < 1e-12 and r["max_grad"] > 0.1 and r["pad_grad"] == 0, (p_u, r)
 
 
 def test_tp2_equals_tp1_with_qkv_bias_and_gqa(tmp_path):
