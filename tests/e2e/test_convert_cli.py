@@ -258,8 +258,24 @@ def test_hf_export_block_checkpoint(ckpts, tmp_path):
         scfg = SamplerConfig(steps=16, gen_length=16, block_length=8, temperature=temperature, seed=5)
         want = generate_blocks(model, prompt, tok.mask_id, scfg, vocab_size=tok.vocab_size, eos_id=tok.eot_id,
                                suppress_ids=(tok.pad_id,))
-        got = hf.generate(prompt, gen_length=16, steps=16, temperature=temperature, seed=5)
+        got = hf.generate(prompt, gen_length=16, steps=16, temperature=temperature, seed=5)  # KV cache (default)
         assert torch.equal(got, want), temperature
+        again = hf.generate(prompt, gen_length=16, steps=16, temperature=temperature, seed=5, use_cache=False)
+        assert torch.equal(again, want), temperature
+    # Prompt ending on the block grid (its 2 whole blocks are cached before the first step).
+    on_grid = torch.tensor([tok.encode("ROMEO: But soft, what light through yonder window breaks? It is the east")[:16]])
+    scfg = SamplerConfig(steps=16, gen_length=16, block_length=8, temperature=0.0)
+    want = generate_blocks(model, on_grid, tok.mask_id, scfg, vocab_size=tok.vocab_size, eos_id=tok.eot_id,
+                           suppress_ids=(tok.pad_id,))
+    seen = []  # token positions the network processes, per generate() call
+    hook = hf.model.transformer.wte.register_forward_hook(lambda _m, args, _out: seen.append(args[0].numel()))
+    assert torch.equal(hf.generate(on_grid, gen_length=16, steps=16), want)
+    cached, seen[:] = sum(seen), []
+    assert torch.equal(hf.generate(on_grid, gen_length=16, steps=16, use_cache=False), want)
+    hook.remove()
+    print(f"\n[convert] HF block generate(): {cached} token positions through the network with the KV cache, "
+          f"{sum(seen)} without")
+    assert cached < sum(seen) / 2
 
 
 def test_hf_export_tp2_gqa_sharded_and_bf16(ckpts, tmp_path):

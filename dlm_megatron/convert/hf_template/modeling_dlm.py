@@ -2,7 +2,7 @@
 
 Self-contained (torch + transformers only). The network is a pre-norm Llama-style
 transformer: RMSNorm, rotary position embeddings (rotate-half layout), grouped-query
-attention without biases, SwiGLU MLP, untied (or tied) output head. Parameter names follow
+attention (q/k/v biases when ``include_qkv_bias``), SwiGLU MLP, untied (or tied) output head. Parameter names follow
 LLaDA's published layout::
 
     model.transformer.wte.weight                      token embedding [embedding_size, d_model]
@@ -25,8 +25,9 @@ generation region starts as [MASK] tokens and is denoised block by block
 (semi-autoregressive), committing the most confident predictions at every step
 (LLaDA's low-confidence remasking). Block-diffusion checkpoints (``config.block_size``)
 are sampled on their training grid: each block sees itself bidirectionally and every
-earlier clean token, earlier blocks see each other block-causally. This implementation
-recomputes the prefix at every step (no KV cache).
+earlier clean token, earlier blocks see each other block-causally. Finished blocks never
+change, so their keys/values are cached (``use_cache=True``, the default; ``False``
+recomputes the whole prefix at every step, the reference the cache is tested against).
 """
 from __future__ import annotations
 
@@ -95,20 +96,26 @@ class DLMBlock(nn.Module):
         self.up_proj = nn.Linear(d, config.mlp_hidden_size, bias=config.include_bias)
         self.ff_out = nn.Linear(config.mlp_hidden_size, d, bias=config.include_bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, allowed: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, allowed: Optional[torch.Tensor],
+                past: Optional[tuple] = None):
+        """x [B, S, d] -> (x, (k, v)): keys/values [B, kv_heads, C + S, head_dim] including the
+        ``past`` ones (C cached earlier positions, prepended)."""
         B, S, _ = x.shape
         h = self.attn_norm(x)
         q = self.q_proj(h).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        kv = (k, v)
         if self.n_kv_heads != self.n_heads:  # query head j reads key/value head j // (heads / kv_heads)
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=1.0 / math.sqrt(self.head_dim))
         x = x + self.attn_out(att.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
         h = self.ff_norm(x)
-        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h)), kv
 
 
 class DLMModel(nn.Module):
@@ -126,12 +133,16 @@ class DLMModel(nn.Module):
             self.transformer["ff_out"] = nn.Linear(config.d_model, config.embedding_size, bias=False)
 
     def forward(self, input_ids: torch.Tensor, allowed: Optional[torch.Tensor], position_ids: torch.Tensor,
-                output_hidden_states: bool = False):
+                output_hidden_states: bool = False, past: Optional[list] = None, kv_out: Optional[list] = None):
+        """``past``: per layer (k, v) of earlier positions to attend to (``allowed`` then has
+        C + S key columns); ``kv_out``: a list that receives each layer's (k, v), past included."""
         x = self.transformer.wte(input_ids)
         cos, sin = rotary_cos_sin(position_ids, self.config.d_model // self.config.n_heads, self.config.rope_theta)
         hidden = [x] if output_hidden_states else None
-        for block in self.transformer.blocks:
-            x = block(x, cos, sin, allowed)
+        for i, block in enumerate(self.transformer.blocks):
+            x, kv = block(x, cos, sin, allowed, None if past is None else past[i])
+            if kv_out is not None:
+                kv_out.append(kv)
             if hidden is not None:
                 hidden.append(x)
         x = self.transformer.ln_f(x)
@@ -284,6 +295,7 @@ class DLMModelLM(DLMPreTrainedModel):
         seed: int = 0,
         eos_token_id: Optional[int] = None,
         suppress_token_ids: Optional[Sequence[int]] = None,
+        use_cache: bool = True,
         **kwargs,
     ) -> torch.LongTensor:
         """Masked-diffusion generation of ``gen_length`` tokens after ``input_ids`` [B, P]
@@ -296,7 +308,8 @@ class DLMModelLM(DLMPreTrainedModel):
         confidence_threshold: also commit every prediction at least this confident;
         eos_token_id (default config.eos_token_id): rows that produced it get their later
         blocks filled with it; suppress_token_ids (default: [pad]) are never sampled, nor is
-        the mask token."""
+        the mask token; use_cache (block-diffusion checkpoints): keep finished blocks'
+        keys/values instead of recomputing the prefix at every step."""
         cfg = self.config
         if cfg.objective in ("uniform", "hybrid", "ar"):
             raise NotImplementedError(f"generate() implements masked and block diffusion; this checkpoint's objective is {cfg.objective!r}")
@@ -323,7 +336,8 @@ class DLMModelLM(DLMPreTrainedModel):
         generator = torch.Generator().manual_seed(seed)
         opts = dict(remasking=remasking, confidence_threshold=confidence_threshold, suppress=suppress, generator=generator)
         if block_size is not None:
-            return self._generate_blocks(input_ids, gen_length, block_size, k, temperature, temperature_schedule, eos, opts)
+            return self._generate_blocks(input_ids, gen_length, block_size, k, temperature, temperature_schedule, eos, opts,
+                                         use_cache=use_cache)
 
         mask_id, device = cfg.mask_token_id, input_ids.device
         B, P = input_ids.shape
@@ -348,7 +362,15 @@ class DLMModelLM(DLMPreTrainedModel):
                     break
         return x
 
-    def _generate_blocks(self, input_ids, gen_length, bs, k, temperature, temperature_schedule, eos, opts):
+    def _cached_logits(self, tokens: torch.Tensor, start: int, past: Optional[list], allowed: Optional[torch.Tensor],
+                       kv_out: Optional[list] = None) -> torch.Tensor:
+        """Logits of ``tokens`` [B, N] at positions start..start+N-1 after ``past`` (start cached positions)."""
+        B, N = tokens.shape
+        pos = torch.arange(start, start + N, device=tokens.device).expand(B, N)
+        logits, _ = self.model(tokens, allowed, pos, past=past, kv_out=kv_out)
+        return logits[..., : self.config.vocab_size].double()
+
+    def _generate_blocks(self, input_ids, gen_length, bs, k, temperature, temperature_schedule, eos, opts, use_cache=True):
         """Block diffusion on the training grid (block j = positions [j*bs, (j+1)*bs))."""
         mask_id, device = self.config.mask_token_id, input_ids.device
         B, P = input_ids.shape
@@ -357,6 +379,16 @@ class DLMModelLM(DLMPreTrainedModel):
         x = torch.full((B, end), mask_id, dtype=torch.long, device=device)
         x[:, :P] = input_ids
         done = torch.zeros(B, dtype=torch.bool, device=device)
+        past = None  # per layer (k, v) of x[:, :lo]: finished blocks, block-causal among themselves
+
+        def commit(lo: int, hi: int):
+            nonlocal past
+            kv: list = []
+            self._cached_logits(x[:, lo:hi], lo, past, block_causal_allowed(hi, bs, device)[..., lo:, :], kv)
+            past = kv
+
+        if use_cache and first > 0:
+            commit(0, first)  # the prompt's whole blocks
         for lo in range(first, end, bs):
             hi = lo + bs
             if eos is not None:
@@ -367,13 +399,18 @@ class DLMModelLM(DLMPreTrainedModel):
                 masked = x[:, lo:hi] == mask_id
                 if not bool(masked.any()):
                     break
-                logits = self._denoiser_logits(x[:, :hi], allowed)[:, lo:hi]
+                if use_cache:  # the block sees every cached position and itself: no mask needed
+                    logits = self._cached_logits(x[:, lo:hi], lo, past, None)
+                else:
+                    logits = self._denoiser_logits(x[:, :hi], allowed)[:, lo:hi]
                 temp = self._temperature(temperature, temperature_schedule, 1.0 - i / k)
-                x0, commit = self._step(logits, masked, k - i, temp, **opts)
-                x[:, lo:hi] = torch.where(commit, x0, x[:, lo:hi])
+                x0, commit_BK = self._step(logits, masked, k - i, temp, **opts)
+                x[:, lo:hi] = torch.where(commit_BK, x0, x[:, lo:hi])
             if eos is not None:
                 done |= (x[:, P:hi] == eos).any(dim=1)
                 if bool(done.all()):
                     x[:, hi:] = eos
                     break
+            if use_cache and hi < end:
+                commit(lo, hi)
         return x[:, :total]
