@@ -111,19 +111,29 @@ def interpolating_elbo_terms(logp_BLC: torch.Tensor, x0_BL: torch.Tensor, zt_BL:
     x_theta = logp_BLC.exp()
     m = a * onehot + b * pi_c                             # [B,L,C] (> 0 for t > 0)
     d = a * (x_theta - onehot)                            # mθ - m
-    r = d / m
-    sum_term = (m * torch.log1p(r)).sum(-1)               # sum_y m_y log1p(d_y/m_y) over clean y (MASK's d is 0)
+    sum_term = (m * torch.log1p(d / m)).sum(-1)           # sum_y m_y log1p(d_y/m_y) over clean y (MASK's d is 0)
     z_is_mask = zt_BL == mask_id
-    zc = model_to_clean_ids(torch.where(z_is_mask, x0_BL, zt_BL), mask_id)[..., None]
-    m_z = m.gather(-1, zc)[..., 0]
-    d_z = d.gather(-1, zc)[..., 0]
-    r_z = r.gather(-1, zc)[..., 0]
-    clean_bracket = torch.log1p(r_z) - d_z / (m_z + d_z) - sum_term
+    zc = model_to_clean_ids(torch.where(z_is_mask, x0_BL, zt_BL), mask_id)
+    x_theta_z = x_theta.gather(-1, zc[..., None])[..., 0]
+    return _integrand_from_sums(sum_term, x_theta_z, (zc == xt).to(dt), z_is_mask, a[..., 0], neg_da, pi_c)
+
+
+def _integrand_from_sums(sum_term_BL: torch.Tensor, x_theta_z_BL: torch.Tensor, same_BL: torch.Tensor,
+                         z_is_mask_BL: torch.Tensor, a_B1: torch.Tensor, neg_da_B1: torch.Tensor, pi_c: float) -> torch.Tensor:
+    """f_t from the only vocabulary-wide quantities it needs (shared by the full-vocabulary and
+    the vocab-parallel paths).  -> [B, L]
+
+    ``sum_term``: sum_y m_y log1p(d_y/m_y); ``x_theta_z``: the model's probability of z_t (of x0
+    where z_t is MASK); ``same``: 1.0 where z_t == x0; ``a``: alpha_t; ``neg_da``: -alpha'_t."""
+    b = 1.0 - a_B1
+    m_z = a_B1 * same_BL + b * pi_c
+    d_z = a_B1 * (x_theta_z_BL - same_BL)
+    clean_bracket = torch.log1p(d_z / m_z) - d_z / (m_z + d_z) - sum_term_BL
     clean_f = pi_c / m_z * clean_bracket
     # z = MASK: pi(MASK) = 1 - p_u, m(MASK) = beta (1 - p_u), d(MASK) = 0 -> f = -sum_term / beta.
-    mask_f = -sum_term / b[..., 0]
-    f = torch.where(z_is_mask, mask_f, clean_f)
-    return neg_da / a[..., 0] * f
+    mask_f = -sum_term_BL / b
+    f = torch.where(z_is_mask_BL, mask_f, clean_f)
+    return neg_da_B1 / a_B1 * f
 
 
 def interpolating_loss_contributions(logits_BSV: torch.Tensor, x0_BL: torch.Tensor, zt_BL: torch.Tensor, t_B: torch.Tensor,
@@ -215,7 +225,7 @@ def interpolating_elbo_terms_vocab_parallel(logits_BLVl: torch.Tensor, x0_BL: to
 
     Only three quantities cross ranks, each a sum over the vocabulary: the softmax normaliser
     (``_VocabParallelLogSoftmax``), ``sum_y m_y log1p(d_y/m_y)`` and x_theta at z (a one-hot
-    sum); m_z needs no gather (it is a * [z == x0] + beta * pi_c). Columns outside the clean
+    sum); the rest is ``_integrand_from_sums``, as for the full vocabulary. Columns outside the clean
     vocabulary (MASK, padded rows) are excluded exactly as ``clean_log_probs`` drops them.
     """
     if not 0.0 < p_uniform <= 1.0:
@@ -242,14 +252,7 @@ def interpolating_elbo_terms_vocab_parallel(logits_BLVl: torch.Tensor, x0_BL: to
     z_is_mask = zt == mask_id
     z = torch.where(z_is_mask, x0, zt)
     x_theta_z = _SumOverRanks.apply((x_theta * (ids == z[..., None])).sum(-1), group)
-    same = (z == x0).to(dt)
-    m_z = a[..., 0] * same + b[..., 0] * pi_c
-    d_z = a[..., 0] * (x_theta_z - same)
-    clean_bracket = torch.log1p(d_z / m_z) - d_z / (m_z + d_z) - sum_term
-    clean_f = pi_c / m_z * clean_bracket
-    mask_f = -sum_term / b[..., 0]
-    f = torch.where(z_is_mask, mask_f, clean_f)
-    return neg_da / a[..., 0] * f
+    return _integrand_from_sums(sum_term, x_theta_z, (z == x0).to(dt), z_is_mask, a[..., 0], neg_da, pi_c)
 
 
 # --------------------------------------------------------------------------------------------
