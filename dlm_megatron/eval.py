@@ -343,9 +343,7 @@ def run(args) -> list[str]:
         else:
             dcfg = copy.deepcopy(cfg.diffusion)
             dcfg.antithetic = True
-            objective = build_objective(dcfg, tok.mask_id, args.seed)
-            if hasattr(objective, "set_vocab_size"):
-                objective.set_vocab_size(tok.vocab_size)
+            objective = build_objective(dcfg, tok.mask_id, args.seed, vocab_size=tok.vocab_size)
             r = diffusion_bound(model, objective, x, num_samples=args.num_samples, batch_size=args.batch_size, device=args.device)
             s = summarize_bound(r["loss"], r["t"], args.buckets if args.buckets > 0 else 1)
             if args.buckets > 0 and bool(((r["t"] >= 0) & (r["t"] <= 1)).all()):  # (continuous: t_B is sigma, no table)

@@ -187,17 +187,16 @@ def run(cfg: Config) -> dict:
         if rank0:
             print(f"initialised weights from {weights_from} (fresh optimizer state)", flush=True)
     engine = build_engine(model, cfg, lay, bf16)
-    objective = build_objective(cfg.diffusion, tok.mask_id, cfg.train.seed)
+    from megatron.core import parallel_state
+
+    # uniform/hybrid: noise draws from the tokenizer's ids, the loss sums over vocab-parallel logits
+    objective = build_objective(cfg.diffusion, tok.mask_id, cfg.train.seed, vocab_size=tok.vocab_size,
+                                tp_group=parallel_state.get_tensor_model_parallel_group() if lay.tp > 1 else None,
+                                tp_rank=lay.tp_rank, tp_size=lay.tp)
     if cfg.data.sft_path:
         from .diffusion.objectives import SFTMaskedDiffusion
 
         objective = SFTMaskedDiffusion(cfg.diffusion, tok.mask_id, cfg.train.seed)
-    if hasattr(objective, "set_vocab_size"):  # uniform/hybrid noise draws from the tokenizer's ids
-        objective.set_vocab_size(tok.vocab_size)
-    if hasattr(objective, "set_tensor_parallel"):  # uniform/hybrid losses sum over the vocab-parallel logits
-        from megatron.core import parallel_state
-
-        objective.set_tensor_parallel(parallel_state.get_tensor_model_parallel_group() if lay.tp > 1 else None, lay.tp_rank, lay.tp)
 
     G, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
     per_rank = G // lay.dp

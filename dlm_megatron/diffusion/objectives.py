@@ -282,7 +282,20 @@ class SFTMaskedDiffusion(MaskedDiffusion):
         return Batch(tokens_BS=xt_BL, labels_BS=x0_BL, loss_weight_BS=w_BL, t_B=t_B.float())
 
 
-def build_objective(dcfg, mask_id: int, seed: int) -> Objective:
+def build_objective(dcfg, mask_id: int, seed: int, *, vocab_size: int | None = None, tp_group=None, tp_rank: int = 0,
+                    tp_size: int = 1) -> Objective:
+    """The objective named by ``dcfg.objective``. Objectives whose loss reads the whole
+    vocabulary (uniform, hybrid) also take the tokenizer's ``vocab_size`` and, at TP > 1, the
+    tensor-parallel group their vocab-parallel logits are spread over; others ignore both."""
+    obj = _new_objective(dcfg, mask_id, seed)
+    if vocab_size is not None and hasattr(obj, "set_vocab_size"):
+        obj.set_vocab_size(vocab_size)
+    if hasattr(obj, "set_tensor_parallel"):
+        obj.set_tensor_parallel(tp_group, tp_rank, tp_size)
+    return obj
+
+
+def _new_objective(dcfg, mask_id: int, seed: int) -> Objective:
     if dcfg.objective not in REGISTRY:
         from ..config import ConfigError
 

@@ -27,12 +27,10 @@ def loss_and_grads(cfg, tok, x, pos, lay):
                 full = torch.randn(sharding.full_shape(p.shape, name, cfg.parallel.tp),
                                    generator=torch.Generator().manual_seed(len(name))) * 0.5
                 p.copy_(sharding.shard(full, name, lay.tp_rank, cfg.parallel.tp))
-    obj = build_objective(cfg.diffusion, tok.mask_id, cfg.train.seed)
-    if hasattr(obj, "set_vocab_size"):  # uniform / hybrid, as train.py sets them up
-        from megatron.core import parallel_state as ps
+    from megatron.core import parallel_state as ps
 
-        obj.set_vocab_size(tok.vocab_size)
-        obj.set_tensor_parallel(ps.get_tensor_model_parallel_group() if lay.tp > 1 else None, lay.tp_rank, lay.tp)
+    obj = build_objective(cfg.diffusion, tok.mask_id, cfg.train.seed, vocab_size=tok.vocab_size,
+                          tp_group=ps.get_tensor_model_parallel_group() if lay.tp > 1 else None, tp_rank=lay.tp_rank, tp_size=lay.tp)
     b = obj.make_batch(x, pos, step=0, global_batch_size=len(x))
     nll = model(b.tokens_BS, b.position_ids_BS, b.attention_mask, labels=None if b.logits_loss is not None else b.labels_BS, explicit_positions=b.position_ids_BS is not None,
                 **(getattr(b, "model_kwargs", None) or {}))

@@ -43,9 +43,7 @@ def main():
     init_weights(model, cfg, tp_rank=0, pp_rank=0)
     t = cfg.train
     opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
-    obj = build_objective(cfg.diffusion, tok.mask_id, t.seed)
-    if hasattr(obj, "set_vocab_size"):  # uniform / hybrid: loss from the full logits
-        obj.set_vocab_size(tok.vocab_size)
+    obj = build_objective(cfg.diffusion, tok.mask_id, t.seed, vocab_size=tok.vocab_size)
     G, mbs = t.global_batch_size, t.micro_batch_size
     gas = G // mbs
     losses = []

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from dlm_megatron import eval as ev
-from dlm_megatron.diffusion.objectives import REGISTRY
+from dlm_megatron.diffusion.objectives import build_objective
 from dlm_megatron.sampling.uniform import generate_uniform
 
 V, MASK, EOT = 12, 1, 0
@@ -48,9 +48,7 @@ def windows(n=3, L=8):
 
 def test_diffusion_bound_is_deterministic_and_stratified():
     for name in ("masked", "uniform", "hybrid"):
-        obj = REGISTRY[name](dcfg(objective=name), MASK, seed=5)
-        if hasattr(obj, "set_vocab_size"):
-            obj.set_vocab_size(V)
+        obj = build_objective(dcfg(objective=name), MASK, 5, vocab_size=V)
         x = windows()
         r1 = ev.diffusion_bound(FakeModel(), obj, x, num_samples=4, batch_size=3)
         r2 = ev.diffusion_bound(FakeModel(), obj, x, num_samples=4, batch_size=16)  # batching does not matter
@@ -58,9 +56,7 @@ def test_diffusion_bound_is_deterministic_and_stratified():
         # stratified: each window's K levels are (o + k/K) mod 1, one per quarter of (eps, 1)
         u = ((r1["t"] - 1e-3) / (1 - 1e-3)).sort(dim=1).values
         assert torch.allclose(u[:, 1:] - u[:, :-1], torch.full((3, 3), 0.25, dtype=u.dtype), atol=1e-5)
-        other = REGISTRY[name](dcfg(objective=name), MASK, seed=6)
-        if hasattr(other, "set_vocab_size"):
-            other.set_vocab_size(V)
+        other = build_objective(dcfg(objective=name), MASK, 6, vocab_size=V)
         assert not torch.equal(ev.diffusion_bound(FakeModel(), other, x, num_samples=4, batch_size=16)["t"], r1["t"])
 
 
