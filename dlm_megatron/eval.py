@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from .data.jsonl import jsonl_records
+
 NUM_BUCKETS = 10
 
 
@@ -61,11 +63,7 @@ def read_documents(path: str, field: str = "text") -> list[str]:
     if not is_jsonl:
         return [text] if text.strip() else []
     docs = []
-    for n, ln in enumerate(lines, 1):
-        try:
-            obj = json.loads(ln)
-        except ValueError:
-            raise EvalDataError(f"{path}:{n} is not valid JSON") from None
+    for n, obj in jsonl_records(text, path, EvalDataError):
         if not isinstance(obj, dict) or field not in obj:
             raise EvalDataError(f"{path}:{n} has no field '{field}' (choose one with --field)")
         if str(obj[field]).strip():
@@ -273,13 +271,7 @@ def read_choices(path: str) -> list[dict]:
     if not p.is_file():
         raise EvalDataError(f"choices file '{path}' does not exist")
     items = []
-    for n, ln in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not ln.strip():
-            continue
-        try:
-            obj = json.loads(ln)
-        except ValueError:
-            raise EvalDataError(f"{path}:{n} is not valid JSON") from None
+    for n, obj in jsonl_records(p.read_text(encoding="utf-8"), path, EvalDataError):
         if not (isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(obj.get("choices"), list)
                 and obj["choices"] and isinstance(obj.get("answer"), int) and 0 <= obj["answer"] < len(obj["choices"])):
             raise EvalDataError(f"{path}:{n} needs {{\"prompt\": str, \"choices\": [str, ...], \"answer\": index}}")

@@ -18,12 +18,12 @@ objective, ``SFTMaskedDiffusion``, splits it off). ``sample_width`` tells the tr
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from dlm_megatron.data import DataError
+from dlm_megatron.data.jsonl import jsonl_records
 
 DEFAULT_CHAT_TEMPLATE = "<|{role}|>\n{content}\n"
 
@@ -62,13 +62,7 @@ class SFTDataset:
         if not p.is_file():
             raise DataError(f"data.sft_path '{path}' does not exist")
         prompts, responses = [], []
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                raise DataError(f"{path}:{n} is not valid JSON") from None
+        for n, obj in jsonl_records(p.read_text(encoding="utf-8"), path, DataError):
             if isinstance(obj, dict) and "messages" in obj:
                 pr, rs = render_messages(obj["messages"], chat_template)
             elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(obj.get("response"), str):

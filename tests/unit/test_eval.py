@@ -106,3 +106,22 @@ def test_generate_uniform_deterministic_and_keeps_prompt():
         b = generate_uniform(fn, prompt, mask_id=MASK, vocab_size=V, gen_length=6, steps=5, p_uniform=pu, seed=2)
         assert torch.equal(a, b) and torch.equal(a[:, :3], prompt)
         assert ((a[:, 3:] != MASK) & (a[:, 3:] < V)).all()  # the last step leaves clean tokens only
+
+
+def test_jsonl_inputs_name_the_bad_line(tmp_path):
+    """Eval documents, eval choices and SFT data report a broken line by its line number in
+    the file (blank lines counted), as one line of the reader's own error type."""
+    import pytest
+
+    from dlm_megatron.data import DataError
+    from dlm_megatron.data.sft import SFTDataset
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a", "prompt": "p", "response": "r"}\n\n{"text": \n')
+    for read, err in ((lambda: ev.read_documents(str(bad)), ev.EvalDataError),
+                      (lambda: SFTDataset(bad, None, 16), DataError)):
+        with pytest.raises(err, match=rf"^{bad}:3 is not valid JSON$"):
+            read()
+    bad.write_text('{"prompt": "p", "choices": ["a"], "answer": 0}\n\n{"prompt": \n')
+    with pytest.raises(ev.EvalDataError, match=rf"^{bad}:3 is not valid JSON$"):
+        ev.read_choices(str(bad))
