@@ -463,8 +463,6 @@ def open_shards(
 # --- parallel tokenization (used by tools/shard.py and the builtin corpus) -------------
 # The worker side lives in encode_pool (no numpy there, so workers start quickly).
 
-_chunks = chunk_texts  # older name, kept for callers
-
 
 def _split_chunk(result: tuple, dtype: np.dtype) -> Iterator[np.ndarray]:
     """One array per document: views into the chunk's flat buffer (no copy)."""
