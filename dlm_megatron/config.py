@@ -57,7 +57,10 @@ class ModelConfig:
     transformer_impl: str = "local"
     """Layer implementation: 'local' (pure megatron-core, runs on CPU) or 'transformer_engine' (GPU)."""
     attention_backend: str = "auto"
-    """Attention kernel: 'auto' (dense on CPU, TE/flash on GPU), 'dense', or 'flex' (block-sparse, GPU training)."""
+    """Attention kernel: 'auto' (flex for block diffusion on GPU, sdpa otherwise), 'sdpa' (torch
+    scaled_dot_product_attention: flash/cuDNN on GPU, fused on CPU), 'flex' (block-sparse
+    FlexAttention, GPU training) or 'dense' (megatron-core's unfused s x s attention). With
+    transformer_impl=transformer_engine, TE's own attention runs except for block diffusion."""
     recompute: str = "none"
     """Activation recomputation: 'none', 'selective' (core attention only) or 'full' (whole layers)."""
 
@@ -180,7 +183,10 @@ class ParallelConfig:
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 0-3 over the data-parallel ranks (0 = plain data parallel)."""
     sequence_parallel: bool = False
-    """Megatron sequence parallelism (GPU, TP>1, transformer_engine)."""
+    """Megatron sequence parallelism (GPU, TP>1, transformer_engine; megatron engine only)."""
+    engine: str = "auto"
+    """Training engine: 'auto' (megatron-core DDP + distributed optimizer for pp>1, DeepSpeed
+    otherwise), 'deepspeed' (ZeRO 0-3, pp=1 only) or 'megatron' (zero_stage 0 or 1, any pp)."""
 
 
 @dataclass(kw_only=True)
@@ -383,7 +389,7 @@ def validate(cfg: Config) -> None:
     if m.num_query_groups is not None and m.num_attention_heads % m.num_query_groups:
         raise ConfigError(f"model.num_attention_heads={m.num_attention_heads} is not divisible by model.num_query_groups={m.num_query_groups}")
     _choice("model.transformer_impl", m.transformer_impl, ("local", "transformer_engine"))
-    _choice("model.attention_backend", m.attention_backend, ("auto", "dense", "flex"))
+    _choice("model.attention_backend", m.attention_backend, ("auto", "dense", "sdpa", "flex"))
     _choice("model.recompute", m.recompute, ("none", "selective", "full"))
     _choice("diffusion.objective", d.objective, OBJECTIVES)
     if not 0 < d.eps < 1:
@@ -424,6 +430,13 @@ def validate(cfg: Config) -> None:
     _positive("parallel.pp", p.pp)
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
+    _choice("parallel.engine", p.engine, ("auto", "deepspeed", "megatron"))
+    if p.engine == "deepspeed" and p.pp > 1:
+        raise ConfigError(f"parallel.engine=deepspeed does not run pipeline layouts (parallel.pp={p.pp}); "
+                          f"use parallel.engine=megatron or auto")
+    if p.engine == "megatron" and p.zero_stage not in (0, 1):
+        raise ConfigError(f"parallel.engine=megatron supports parallel.zero_stage 0 or 1 (distributed optimizer), "
+                          f"got {p.zero_stage}")
     if m.num_layers % p.pp:
         raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by parallel.pp={p.pp}")
     if m.num_attention_heads % p.tp:

@@ -178,14 +178,18 @@ class Kernels:
 
 
 def kernels_for(cfg: Config, on_gpu: bool = True) -> Kernels:
+    """The kernels a run of ``cfg`` uses: TE's fused attention for masked/AR with the TE spec;
+    otherwise what ``model.attention_backend`` resolves to (sdpa and flex store no s x s
+    scores; dense, megatron's unfused attention, does)."""
+    from .model.backends import resolve_backend
+
     impl = "fused" if cfg.model.transformer_impl == "transformer_engine" else "local"
-    if cfg.diffusion.objective == "block":
-        backend = cfg.model.attention_backend
-        if backend == "auto":
-            backend = "flex" if on_gpu else "dense"
-        attention = "dense" if backend == "dense" else "flash"
+    block = cfg.diffusion.objective == "block"
+    if impl == "fused" and not block:
+        attention = "flash"
     else:
-        attention = "flash" if impl == "fused" else "dense"
+        backend = resolve_backend(cfg.model.attention_backend, block=block, cuda=on_gpu)
+        attention = "dense" if backend == "dense" else "flash"
     return Kernels(impl=impl, attention=attention)
 
 

@@ -72,33 +72,47 @@ def flops_per_token(cfg: Config, vocab: int, seq_len: int) -> float:
     return 6.0 * matmul + 12.0 * L * h * seq_len
 
 
-def peak_flops(device) -> float:
-    """Nominal peak FLOP/s of one device for the MFU estimate (DLM_PEAK_TFLOPS overrides)."""
+# Dense tensor-core peaks from NVIDIA's datasheets, TFLOP/s without sparsity:
+# (name substring, bf16, fp32 without TF32). Longest match wins ("H100 PCIe" before "H100").
+_PEAKS = (
+    ("H200 NVL", 835.0, 60.0), ("H200", 989.0, 67.0),
+    ("H100 PCIe", 756.0, 51.0), ("H100 NVL", 835.0, 60.0), ("H100", 989.0, 67.0),
+    ("GH200", 989.0, 67.0), ("B200", 2250.0, 80.0), ("A100", 312.0, 19.5),
+    ("L40S", 362.0, 91.6), ("A10", 125.0, 31.2),
+)
+
+
+def peak_flops(device, bf16: bool = True) -> float | None:
+    """Datasheet peak FLOP/s of one device at the run's precision, for MFU; None where there
+    is no defensible peak (CPUs, unknown cards), so no MFU is reported. DLM_PEAK_TFLOPS
+    overrides (e.g. a measured GEMM peak)."""
     if os.environ.get("DLM_PEAK_TFLOPS"):
         return float(os.environ["DLM_PEAK_TFLOPS"]) * 1e12
+    if device.type != "cuda":
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    for key, tf_bf16, tf_fp32 in sorted(_PEAKS, key=lambda e: -len(e[0])):
+        if key in name:
+            return (tf_bf16 if bf16 else tf_fp32) * 1e12
+    return None
+
+
+def memory_gib(device) -> dict:
+    """Peak memory of this process: CUDA allocator peaks (allocated and reserved) on GPU,
+    peak RSS on CPU."""
     import torch
 
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, tf in (("H200", 989), ("H100", 989), ("A100", 312), ("L40", 181), ("A10", 125)):
-            if key in name:
-                return tf * 1e12
-        return 100e12
-    # CPU: a nominal 100 GFLOP/s fp32 per core (AVX-512 FMA class); the MFU shown is indicative.
-    return 100e9 * max(1, torch.get_num_threads())
-
-
-def memory_gib(device) -> float:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
+        return {"mem_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+                "mem_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
     try:
         import resource
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return {"mem_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     except Exception:
-        return float("nan")
+        return {}
 
 
 # Model fields whose mismatch with a train.init_from source would silently drop or misuse
@@ -136,6 +150,7 @@ def run(cfg: Config) -> dict:
     from .diffusion.objectives import build_objective
     from .logging import MetricsLogger
     from .model.denoiser import build_model, canonical_params, init_weights
+    from .parallel import comm
     from .parallel import dist as pdist
 
     stop = StopRequest()
@@ -170,9 +185,10 @@ def run(cfg: Config) -> dict:
     if vocab < tok.vocab_size:
         raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary ({tok.vocab_size})")
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and lay.device.type == "cuda")
-    model = build_model(cfg, vocab, pre_process=lay.is_first_stage, post_process=lay.is_last_stage)
-    init_weights(model, cfg, tp_rank=lay.tp_rank, pp_rank=lay.pp_rank)
+    model = build_model(cfg, vocab, pre_process=lay.is_first_stage, post_process=lay.is_last_stage,
+                        params_dtype=model_params_dtype(cfg, bf16))
     model.to(lay.device)
+    init_weights(model, cfg, tp_rank=lay.tp_rank, pp_rank=lay.pp_rank)  # drawn on the device
     latest = ckpt.latest_checkpoint(out)
     weights_from = None
     if latest is not None and ckpt.read_meta(latest).get("engine") is None:
@@ -229,10 +245,15 @@ def run(cfg: Config) -> dict:
 
     logger = MetricsLogger(cfg, out, is_rank0=rank0, config_dict=to_dict(cfg))
     fpt = flops_per_token(cfg, vocab, cfg.data.seq_len)
-    peak = peak_flops(lay.device) * lay.world_size
+    peak = peak_flops(lay.device, bf16)
     if rank0 and start_step == 0:
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"model: {n_params / 1e6:.2f}M parameters on this rank | layout tp={lay.tp} pp={lay.pp} dp={lay.dp} "
+        from .model.attention import CoreAttention
+
+        kernels = sorted({m.backend for m in model.modules() if isinstance(m, CoreAttention)}) or ["transformer_engine"]
+        print(f"model: {n_params / 1e6:.2f}M parameters on this rank | {lay.device.type} {str(next(model.parameters()).dtype)[6:]} "
+              f"params{' + bf16 autocast' if bf16 and next(model.parameters()).dtype != torch.bfloat16 else ''} | "
+              f"attention {','.join(kernels)} | layout tp={lay.tp} pp={lay.pp} dp={lay.dp} engine={engine_name(cfg)} "
               f"zero={cfg.parallel.zero_stage} | objective={cfg.diffusion.objective} | "
               f"train samples {len(train_ds)} x {cfg.data.seq_len} tokens", flush=True)
 
@@ -261,14 +282,10 @@ def run(cfg: Config) -> dict:
         """Losses exist on the last pipeline stage only; give every stage its value."""
         if lay.pp == 1:
             return x
-        t = torch.tensor([x if lay.is_last_stage else 0.0], dtype=torch.float64)
-        dist.all_reduce(t, group=pp_group)
-        return t.item()
+        return comm.sum_host(x if lay.is_last_stage else 0.0, pp_group)
 
     def dp_mean(x: float) -> float:
-        t = torch.tensor([x], dtype=torch.float64, device=lay.device if lay.device.type == "cuda" else "cpu")
-        dist.all_reduce(t, group=dp_group)
-        return t.item() / lay.dp
+        return comm.sum_host(x, dp_group) / lay.dp
 
     def evaluate(step: int) -> dict | None:
         if val_ds is None:
@@ -359,7 +376,7 @@ def run(cfg: Config) -> dict:
             dt = max(time.time() - t_last, 1e-9)
             tps = tokens_since / dt
             row = {"step": done, "loss": loss_v, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tps,
-                   "mfu": tps * fpt / peak, "mem_gib": memory_gib(lay.device)}
+                   **({"mfu": tps * fpt / (peak * lay.world_size)} if peak else {}), **memory_gib(lay.device)}
             logger.log(row)
             last = row
             t_last, tokens_since = time.time(), 0
@@ -368,9 +385,8 @@ def run(cfg: Config) -> dict:
             if r:
                 logger.log(r)
         preempted = stop.signum is not None or done == stop_at
-        flag = torch.tensor([1.0 if preempted else 0.0])
-        dist.all_reduce(flag)  # one rank's signal stops all of them at the same step
-        if flag.item() > 0:
+        # one rank's signal stops all of them at the same step (one tiny all-reduce per step)
+        if comm.max_host(1.0 if preempted else 0.0) > 0:
             save(done)
             if rank0:
                 print(f"received stop signal: checkpoint saved at step {done}, exiting for requeue", flush=True)
@@ -408,7 +424,8 @@ def bucket_losses(collected: list, pp_group, dp_group, num_buckets: int = NUM_T_
     ELBO integrand averaged over that slice of t (the bound is their mean for uniform t).
     """
     import torch
-    import torch.distributed as dist
+
+    from .parallel import comm
 
     acc = torch.zeros(2, num_buckets, dtype=torch.float64)
     for loss_B, t_B in collected:
@@ -416,13 +433,9 @@ def bucket_losses(collected: list, pp_group, dp_group, num_buckets: int = NUM_T_
         k = torch.clamp((t_B[ok] * num_buckets).long(), 0, num_buckets - 1)
         acc[0].index_add_(0, k, loss_B[ok])
         acc[1].index_add_(0, k, torch.ones_like(loss_B[ok]))
-    if dist.is_initialized():
-        if device is not None and device.type == "cuda":  # NCCL reduces device tensors only
-            acc = acc.to(device)
-        if pp_group is not None:
-            dist.all_reduce(acc, group=pp_group)
-        dist.all_reduce(acc, group=dp_group)
-    acc = acc.cpu()
+    if pp_group is not None:
+        acc = comm.all_reduce_host(acc, "sum", pp_group)
+    acc = comm.all_reduce_host(acc, "sum", dp_group)
     out = {}
     for k in range(num_buckets):
         if acc[1, k] > 0:
@@ -489,15 +502,33 @@ class LossFn:
 
 
 def engine_name(cfg: Config) -> str:
-    """Which engine a layout uses: DeepSpeed for PP=1, megatron-core for PP>1."""
+    """Which engine a layout uses: ``parallel.engine``, where ``auto`` is megatron-core's
+    DDP + distributed optimizer for PP>1 and DeepSpeed otherwise."""
+    if cfg.parallel.engine != "auto":
+        return cfg.parallel.engine
     return "megatron" if cfg.parallel.pp > 1 else "deepspeed"
+
+
+def model_params_dtype(cfg: Config, bf16: bool):
+    """dtype the model's parameters are built in: bf16 where the engine keeps bf16 weights
+    with fp32 master copies (megatron-core always; DeepSpeed at ZeRO >= 1); fp32 otherwise
+    (fp32 runs, and DeepSpeed ZeRO-0 whose bf16 mode is autocast over fp32 weights)."""
+    import torch
+
+    if not bf16:
+        return torch.float32
+    if engine_name(cfg) == "megatron":
+        return torch.bfloat16
+    from .engine.deepspeed_engine import params_dtype
+
+    return params_dtype(cfg, bf16)
 
 
 def build_engine(model, cfg: Config, lay, bf16: bool):
     if engine_name(cfg) == "megatron":
         if cfg.parallel.zero_stage not in (0, 1):
-            raise ConfigError(f"parallel.pp={cfg.parallel.pp} with parallel.zero_stage={cfg.parallel.zero_stage} is not supported: "
-                              f"pipeline layouts use megatron-core's distributed optimizer (ZeRO-1 equivalent); set parallel.zero_stage=1")
+            raise ConfigError(f"parallel.engine=megatron (used for parallel.pp>1) with parallel.zero_stage={cfg.parallel.zero_stage} is not supported: "
+                              f"it shards optimizer states with megatron-core's distributed optimizer (ZeRO-1 equivalent); set parallel.zero_stage=1")
         from .engine.megatron_engine import MegatronEngine
 
         return MegatronEngine(model, cfg, dp=lay.dp, bf16=bf16)

@@ -1,44 +1,132 @@
 #!/usr/bin/env bash
-# GPU check: the CUDA-only tests and the throughput/MFU benchmark on ONE GPU machine.
+# The one-shot GPU check: proves the CUDA path and measures kernels, memory and MFU on ONE GPU.
 #
-#   bash tools/gpu_check.sh              # writes results under $OUT (default: gpu_check_out/)
+#   bash tools/gpu_check.sh                     # all stages; results under $OUT (default gpu_check_out/)
+#   bash tools/gpu_check.sh --stages 1,4        # only some stages (0 = setup runs whenever wheels are present)
+#   bash tools/gpu_check.sh --dry-run           # CPU: check every stage's command lines, configs and files
 #
-# The GPU machines have no network. Their image has Python 3.12 with CUDA torch, numpy,
-# tokenizers, safetensors, pyyaml, pytest, einops; the rest travels as wheels in .whl/,
-# prepared on a networked machine with `bash tools/gpu_wheels.sh` (megatron-core, DeepSpeed
-# built without ops, wandb, webdataset and their pure-Python deps). Prints a short table last;
-# copy it into docs/BENCHMARKS.md with the card and date.
+# Stages (each under its own timeout, each with its log $OUT/stageN.log):
+#   0 setup     install the carried wheels (.whl/, made by tools/gpu_wheels.sh), record versions,
+#               nvidia-smi and pip freeze, tokenize the builtin corpus once
+#   1 kernels   bf16 GEMM 8192^3 peak, SDPA flash fwd+bwd at 8B shapes, FlexAttention vs dense
+#               masked SDPA on the 2L block-diffusion mask (2L = 8192), numerical match
+#   2 tests     pytest -m gpu (bf16 training on DeepSpeed ZeRO 0/1 and the megatron engine, bf16 vs
+#               fp32, sdpa vs dense, block diffusion with flex), run in parallel
+#   3 slices    configs/8b.yaml and 8b_block.yaml at 2 and 4 layers: memory and tokens/s vs the planner
+#   4 mfu       configs/1b.yaml masked (sdpa; DeepSpeed and megatron engines) and block (flex) MFU
+# The last thing printed is a short table (also $OUT/summary.md); copy it into docs/BENCHMARKS.md
+# with the card and date. The GPU machine has no network: wheels travel in .whl/ (see
+# tools/gpu_wheels.sh: megatron-core, DeepSpeed built without ops, pydantic, hjson) and the
+# repository is the working tree. Exit status: 0 when every stage
+# that ran passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+STAGES="0,1,2,3,4"
+DRY=0
+usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --stages) STAGES="${2:?--stages needs a list such as 1,3}"; shift 2 ;;
+    --stages=*) STAGES="${1#*=}"; shift ;;
+    --dry-run) DRY=1; shift ;;
+    --out) OUT="${2:?--out needs a directory}"; shift 2 ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "gpu_check.sh: error: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
+for s in ${STAGES//,/ }; do
+  case "$s" in 0|1|2|3|4) ;; *) echo "gpu_check.sh: error: --stages takes numbers 0-4, got '$s'" >&2; exit 2 ;; esac
+done
 OUT="${OUT:-gpu_check_out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+if [ "$DRY" = 1 ] && [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_SILENT=true CUDA_DEVICE_MAX_CONNECTIONS=1 \
+       PYTHONWARNINGS=ignore TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-/tmp/dlm_inductor}"
+: > "$OUT/summary.tsv"
+want() { [[ ",$STAGES," == *",$1,"* ]]; }
+
+# stage N NAME LIMIT_SECONDS CMD...: run, log to $OUT/stageN.log (appended) and stdout, record rc and time
+stage() {
+  local n=$1 name=$2 limit=$3; shift 3
+  local t0=$(date +%s)
+  echo "== stage $n $name (limit ${limit}s): $*" | tee -a "$OUT/stage$n.log"
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$OUT/stage$n.log"
+  local rc=${PIPESTATUS[0]}
+  local dt=$(( $(date +%s) - t0 ))
+  [ "$rc" = 124 ] && echo "!! stage $n $name hit its ${limit}s limit" | tee -a "$OUT/stage$n.log"
+  printf '%s\t%s\t%s\t%.0f\t%s\n' "$n" "$name" "$rc" "$dt" "$*" >> "$OUT/summary.tsv"
+  return 0
+}
+
+# ---- 0. setup ---------------------------------------------------------------------------
+if ls .whl/*.whl >/dev/null 2>&1 && [ "$DRY" = 0 ]; then
+  # every later stage needs the wheels on the path, whichever stages were asked for
+  echo "installing $(ls .whl/*.whl | wc -l) wheels into /tmp/site"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    > "$OUT/pip_install.txt" 2>&1 || { cat "$OUT/pip_install.txt"; echo "gpu_check.sh: error: wheel install failed"; exit 1; }
+  export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 WANDB_SILENT=true CUDA_DEVICE_MAX_CONNECTIONS=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-"$PY" -c "import torch, megatron.core, deepspeed; print('torch', torch.__version__, 'mcore', megatron.core.__version__, 'deepspeed', deepspeed.__version__)" | tee "$OUT/versions.txt"
-
-# 1. CUDA-only tests (bf16, TE spec when installed, sequence parallel with >=2 GPUs,
-#    block diffusion's flex attention training).
-timeout 300 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log"
-tests_rc=${PIPESTATUS[0]}
-
-# 2. Throughput / MFU of the 1B preset in bf16 (local spec unless TE is installed).
-IMPL=local; "$PY" -c "import transformer_engine" 2>/dev/null && IMPL=transformer_engine
-timeout 300 "$PY" benchmarks/bench_mfu.py --config configs/1b.yaml --steps 25 --warmup 8 --out "$OUT/mfu_1b.json" \
-    model.transformer_impl=$IMPL train.precision=bf16 train.micro_batch_size=8 train.global_batch_size=8 parallel.zero_stage=0 \
-    2>&1 | tee "$OUT/mfu.log"
-
-# 3. Block diffusion: block-sparse (flex) vs dense attention for the 2L mask.
-if [ -f benchmarks/bench_block.py ]; then
-  timeout 200 "$PY" benchmarks/bench_block.py --gpu-attention 2>&1 | tee "$OUT/block_attention.log"
+if want 0; then
+  if [ "$DRY" = 1 ]; then
+    stage 0 setup 120 "$PY" -c "import torch, megatron.core, deepspeed; print('torch', torch.__version__, 'mcore', megatron.core.__version__, 'deepspeed', deepspeed.__version__)"
+  else
+    stage 0 setup 60 bash -c "
+      nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+      $PY -c \"import torch, megatron.core, deepspeed, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'mcore', megatron.core.__version__, 'deepspeed', deepspeed.__version__, 'device', torch.cuda.get_device_name(), torch.cuda.get_device_capability())\"
+      $PY -c \"import transformer_engine\" 2>/dev/null && echo 'transformer_engine: installed' || echo 'transformer_engine: absent'
+      $PY -m pip list --format=freeze 2>/dev/null | tr '\n' ' '; echo
+      $PY -c \"from dlm_megatron.data.corpus import prepare_builtin_corpus; from dlm_megatron.data.tokenizer import load_tokenizer; print(prepare_builtin_corpus('.cache/data', load_tokenizer('builtin')))\""
+  fi
 fi
 
-echo
-echo "## GPU check $(date -u +%F) on $(head -1 "$OUT/gpu.txt")"
-echo "tests: $(tail -1 "$OUT/gpu_tests.log")"
-grep -h "^|" "$OUT/mfu.log" "$OUT/block_attention.log" 2>/dev/null
-exit $tests_rc
+# ---- 1. kernels -------------------------------------------------------------------------
+if want 1; then
+  if [ "$DRY" = 1 ]; then stage 1 kernels 120 "$PY" benchmarks/gpu_kernels.py --dry-run
+  else stage 1 kernels 80 "$PY" benchmarks/gpu_kernels.py --repeats 8 --out "$OUT/kernels.json"; fi
+fi
+
+# ---- 2. CUDA tests ----------------------------------------------------------------------
+if want 2; then
+  if [ "$DRY" = 1 ]; then stage 2 tests 120 "$PY" -m pytest -q -p no:cacheprovider --collect-only -m gpu tests/gpu
+  else stage 2 tests 100 "$PY" -m pytest -q -p no:cacheprovider -m gpu -n 6 -rA tests/gpu; fi
+fi
+
+# ---- 3. 8B slices vs the planner --------------------------------------------------------
+if want 3; then
+  if [ "$DRY" = 1 ]; then stage 3 slices 120 "$PY" benchmarks/gpu_slices.py --dry-run
+  else stage 3 slices 100 "$PY" benchmarks/gpu_slices.py --steps 3 --out "$OUT/slices.json"; fi
+fi
+
+# ---- 4. MFU through the real trainer ----------------------------------------------------
+if want 4; then
+  GEMM=$("$PY" -c "import json,sys; r=json.load(open('$OUT/kernels.json'))['rows']; print(r[0]['tflops'])" 2>/dev/null || true)
+  MFU_COMMON=(--steps 12 --warmup 4 ${GEMM:+--gemm-tflops $GEMM} model.transformer_impl=local train.precision=bf16 parallel.tp=1
+              train.micro_batch_size=8 train.global_batch_size=8 diffusion.random_length_prob=0.0)
+  DRYFLAG=(); [ "$DRY" = 1 ] && DRYFLAG=(--dry-run)
+  LIM=$([ "$DRY" = 1 ] && echo 120 || echo 60)
+  stage 4 mfu-1b-masked-deepspeed "$LIM" "$PY" benchmarks/bench_mfu.py "${DRYFLAG[@]}" --config configs/1b.yaml --label "1b masked sdpa, DeepSpeed ZeRO-1" \
+    "${MFU_COMMON[@]}" model.attention_backend=sdpa parallel.engine=deepspeed parallel.zero_stage=1
+  stage 4 mfu-1b-masked-megatron "$LIM" "$PY" benchmarks/bench_mfu.py "${DRYFLAG[@]}" --config configs/1b.yaml --label "1b masked sdpa, megatron engine" \
+    "${MFU_COMMON[@]}" model.attention_backend=sdpa parallel.engine=megatron parallel.zero_stage=1
+  stage 4 mfu-1b-block-flex "$((LIM + 20))" "$PY" benchmarks/bench_mfu.py "${DRYFLAG[@]}" --config configs/1b.yaml --label "1b block (16) flex, DeepSpeed ZeRO-1" \
+    "${MFU_COMMON[@]}" diffusion.objective=block diffusion.block_size=16 train.micro_batch_size=4 train.global_batch_size=4 \
+    model.attention_backend=flex parallel.engine=deepspeed parallel.zero_stage=1
+fi
+
+# ---- summary ----------------------------------------------------------------------------
+{
+  echo
+  echo "## GPU check $(date -u +%F)$([ "$DRY" = 1 ] && echo ' (dry run, CPU)') on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
+  echo
+  echo "| stage | name | exit | seconds |"
+  echo "|---|---|---|---|"
+  awk -F'\t' '{printf "| %s | %s | %s | %s |\n", $1, $2, $3, $4}' "$OUT/summary.tsv"
+  echo
+  for n in 1 2 3 4; do [ -f "$OUT/stage$n.log" ] && grep -h -E '^\|' "$OUT/stage$n.log" | awk '!seen[$0]++'; done
+  [ -f "$OUT/stage2.log" ] && grep -h -E '(passed|failed|error)' "$OUT/stage2.log" | tail -1
+} | tee "$OUT/summary.md"
+rm -f "$OUT/pip_install.txt"
+awk -F'\t' '$3 != 0 {bad=1} END {exit bad}' "$OUT/summary.tsv"; rc=$?
+rm -f "$OUT/summary.tsv"  # in summary.md; the device tool brings back at most 8 files
+exit $rc

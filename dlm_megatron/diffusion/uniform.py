@@ -173,11 +173,9 @@ class _SumOverRanks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group):
-        import torch.distributed as dist
+        from ..parallel import comm
 
-        x = x.clone()
-        dist.all_reduce(x, group=group)
-        return x
+        return comm.all_reduce_(x.clone(), "sum", group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -194,25 +192,25 @@ class _VocabParallelLogSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, valid, group):
-        import torch.distributed as dist
+        from ..parallel import comm
 
         row_max = torch.where(valid, logits, float("-inf")).max(-1, keepdim=True).values
-        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        comm.all_reduce_(row_max, "max", group)
         e = torch.where(valid, (logits - row_max).exp(), torch.zeros_like(logits))
         z = e.sum(-1, keepdim=True)
-        dist.all_reduce(z, group=group)
+        comm.all_reduce_(z, "sum", group)
         ctx.save_for_backward(e / z, valid)
         ctx.group = group
         return torch.where(valid, logits - row_max - z.log(), float("-inf"))
 
     @staticmethod
     def backward(ctx, grad):
-        import torch.distributed as dist
+        from ..parallel import comm
 
         p, valid = ctx.saved_tensors
         grad = torch.where(valid, grad, torch.zeros_like(grad))
         total = grad.sum(-1, keepdim=True)
-        dist.all_reduce(total, group=ctx.group)
+        comm.all_reduce_(total, "sum", ctx.group)
         return grad - p * total, None, None
 
 

@@ -19,7 +19,19 @@ from .schedules import lr_for
 
 
 def ds_config(cfg, *, dp: int, bf16: bool) -> dict:
+    """DeepSpeed config for this run. Precision (bf16) per ZeRO stage:
+
+    - ZeRO-0: DeepSpeed's ``torch_autocast`` — fp32 parameters and gradients, bf16 matmuls.
+      (DeepSpeed 0.19 refuses bf16 parameters with fp32 gradient accumulation at stage 0,
+      and bf16 accumulation over many micro-batches loses low-order bits.) No module is
+      listed as "lower-precision safe", so gradients are all-reduced in fp32 too.
+    - ZeRO-1: bf16 parameters + ``grad_accum_dtype=fp32`` selects DeepSpeed's BF16_Optimizer:
+      fp32 master weights (partitioned over DP), fp32 gradient accumulation.
+    - ZeRO-2/3: bf16 parameters, fp32 gradient accumulation buffers, fp32 master partitions.
+    In every bf16 mode gradients are reduced in fp32 (``communication_data_type``).
+    """
     t = cfg.train
+    stage = cfg.parallel.zero_stage
     gas = t.global_batch_size // (t.micro_batch_size * dp)
     conf = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -28,20 +40,31 @@ def ds_config(cfg, *, dp: int, bf16: bool) -> dict:
         # ZeRO-0: we clip ourselves with a TP-aware norm (DeepSpeed's fp32 path clipped with a
         # wrong norm under tensor parallelism, breaking TP=2 == TP=1); ZeRO 1-3 clip inside
         # DeepSpeed's partitioned optimizer.
-        "gradient_clipping": t.grad_clip if cfg.parallel.zero_stage > 0 else 0.0,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "gradient_clipping": t.grad_clip if stage > 0 else 0.0,
+        "zero_optimization": {"stage": stage},
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": bf16},
+        "bf16": {"enabled": bf16 and stage > 0},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "dump_state": False,
     }
-    if cfg.parallel.zero_stage in (1, 2):
-        # Reduce in fp32 even for bf16 params (numerically matches plain AdamW on CPU).
-        conf["zero_optimization"].update({"reduce_scatter": True, "overlap_comm": False, "contiguous_gradients": True})
-    if cfg.parallel.zero_stage == 3:
-        conf["zero_optimization"].update({"stage3_param_persistence_threshold": 0, "overlap_comm": False})
+    if bf16 and stage == 0:
+        conf["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    if bf16 and stage > 0:
+        conf["data_types"] = {"grad_accum_dtype": "fp32"}
+        conf["communication_data_type"] = "fp32"
+    if stage in (1, 2):
+        # overlap_comm: the DP reduction of a bucket runs while backward continues.
+        conf["zero_optimization"].update({"reduce_scatter": True, "overlap_comm": True, "contiguous_gradients": True})
+    if stage == 3:
+        conf["zero_optimization"].update({"stage3_param_persistence_threshold": 0, "overlap_comm": True})
     return conf
+
+
+def params_dtype(cfg, bf16: bool):
+    """dtype the model is built in for this engine: bf16 where DeepSpeed keeps bf16 parameters
+    (ZeRO >= 1), fp32 under ZeRO-0's autocast and for fp32 runs."""
+    return torch.bfloat16 if bf16 and cfg.parallel.zero_stage > 0 else torch.float32
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -58,6 +81,7 @@ class DeepSpeedEngine:
         import deepspeed
 
         self.cfg = cfg
+        self.bf16 = bf16
         t = cfg.train
         opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
@@ -76,32 +100,35 @@ class DeepSpeedEngine:
     def train_step(self, micro_batches: list, loss_fn, *, poison: bool = False, **_):
         """Forward/backward over this rank's micro-batches and the optimizer step.
 
-        Returns (per-micro-batch losses, grad_norm, bad). If any rank sees a non-finite
-        loss, every rank backpropagates an exact zero instead (so DeepSpeed's hooks and
-        collectives still line up) and the update is skipped: zero gradients and LR 0
-        leave the weights unchanged (Adam's moments decay by one step)."""
-        import torch.distributed as dist
+        Returns (per-micro-batch losses, grad_norm, bad). A micro-batch whose loss is not
+        finite backpropagates an exact zero instead (so DeepSpeed's hooks and collectives
+        still line up); the flag stays on the device, and once per step the ranks agree
+        (one all-reduce, one host read) whether any of them saw one. If so the update is
+        skipped: zero gradients and LR 0 leave the weights unchanged (Adam's moments decay
+        by one step)."""
+        from ..parallel import comm
 
-        losses, bad = [], False
+        losses, bad_dev = [], None
+        zero = None
         for i, b in enumerate(micro_batches):
             loss, _ = loss_fn.reduce(b, loss_fn.forward(self.engine, b))
             if poison:
                 loss = loss * float("nan")
-            flag = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0])
-            dist.all_reduce(flag)
-            if flag.item() > 0:
-                bad = True
-                if self.cfg.parallel.zero_stage == 3:
-                    raise FloatingPointError("non-finite loss under ZeRO-3, which cannot skip a step")
-                # 0 * loss would still be nan; a zero built from the parameters is exact.
-                loss_bwd = sum(p.sum() for p in self.module.parameters() if p.requires_grad) * 0.0
-            else:
-                loss_bwd = loss
+            bad_mb = ~torch.isfinite(loss)
+            bad_dev = bad_mb if bad_dev is None else bad_dev | bad_mb
+            if zero is None:
+                # 0 * loss would still be nan; a zero built from the parameters is exact and
+                # keeps every parameter in the graph (DeepSpeed's hooks expect all of them).
+                zero = self._zero_from_params
+            loss_bwd = torch.where(bad_mb, zero(), loss) if self.cfg.parallel.zero_stage != 3 else loss
             self.engine.backward(loss_bwd)  # DeepSpeed scales by 1/gas internally
             losses.append(loss.detach())
             if i < len(micro_batches) - 1:
                 self.engine.step()  # not a boundary: only advances the accumulation counter
+        bad = comm.any_flag(bad_dev).item() > 0  # the step's one host sync for the flag
         if bad:
+            if self.cfg.parallel.zero_stage == 3:
+                raise FloatingPointError("non-finite loss under ZeRO-3, which cannot skip a step")
             self.engine.zero_grad()
             for g in self.optimizer.param_groups:
                 g["lr"] = 0.0
@@ -109,43 +136,50 @@ class DeepSpeedEngine:
             return losses, float("nan"), True
         return losses, self.step(), False
 
+    def _zero_from_params(self) -> torch.Tensor:
+        return sum(p.sum() for p in self.module.parameters() if p.requires_grad).float() * 0.0
+
     def forward_only(self, micro_batches: list, loss_fn, **_) -> list:
         return [loss_fn.reduce(b, loss_fn.forward(self.engine, b))[0].detach() for b in micro_batches]
 
-    def _grad_norm_replicated_grads(self) -> float:
-        """Global grad norm when gradients live on the module (ZeRO-0, after DP all-reduce).
+    def _grad_norm_replicated_grads(self) -> torch.Tensor:
+        """Global grad norm when gradients live on the module (ZeRO-0, after DP all-reduce),
+        as a 0-d fp32 tensor on the gradients' device.
 
         TP-split gradients are summed over the TP group; replicated ones (norms) are
         identical on every TP rank and counted once."""
-        import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
-        split = torch.zeros((), dtype=torch.float64)
-        repl = torch.zeros((), dtype=torch.float64)
+        from ..parallel import comm
+
+        split, repl = [], []
         for p in self.module.parameters():
-            if p.grad is None:
-                continue
-            sq = p.grad.detach().double().pow(2).sum().cpu()
-            if getattr(p, "tensor_model_parallel", False):
-                split += sq
-            else:
-                repl += sq
+            if p.grad is not None:
+                (split if getattr(p, "tensor_model_parallel", False) else repl).append(p.grad.detach())
+        dev = (split or repl)[0].device
+
+        def sq(gs):  # sum of squares in fp32 (foreach norms: one kernel per dtype group)
+            if not gs:
+                return torch.zeros((), dtype=torch.float32, device=dev)
+            return torch.stack([n.float() for n in torch._foreach_norm(gs)]).pow(2).sum()
+
+        split_sq, repl_sq = sq(split), sq(repl)
         if ps.get_tensor_model_parallel_world_size() > 1:
-            dist.all_reduce(split, group=ps.get_tensor_model_parallel_group())
-        return float((split + repl).sqrt())
+            comm.all_reduce_any_device_(split_sq, "sum", ps.get_tensor_model_parallel_group())
+        return (split_sq + repl_sq).sqrt()
 
     def step(self) -> float:
         """Optimizer step at the accumulation boundary; returns the global grad norm
         (before clipping)."""
         gn = None
         if self.cfg.parallel.zero_stage == 0:
-            gn = self._grad_norm_replicated_grads()
+            norm = self._grad_norm_replicated_grads()
             clip = self.cfg.train.grad_clip
-            if clip > 0 and gn > clip:
-                coef = clip / (gn + 1e-6)
-                for p in self.module.parameters():
-                    if p.grad is not None:
-                        p.grad.mul_(coef)
+            if clip > 0:  # on the device: coefficient min(1, clip / norm), no host branch
+                coef = (clip / (norm + 1e-6)).clamp(max=1.0)
+                grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+                torch._foreach_mul_(grads, coef)
+            gn = float(norm)  # logged every step: the step's one host read of the norm
         self.engine.step()
         if gn is None:
             g = self.engine.get_global_grad_norm()

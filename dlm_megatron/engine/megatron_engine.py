@@ -27,13 +27,17 @@ class MegatronEngine:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
 
         self.cfg = cfg
+        self.device = next(model.parameters()).device
         t = cfg.train
         tcfg = model.config
+        if bf16 and tcfg.params_dtype != torch.bfloat16:
+            raise ValueError("MegatronEngine(bf16=True) needs a model built with bf16 parameters "
+                             "(build_model(..., params_dtype=torch.bfloat16)); fp32 main params live in the optimizer")
         # zero_stage 1: Adam states sharded over DP (megatron's distributed optimizer);
         # zero_stage 0: every DP rank keeps full optimizer states.
         distributed = cfg.parallel.zero_stage == 1
         ddp_cfg = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=distributed,
+            grad_reduce_in_fp32=True, overlap_grad_reduce=True, use_distributed_optimizer=distributed,
             average_in_collective=False,
         )
         self.ddp = DistributedDataParallel(config=tcfg, ddp_config=ddp_cfg, module=model)
@@ -75,7 +79,6 @@ class MegatronEngine:
         optimizer step. Returns (losses — real on the last stage, zeros elsewhere —,
         grad_norm, bad). A non-finite loss on any rank skips the optimizer step on all
         ranks (the gradient buffers are zeroed before the next step)."""
-        import torch.distributed as dist
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         self.ddp.zero_grad_buffer()
@@ -102,10 +105,13 @@ class MegatronEngine:
             micro_batch_size=micro_batch_size,
             forward_only=False,
         )
-        vals = [d["loss"] for d in losses] if losses else [torch.zeros(()) for _ in micro_batches]
-        flag = torch.tensor([0.0 if all(torch.isfinite(v).item() for v in vals) else 1.0])
-        dist.all_reduce(flag)
-        if flag.item() > 0:
+        vals = [d["loss"] for d in losses] if losses else [torch.zeros((), device=self.device) for _ in micro_batches]
+        from ..parallel import comm
+
+        # Non-finite on any rank (losses live on the last stage): one all-reduce of a device
+        # flag and one host read per step.
+        bad_dev = ~torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in vals])).all()
+        if comm.any_flag(bad_dev).item() > 0:
             return vals, float("nan"), True
         from ..parallel.cpu_compat import cuda_type_names
 
@@ -124,7 +130,7 @@ class MegatronEngine:
             forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[self.ddp],
             num_microbatches=len(micro_batches), seq_length=seq_len, micro_batch_size=micro_batch_size, forward_only=True,
         )
-        return [d["loss"] for d in out] if out else [torch.zeros(()) for _ in micro_batches]
+        return [d["loss"] for d in out] if out else [torch.zeros((), device=self.device) for _ in micro_batches]
 
     def _names(self) -> tuple[str, str]:
         from megatron.core import parallel_state as ps

@@ -1,30 +1,35 @@
-"""Core-attention backends for block diffusion, behind megatron-core's core-attention interface.
+"""Core attention backends, behind megatron-core's core-attention interface.
 
-``BlockDiffusionAttention`` takes the place of megatron-core's core attention (the
-softmax(QK^T)V step that runs after linear_qkv and RoPE, before linear_proj) in the layer
-spec of block-diffusion models. It is called exactly like DotProductAttention:
-query [sq, b, np, hn], key/value [sk, b, ng, hn], boolean mask [1 or b, 1, sq, sk]
-(True = may NOT attend) or None (attend everywhere); it returns [sq, b, np * hn].
-``model.attention_backend`` picks the kernel:
+``CoreAttention`` takes the place of megatron-core's core attention (the softmax(QK^T)V step
+that runs after linear_qkv and RoPE, before linear_proj) in the local layer spec of every
+objective, and in the Transformer Engine spec of block diffusion. It is called exactly like
+DotProductAttention: query [sq, b, np, hn], key/value [sk, b, ng, hn], boolean mask
+[1 or b, 1, sq or 1, sk] (True = may NOT attend) or None (the layer's mask type decides:
+no mask, or causal); it returns [sq, b, np * hn]. ``model.attention_backend`` picks the kernel:
 
-- ``dense``: megatron-core's own DotProductAttention with the arbitrary boolean mask. Runs
-  everywhere (forward and backward); the reference the other kernel is tested against.
+- ``dense``: megatron-core's own DotProductAttention (scores [b, np, sq, sk] materialised,
+  softmax in fp32 when the model is bf16). Runs everywhere; the reference the others are
+  tested against.
+- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``: flash / cuDNN kernels on
+  CUDA for no mask and causal (nothing s x s is stored), memory-efficient attention with a
+  boolean mask, the fused CPU kernel here. No Transformer Engine needed.
 - ``flex``: torch FlexAttention with a BlockMask. Tiles (128 x 128) where no query may see any
   key are skipped, and tiles where every pair is allowed skip the mask lookup: for the 2L
   block-diffusion mask about half the tiles are empty. Compiled (fused kernel) on CUDA; on
   CPU torch only has an eager forward, so CPU runs use it for forward checks only.
-- ``auto``: flex on CUDA, dense otherwise.
+- ``auto``: flex for block diffusion on CUDA, sdpa everywhere else (dense only for softmax
+  variants the fused kernels do not implement).
 
-The mask passed in stays the single source of truth. The flex kernel turns it into a
-BlockMask once per forward (all layers receive the same tensor object, so the result is
-reused across layers): if it equals the 2L block-diffusion mask of this model's block size,
-an analytic mask_mod with a BlockMask cached per (L, block size, device) is used (no dense
-lookups inside the kernel, no recompilation between steps); any other mask (the sampler's,
-the per-block reference loop's) is looked up from the dense tensor.
+The flex kernel turns the mask it is given into a BlockMask once per forward (all layers
+receive the same tensor object, so the result is reused across layers): if it equals the
+2L block-diffusion mask of this model's block size, an analytic mask_mod with a BlockMask
+cached per (L, block size, device) is used (no dense lookups inside the kernel, no
+recompilation between steps); any other mask (the sampler's, the per-block reference loop's)
+is looked up from the dense tensor.
 
-KV cache: when ``kv_cache`` is set (by sampling/block.py), the layer's keys/values are
-passed through ``kv_cache.extend(self, key, value)``, which prepends the cached keys/values
-of earlier tokens (already rotated by RoPE at their own positions) and may append the new
+KV cache: when ``kv_cache`` is set (by the samplers), the layer's keys/values are passed
+through ``kv_cache.extend(self, key, value)``, which prepends the cached keys/values of
+earlier tokens (already rotated by RoPE at their own positions) and may append the new
 ones. Everything else in the model runs unchanged, so a cached forward uses megatron-core's
 own norms, projections, RoPE and MLP.
 
@@ -40,22 +45,11 @@ import torch
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from ..diffusion import block as bd
+from .backends import BACKENDS, resolve_backend  # noqa: F401  (re-exported)
 
-BACKENDS = ("auto", "dense", "flex")
-
-
-def resolve_backend(name: str, cuda: bool | None = None) -> str:
-    """'auto' -> 'flex' on CUDA machines, else 'dense'."""
-    if name not in BACKENDS:
-        raise ValueError(f"model.attention_backend must be one of {BACKENDS}, got {name!r}")
-    if name != "auto":
-        return name
-    return "flex" if (torch.cuda.is_available() if cuda is None else cuda) else "dense"
-
-
-def core_attention_builder(backend: str, block_size: int) -> Callable[..., "BlockDiffusionAttention"]:
+def core_attention_builder(backend: str, block_size: int | None, *, block: bool) -> Callable[..., "CoreAttention"]:
     """What the layer spec plugs in as ``core_attention`` (megatron calls it with keyword args)."""
-    return functools.partial(BlockDiffusionAttention, backend=resolve_backend(backend), block_size=block_size)
+    return functools.partial(CoreAttention, backend=resolve_backend(backend, block=block), block_size=block_size)
 
 
 # ---------------------------------------------------------------------------------------
@@ -141,20 +135,25 @@ def flex_attention_fn(device: torch.device):
 # The module
 
 
-class BlockDiffusionAttention(DotProductAttention):
-    """megatron-core core attention with a dense or FlexAttention kernel and a KV-cache hook."""
+class CoreAttention(DotProductAttention):
+    """megatron-core core attention with a dense, SDPA or FlexAttention kernel and a KV-cache hook."""
 
     def __init__(self, *args, backend: str = "dense", block_size: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.backend = resolve_backend(backend)
+        if self.backend != "dense" and self.config.softmax_type != "vanilla":
+            self.backend = "dense"  # off-by-one / learnable softmax: only megatron's kernel has it
         self.block_size = block_size
         self.kv_cache = None
         """Set by the sampler: an object with ``extend(module, key, value) -> (key, value)``."""
-        if self.backend == "flex":
-            if self.config.attention_dropout > 0:
-                raise ValueError("model.attention_backend=flex does not implement attention dropout")
-            if self.config.softmax_type != "vanilla":
-                raise ValueError("model.attention_backend=flex supports only the vanilla softmax")
+        if self.backend == "flex" and self.config.attention_dropout > 0:
+            raise ValueError("model.attention_backend=flex does not implement attention dropout")
+
+    @property
+    def scale(self) -> float:
+        # DotProductAttention splits the scale between the scores and the softmax when
+        # query-key layer scaling is on; the product is the real scale.
+        return self.softmax_scale * (self.layer_number if self.config.apply_query_key_layer_scaling else 1)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
         if self.kv_cache is not None:
@@ -162,17 +161,44 @@ class BlockDiffusionAttention(DotProductAttention):
         if self.backend == "dense":
             return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
                                    attention_bias=attention_bias, packed_seq_params=packed_seq_params)
-        assert attention_bias is None and packed_seq_params is None, "flex backend: no bias / packed sequences"
+        assert attention_bias is None and packed_seq_params is None, f"{self.backend} backend: no bias / packed sequences"
+        if self.backend == "sdpa":
+            return self._sdpa_forward(query, key, value, attention_mask, attn_mask_type or self.attn_mask_type)
         return self._flex_forward(query, key, value, attention_mask)
+
+    def _sdpa_forward(self, query, key, value, attention_mask, mask_type):
+        """[sq, b, np, hn] x [sk, b, ng, hn] -> [sq, b, np * hn] with torch SDPA."""
+        import torch.nn.functional as F
+        from megatron.core.transformer.enums import AttnMaskType
+
+        sq, b, np_, hn = query.shape
+        sk, ng = key.shape[0], key.shape[2]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
+        allowed, is_causal = None, False
+        if attention_mask is not None:
+            allowed = ~attention_mask  # SDPA's boolean mask is True where attention IS allowed
+        elif mask_type == AttnMaskType.causal:
+            if sq == sk:
+                is_causal = True
+            else:  # queries are the last sq of sk positions (bottom-right aligned causal)
+                allowed = torch.ones(sq, sk, dtype=torch.bool, device=query.device).tril(sk - sq)
+        p = self.attention_dropout.p if self.training else 0.0
+        if p > 0 and not self.config.sequence_parallel:
+            from megatron.core import tensor_parallel
+
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p, is_causal=is_causal,
+                                                     scale=self.scale, enable_gqa=np_ != ng)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p, is_causal=is_causal,
+                                                 scale=self.scale, enable_gqa=np_ != ng)
+        return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
 
     def _flex_forward(self, query, key, value, attention_mask):
         """[sq, b, np, hn] x [sk, b, ng, hn] -> [sq, b, np * hn] with FlexAttention."""
         sq, b, np_, hn = query.shape
         sk, ng = key.shape[0], key.shape[2]
         block_mask = _cached_block_mask(attention_mask, sq, sk, self.block_size, query.device)
-        # DotProductAttention splits the scale between the scores and the softmax when
-        # query-key layer scaling is on; the product is the real scale.
-        scale = self.softmax_scale * (self.layer_number if self.config.apply_query_key_layer_scaling else 1)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
-        out = flex_attention_fn(query.device)(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=np_ != ng)
+        out = flex_attention_fn(query.device)(q, k, v, block_mask=block_mask, scale=self.scale, enable_gqa=np_ != ng)
         return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)

@@ -89,21 +89,30 @@ def name_seed(seed: int, name: str) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def init_full(name: str, shape: tuple[int, ...], *, seed: int, std: float, num_layers: int) -> torch.Tensor:
-    """Initial value of a canonical parameter at full size (fp32, CPU).
+def is_norm_scale(name: str) -> bool:
+    """RMSNorm/LayerNorm scales, in the local spec's names (``input_layernorm.weight``,
+    ``final_layernorm.weight``) and Transformer Engine's fused ones (``linear_qkv.layer_norm_weight``,
+    ``linear_fc1.layer_norm_weight``)."""
+    return "layernorm" in name or name.endswith(("norm.weight", "layer_norm_weight"))
 
-    Norm scales start at 1; output projections of residual branches (linear_proj,
-    linear_fc2) get std / sqrt(2 * num_layers) as in GPT-2/Megatron; everything else N(0, std).
+
+def init_full(name: str, shape: tuple[int, ...], *, seed: int, std: float, num_layers: int,
+              device: torch.device | str = "cpu") -> torch.Tensor:
+    """Initial value of a canonical parameter at full size (fp32, on ``device``).
+
+    Norm scales start at 1 and biases (TE's ``layer_norm_bias`` included) at 0; output
+    projections of residual branches (linear_proj, linear_fc2) get std / sqrt(2 * num_layers)
+    as in GPT-2/Megatron; everything else N(0, std). Random draws come from a generator on
+    ``device`` seeded by (seed, name): a pure function of the name for a given device type
+    (CPU and CUDA generators differ, so all ranks of a run draw on the same device type).
     """
-    if "layernorm" in name or name.endswith("norm.weight"):
-        return torch.ones(shape)
-    if name.endswith(".bias"):
-        return torch.zeros(shape)
+    if name.endswith((".bias", "layer_norm_bias")):
+        return torch.zeros(shape, device=device)
+    if is_norm_scale(name):
+        return torch.ones(shape, device=device)
     if name == "time_embedding.proj.weight":
-        # Continuous diffusion time embedding: N(0, std) like other input projections,
-        # drawn at full size from (seed, name) so every layout starts identical.
-        g = torch.Generator().manual_seed(name_seed(seed, name))
-        return torch.randn(shape, generator=g) * std
-    s = std / (2.0 * num_layers) ** 0.5 if name.endswith(("linear_proj.weight", "linear_fc2.weight")) else std
-    g = torch.Generator().manual_seed(name_seed(seed, name))
-    return torch.randn(shape, generator=g) * s
+        s = std  # continuous diffusion's time embedding: N(0, std) like other input projections
+    else:
+        s = std / (2.0 * num_layers) ** 0.5 if name.endswith(("linear_proj.weight", "linear_fc2.weight")) else std
+    g = torch.Generator(device=device).manual_seed(name_seed(seed, name))
+    return torch.randn(shape, generator=g, device=device) * s

@@ -68,6 +68,22 @@ def apply() -> None:
     fused_softmax.get_default_causal_mask = _causal_mask
 
     _patch_literal_cuda_tensors()
+    _autocast_aware_linear_on_cpu()
+
+
+def _autocast_aware_linear_on_cpu() -> None:
+    """megatron-core's linear autograd functions are decorated with custom_fwd/custom_bwd for
+    device "cuda": backward re-enters the forward's *CUDA* autocast state. Under CPU autocast
+    (DeepSpeed torch_autocast, bf16 at ZeRO-0) that leaves backward without autocast and a
+    bf16 gradient meets an fp32 weight. Re-decorate the same functions for "cpu", which is
+    what they do on a GPU for "cuda"."""
+    from megatron.core.tensor_parallel import layers
+
+    for cls in (layers.LinearWithFrozenWeight, layers.LinearWithGradAccumulationAndAsyncCommunication):
+        fwd, bwd = cls.forward, cls.backward
+        if hasattr(fwd, "__wrapped__") and hasattr(bwd, "__wrapped__"):
+            cls.forward = staticmethod(torch.amp.custom_fwd(fwd.__wrapped__, device_type="cpu"))
+            cls.backward = staticmethod(torch.amp.custom_bwd(bwd.__wrapped__, device_type="cpu"))
 
 
 def _patch_literal_cuda_tensors() -> None:

@@ -13,7 +13,7 @@ exactly like an x_t block in training; finished blocks see only blocks up to the
 KV cache (the design choice): finished blocks never change, and what they contribute to
 later blocks is, in every layer, their keys and values (after RoPE at their own
 positions). ``CachedDenoiser`` runs each finished block once through the unchanged
-megatron-core model with a ``KVCache`` attached to the model's BlockDiffusionAttention
+megatron-core model with a ``KVCache`` attached to the model's CoreAttention
 modules (model/attention.py): the hook prepends the cached keys/values and, on the commit
 pass, keeps the new ones. A denoising step then costs one forward over K tokens instead of
 the whole prefix. ``RecomputeDenoiser`` recomputes the full forward (prefix + block under
@@ -79,11 +79,11 @@ class KVCache:
 
 
 def _attention_modules(model: torch.nn.Module) -> list:
-    from ..model.attention import BlockDiffusionAttention
+    from ..model.attention import CoreAttention
 
-    mods = [m for m in model.modules() if isinstance(m, BlockDiffusionAttention)]
+    mods = [m for m in model.modules() if isinstance(m, CoreAttention)]
     if not mods:
-        raise ValueError("the model has no BlockDiffusionAttention layers: build it with diffusion.objective=block")
+        raise ValueError("the model has no CoreAttention layers: build it with diffusion.objective=block")
     return mods
 
 

@@ -197,7 +197,9 @@ def test_flex_forward_matches_dense(build):
                               dense(x0[:, :100], p100, causal, explicit_positions=True), atol=2e-5)
     # The 2L mask's BlockMask skips tiles: at L=512, K=16 about half of the 128x128 tiles are empty.
     assert att.block_mask_2l(512, 16, torch.device("cpu")).sparsity() > 40.0
-    assert att.resolve_backend("auto", cuda=False) == "dense" and att.resolve_backend("auto", cuda=True) == "flex"
+    assert att.resolve_backend("auto", block=True, cuda=False) == "sdpa"
+    assert att.resolve_backend("auto", block=True, cuda=True) == "flex"
+    assert att.resolve_backend("auto", block=False, cuda=True) == "sdpa"
 
 
 # --------------------------------------------------------------------------- sampler
