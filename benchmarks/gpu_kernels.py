@@ -155,7 +155,8 @@ def numerics(device: str, dtype, B=2, H=4, L=256, K=16, D=64, backward: bool = T
         "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=~masked_out, scale=scale),
     }
     res = {}
-    q0, k0, v0 = qkv(B, H, S, D, torch.float32, seed=1, device=dev)
+    # inputs rounded to the kernel's dtype first, so the reference sees exactly what the kernels see
+    q0, k0, v0 = (t.detach().to(dtype).float().requires_grad_() for t in qkv(B, H, S, D, torch.float32, seed=1, device=dev))
     ref = reference(q0, k0, v0) if backward else reference(q0.detach(), k0.detach(), v0.detach())
     if backward:
         ref.sum().backward()

@@ -139,7 +139,22 @@ def param_counts(dm: Dims, tp: int = 1, pp: int = 1) -> dict:
 # FLOPs
 
 
-def flops_per_token(dm: Dims, recompute: str = "none") -> dict:
+def attention_fraction(cfg: Config, on_gpu: bool = True) -> float:
+    """Share of the dense s x s attention work the run's kernel executes: the fraction of
+    non-empty 128 x 128 tiles of the 2L mask for block diffusion under FlexAttention (it
+    skips empty tiles); 1 for every dense kernel (sdpa, TE, megatron's own compute all pairs,
+    masked ones included). MFU counts attention as executed."""
+    from .diffusion.block import attended_tile_fraction
+    from .model.backends import resolve_backend
+
+    if cfg.diffusion.objective != "block":
+        return 1.0
+    if resolve_backend(cfg.model.attention_backend, block=True, cuda=on_gpu) != "flex":
+        return 1.0
+    return attended_tile_fraction(cfg.data.seq_len, cfg.diffusion.block_size)
+
+
+def flops_per_token(dm: Dims, recompute: str = "none", attention_fraction: float = 1.0) -> dict:
     """Training FLOPs per data token.
 
     Per model token: 6 * (L * matrix params per layer + V * h) for the matmuls (forward 2,
@@ -148,16 +163,18 @@ def flops_per_token(dm: Dims, recompute: str = "none") -> dict:
     ``dlm_megatron.train.flops_per_token`` (unpadded vocabulary, no recompute), so the MFU
     logged by the trainer and the planner's MFU mean the same thing. Block diffusion runs the
     model on 2L tokens per L data tokens, with s = 2L: twice the FLOPs per model token count
-    per data token.
+    per data token. ``attention_fraction`` scales the attention term to the share of pairs
+    the kernel executes (see ``attention_fraction``).
 
     ``hardware`` adds recomputation: selective recomputes the core attention forward
     (4 * L * h * s), full recomputes the whole layer forward (2 * L * matrix params + 4 * L * h * s).
     """
     L, h, s = dm.layers, dm.hidden, dm.seq_len
     matmul = L * layer_matrix_params(dm) + dm.vocab * h
-    per_model_token = 6.0 * matmul + 12.0 * L * h * s
-    extra = {"none": 0.0, "selective": 4.0 * L * h * s,
-             "full": 2.0 * L * layer_matrix_params(dm) + 4.0 * L * h * s}[recompute]
+    attn = 12.0 * L * h * s * attention_fraction
+    per_model_token = 6.0 * matmul + attn
+    extra = {"none": 0.0, "selective": attn / 3,
+             "full": 2.0 * L * layer_matrix_params(dm) + attn / 3}[recompute]
     ratio = dm.seq_len / dm.data_seq_len
     return {"model": per_model_token * ratio, "hardware": (per_model_token + extra) * ratio,
             "per_model_token": per_model_token}
@@ -456,7 +473,7 @@ def plan(cfg: Config, *, gpus: int, gpu_mem_gib: float, vocab_size: int, mfu: fl
     bf16 = lay.precision == "bf16"
     e = 2 if bf16 else 4
     params = param_counts(dm, lay.tp, lay.pp)
-    flops = flops_per_token(dm, lay.recompute)
+    flops = flops_per_token(dm, lay.recompute, attention_fraction(cfg, on_gpu))
 
     largest_module = max(layer_matrix_params(dm) // lay.tp, dm.padded_vocab * dm.hidden // lay.tp)
     stages = {}

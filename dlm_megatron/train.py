@@ -55,21 +55,29 @@ class StopRequest:
 EXIT_PREEMPTED = 3
 
 
-def flops_per_token(cfg: Config, vocab: int, seq_len: int) -> float:
-    """Training FLOPs per data token: 6 * matmul params + attention scores (12 * layers * h * s);
-    doubled (with s = 2L) for block diffusion, whose model input is 2L tokens."""
+def flops_per_token(cfg: Config, vocab: int, seq_len: int, on_gpu: bool | None = None) -> float:
+    """Training FLOPs per data token: 6 * matmul params + attention (12 * layers * h * s, times
+    the share of pairs the attention kernel executes); doubled (with s = 2L) for block
+    diffusion, whose model input is 2L tokens. Under FlexAttention only the non-empty tiles
+    of the 2L mask count (see planner.attention_fraction and docs/planner.md)."""
     m = cfg.model
     from .config import ffn_size
+    from .planner import attention_fraction
 
+    if on_gpu is None:
+        import torch
+
+        on_gpu = torch.cuda.is_available()
     h, L = m.hidden_size, m.num_layers
     kv = (m.num_query_groups or m.num_attention_heads) * (h // m.num_attention_heads)
     per_layer = h * (h + 2 * kv) + h * h + 3 * h * ffn_size(m)
     matmul = L * per_layer + vocab * h
+    frac = attention_fraction(cfg, on_gpu)
     if cfg.diffusion.objective == "block":
         # The model runs on x_t and x_0 (2L tokens, attention span 2L) per L data tokens.
         s = 2 * seq_len
-        return 2.0 * (6.0 * matmul + 12.0 * L * h * s)
-    return 6.0 * matmul + 12.0 * L * h * seq_len
+        return 2.0 * (6.0 * matmul + 12.0 * L * h * s * frac)
+    return 6.0 * matmul + 12.0 * L * h * seq_len * frac
 
 
 # Dense tensor-core peaks from NVIDIA's datasheets, TFLOP/s without sparsity:
@@ -244,7 +252,7 @@ def run(cfg: Config) -> dict:
             print(f"resumed from {latest} at step {start_step}", flush=True)
 
     logger = MetricsLogger(cfg, out, is_rank0=rank0, config_dict=to_dict(cfg))
-    fpt = flops_per_token(cfg, vocab, cfg.data.seq_len)
+    fpt = flops_per_token(cfg, vocab, cfg.data.seq_len, on_gpu=lay.device.type == "cuda")
     peak = peak_flops(lay.device, bf16)
     if rank0 and start_step == 0:
         n_params = sum(p.numel() for p in model.parameters())

@@ -55,7 +55,7 @@ stage() {
   local rc=${PIPESTATUS[0]}
   local dt=$(( $(date +%s) - t0 ))
   [ "$rc" = 124 ] && echo "!! stage $n $name hit its ${limit}s limit" | tee -a "$OUT/stage$n.log"
-  printf '%s\t%s\t%s\t%.0f\t%s\n' "$n" "$name" "$rc" "$dt" "$*" >> "$OUT/summary.tsv"
+  printf '%s\t%s\t%s\t%s\n' "$n" "$name" "$rc" "$dt" >> "$OUT/summary.tsv"
   return 0
 }
 
@@ -89,7 +89,7 @@ fi
 # ---- 2. CUDA tests ----------------------------------------------------------------------
 if want 2; then
   if [ "$DRY" = 1 ]; then stage 2 tests 120 "$PY" -m pytest -q -p no:cacheprovider --collect-only -m gpu tests/gpu
-  else stage 2 tests 100 "$PY" -m pytest -q -p no:cacheprovider -m gpu -n 6 -rA tests/gpu; fi
+  else stage 2 tests 110 "$PY" -m pytest -q -p no:cacheprovider -m gpu -n 8 --timeout 100 -rA tests/gpu; fi
 fi
 
 # ---- 3. 8B slices vs the planner --------------------------------------------------------

@@ -89,6 +89,37 @@ def allowed_2l(q_idx: torch.Tensor, kv_idx: torch.Tensor, seq_len: int, block_si
     return diagonal | earlier_clean | block_causal
 
 
+def attended_tile_fraction(seq_len: int, block_size: int, tile: int = 128) -> float:
+    """Fraction of the (2L / tile)^2 attention tiles that hold at least one allowed pair in
+    the 2L mask: the share of dense attention work a block-sparse kernel (FlexAttention,
+    128 x 128 tiles) executes. Interval arithmetic per row of tiles (no S x S mask), so it is
+    cheap at any length.  -> float in (0, 1]"""
+    L, B, S = seq_len, block_size, 2 * seq_len
+    num_blocks(L, B)
+    n = -(-S // tile)
+
+    def key_ranges(q0: int, q1: int) -> list[tuple[int, int]]:
+        """Allowed key intervals [a, b) of the queries [q0, q1) (all on one side of L)."""
+        if q0 < L:  # x_t queries: their own blocks, and the clean blocks before the latest one
+            first, last = q0 // B, (q1 - 1) // B
+            return [(first * B, (last + 1) * B), (L, L + last * B)]
+        last = (q1 - 1 - L) // B  # x_0 queries: block-causal over x_0
+        return [(L, L + (last + 1) * B)]
+
+    hit = 0
+    for i in range(n):
+        q0, q1 = i * tile, min((i + 1) * tile, S)
+        parts = [(q0, min(q1, L)), (max(q0, L), q1)]
+        tiles: set[int] = set()
+        for a, b in parts:
+            if a < b:
+                for k0, k1 in key_ranges(a, b):
+                    if k0 < k1:
+                        tiles.update(range(k0 // tile, -(-k1 // tile)))
+        hit += len(tiles)
+    return hit / (n * n)
+
+
 @lru_cache(maxsize=8)
 def block_diffusion_mask(seq_len: int, block_size: int) -> torch.Tensor:
     """The 2L attention mask, True = masked out.  -> [1, 1, S, S] bool (cached: treat as read-only)

@@ -195,8 +195,12 @@ def test_flex_forward_matches_dense(build):
         p100 = torch.arange(100).expand(2, -1)
         assert torch.allclose(flex(x0[:, :100], p100, causal, explicit_positions=True),
                               dense(x0[:, :100], p100, causal, explicit_positions=True), atol=2e-5)
-    # The 2L mask's BlockMask skips tiles: at L=512, K=16 about half of the 128x128 tiles are empty.
+    # The 2L mask's BlockMask skips tiles: at L=512, K=16 about half of the 128x128 tiles are empty;
+    # the interval count the MFU uses (no S x S mask) agrees with torch's BlockMask exactly.
     assert att.block_mask_2l(512, 16, torch.device("cpu")).sparsity() > 40.0
+    for L, K in ((512, 16), (384, 16), (256, 4), (192, 64), (1024, 1), (128, 128)):
+        frac = bd.attended_tile_fraction(L, K)
+        assert frac == pytest.approx(1 - att.block_mask_2l(L, K, torch.device("cpu")).sparsity() / 100, abs=1e-12), (L, K)
     assert att.resolve_backend("auto", block=True, cuda=False) == "sdpa"
     assert att.resolve_backend("auto", block=True, cuda=True) == "flex"
     assert att.resolve_backend("auto", block=False, cuda=True) == "sdpa"

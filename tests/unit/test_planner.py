@@ -246,11 +246,18 @@ def test_flops_per_token_matches_trainer():
     for path, extra in (("configs/tiny.yaml", ()), ("configs/8b.yaml", ()), ("configs/tiny.yaml", ("diffusion.objective=block",))):
         cfg = _cfg(path, *extra)
         p = _plan(cfg, gpus=2 if "8b" in path else 1, vocab=126464)
-        assert p["flops_per_token"] == pytest.approx(flops_per_token(cfg, 126464, cfg.data.seq_len), rel=1e-12)
-    # Block diffusion runs 2L model tokens per L data tokens, attention over 2L.
+        for on_gpu in (True, False):
+            assert _plan(cfg, gpus=2 if "8b" in path else 1, vocab=126464, on_gpu=on_gpu)["flops_per_token"] == pytest.approx(
+                flops_per_token(cfg, 126464, cfg.data.seq_len, on_gpu=on_gpu), rel=1e-12)
+    # Block diffusion runs 2L model tokens per L data tokens, attention over 2L: with a dense
+    # kernel all (2L)^2 pairs count; FlexAttention executes only the non-empty 128x128 tiles.
     masked = _plan(_cfg("configs/tiny.yaml"))
-    block = _plan(_cfg("configs/tiny.yaml", "diffusion.objective=block"))
-    assert block["flops_per_token"] > 2 * masked["flops_per_token"]
+    block_dense = _plan(_cfg("configs/tiny.yaml", "diffusion.objective=block", "model.attention_backend=sdpa"))
+    assert block_dense["flops_per_token"] > 2 * masked["flops_per_token"]
+    cfg = _cfg("configs/8b_block.yaml")
+    dense, flex = (flops_per_token(cfg, 126464, 4096, on_gpu=g) for g in (False, True))  # auto: sdpa on CPU, flex on GPU
+    attn_dense = 2 * 12 * 32 * 4096 * 8192
+    assert dense - flex == pytest.approx(attn_dense * (1 - 17 / 64), rel=1e-12)  # 17 of 64 tiles per row on average at L=4096, K=16
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
