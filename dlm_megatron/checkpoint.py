@@ -127,7 +127,7 @@ def local_state_from_full(full: dict[str, torch.Tensor], model: torch.nn.Module,
     off = layer_offset(cfg, pp_rank)
     out = {}
     for local_name, p in model.named_parameters():
-        g = sharding.to_global_name(local_name, off)
+        g = sharding.canonical_name(local_name, off, cfg.model.tie_embeddings)
         if g not in full:
             raise CheckpointError(f"checkpoint has no parameter '{g}' (was it trained with a different model config?)")
         t = sharding.shard(full[g], g, tp_rank, cfg.parallel.tp)

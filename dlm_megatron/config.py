@@ -431,12 +431,7 @@ def validate(cfg: Config) -> None:
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
     _choice("parallel.engine", p.engine, ("auto", "deepspeed", "megatron"))
-    if p.engine == "deepspeed" and p.pp > 1:
-        raise ConfigError(f"parallel.engine=deepspeed does not run pipeline layouts (parallel.pp={p.pp}); "
-                          f"use parallel.engine=megatron or auto")
-    if p.engine == "megatron" and p.zero_stage not in (0, 1):
-        raise ConfigError(f"parallel.engine=megatron supports parallel.zero_stage 0 or 1 (distributed optimizer), "
-                          f"got {p.zero_stage}")
+    validate_layout(cfg)
     if m.num_layers % p.pp:
         raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by parallel.pp={p.pp}")
     if m.num_attention_heads % p.tp:
@@ -454,6 +449,41 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"generate.block_length={g.block_length} must divide generate.gen_length={g.gen_length}")
     if g.steps % (g.gen_length // g.block_length):
         raise ConfigError(f"generate.steps={g.steps} must be a multiple of the number of blocks ({g.gen_length // g.block_length})")
+
+
+def resolved_engine(p: ParallelConfig) -> str:
+    """``parallel.engine`` with 'auto' resolved: megatron-core's for pp > 1, DeepSpeed otherwise."""
+    return p.engine if p.engine != "auto" else ("megatron" if p.pp > 1 else "deepspeed")
+
+
+def validate_layout(cfg: Config) -> None:
+    """Refuse parallel layouts that no test proves (each refusal says what to change).
+
+    Proven (tests/distributed, tests/gpu): DeepSpeed ZeRO 0-3 at pp=1 with any tp/dp; the
+    megatron engine (zero 0/1) at any tp/pp/dp; sequence parallel only with Transformer
+    Engine on the megatron engine, whose finalize step all-reduces the replicated norm
+    gradients over TP (DeepSpeed does not, so its norms would silently drift apart)."""
+    p, m, d = cfg.parallel, cfg.model, cfg.diffusion
+    eng = resolved_engine(p)
+    if eng == "deepspeed" and p.pp > 1:
+        raise ConfigError(f"parallel.engine=deepspeed does not run pipeline layouts (parallel.pp={p.pp}); "
+                          f"use parallel.engine=megatron or auto")
+    if eng == "megatron" and p.zero_stage not in (0, 1):
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage} is not supported by the megatron engine (used for parallel.pp>1): "
+                          f"it shards optimizer states with megatron-core's distributed optimizer (ZeRO-1 equivalent); "
+                          f"set parallel.zero_stage=1")
+    if p.sequence_parallel:
+        if p.tp < 2:
+            raise ConfigError("parallel.sequence_parallel=true needs parallel.tp >= 2")
+        if m.transformer_impl != "transformer_engine":
+            raise ConfigError("parallel.sequence_parallel=true needs model.transformer_impl=transformer_engine "
+                              "(megatron-core's local spec norms do not support it)")
+        if eng != "megatron":
+            raise ConfigError("parallel.sequence_parallel=true needs parallel.engine=megatron: DeepSpeed does not "
+                              "all-reduce the norm gradients over tensor-parallel ranks under sequence parallelism")
+    if d.objective == "continuous" and (p.tp > 1 or p.pp > 1):
+        raise ConfigError(f"diffusion.objective=continuous is only proven at parallel.tp=1 parallel.pp=1 "
+                          f"(got tp={p.tp} pp={p.pp}); use data parallelism for it")
 
 
 def ffn_size(m: ModelConfig) -> int:

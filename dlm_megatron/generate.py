@@ -90,7 +90,7 @@ def sample_text(module, tok, cfg: Config, *, device, prompt: str | None = None, 
 
 def load_model(ckpt_path: str, device: str = "cpu"):
     """(model, tokenizer, cfg, meta) from a checkpoint, as a single-process TP=1 PP=1 model."""
-    from .train import quiet_warnings
+    from .logging import quiet_warnings
 
     quiet_warnings()
     from . import checkpoint as ckpt

@@ -10,7 +10,18 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
+
+
+def quiet_warnings() -> None:
+    """megatron-core warns at import that TE/apex are absent; that is expected on CPU."""
+    warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
+    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+    warnings.filterwarnings("ignore", message=".*apex.*", category=UserWarning)
+    warnings.filterwarnings("ignore", message=".*cuda_graph_scope.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning")
 
 
 def fmt_line(row: dict) -> str:

@@ -12,12 +12,12 @@ import os
 import signal
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from .config import Config, ConfigError, describe, dump_yaml, load_config, to_dict
+from .logging import quiet_warnings  # noqa: F401  (re-exported: scripts import it from here)
 
 USAGE = """usage: python -m dlm_megatron.train CONFIG [section.key=value ...]
 
@@ -28,16 +28,6 @@ Rerunning the same command resumes from <train.output_dir>/checkpoints/latest.
 
 Config keys:
 """
-
-
-def quiet_warnings() -> None:
-    """megatron-core warns at import that TE/apex are absent; that is expected on CPU."""
-    warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
-    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
-    warnings.filterwarnings("ignore", message=".*apex.*", category=UserWarning)
-    warnings.filterwarnings("ignore", message=".*cuda_graph_scope.*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning")
 
 
 class StopRequest:
@@ -144,94 +134,128 @@ def check_init_from(cfg: Config, meta: dict, path, *, warn: bool = True) -> None
                   f"{getattr(cfg.model, key)}", flush=True)
 
 
-def run(cfg: Config) -> dict:
-    """Train according to ``cfg``; returns a summary dict (on every rank)."""
-    quiet_warnings()
-    import torch
-    import torch.distributed as dist
+class Trainer:
+    """One training run: ``Trainer(cfg)`` builds everything (process groups, data, model,
+    engine, objective; resumes from ``latest``), ``fit()`` trains. Each GPU concern has one
+    home: collectives in parallel/comm.py, precision in ``model_params_dtype`` and the
+    engines, kernels in model/attention.py, host syncs once per step in ``train_step``."""
 
-    from . import checkpoint as ckpt
-    from .data import DataError
-    from .data.corpus import resolve_data_path
-    from .data.loader import PackedDataset, build_train_dataset, sample_indices
-    from .data.tokenizer import load_tokenizer
-    from .diffusion.objectives import build_objective
-    from .logging import MetricsLogger
-    from .model.denoiser import build_model, canonical_params, init_weights
-    from .parallel import comm
-    from .parallel import dist as pdist
+    def __init__(self, cfg: Config):
+        import torch
 
-    stop = StopRequest()
-    lay = pdist.init_distributed(cfg)
-    rank0 = lay.rank == 0
-    out = Path(cfg.train.output_dir)
-    if rank0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_yaml(cfg))
-    torch.manual_seed(cfg.train.seed)
+        from . import checkpoint as ckpt
+        from .parallel import dist as pdist
 
-    tok = load_tokenizer(cfg.data.tokenizer)
-    # Rank 0 tokenizes builtin corpora first; the others then find them ready.
-    paths = {}
-    for split, p in (("train", cfg.data.train_path), ("val", cfg.data.val_path)):
-        if p is None:
-            continue
-        if rank0:
-            paths[split] = resolve_data_path(p, cfg.data.cache_dir, tok)
-    dist.barrier()
-    if not rank0:
-        paths = {s: resolve_data_path(p, cfg.data.cache_dir, tok) for s, p in (("train", cfg.data.train_path), ("val", cfg.data.val_path)) if p is not None}
-    train_ds = build_train_dataset(cfg, tok, cfg.data.cache_dir)  # PackedDataset, or BlendedDataset for "0.7:dirA,0.3:dirB"
-    val_ds = PackedDataset(paths["val"], cfg.data.seq_len, tok.eot_id, tokenizer_sha=tok.sha256) if "val" in paths else None
-    if cfg.data.sft_path:  # SFT: prompt/response examples (data/sft.py) instead of packed text
-        from .data.sft import SFTDataset
+        self.cfg = cfg
+        self.stop = StopRequest()
+        self.lay = lay = pdist.init_distributed(cfg)
+        self.rank0 = lay.rank == 0
+        self.out = Path(cfg.train.output_dir)
+        if self.rank0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(dump_yaml(cfg))
+        torch.manual_seed(cfg.train.seed)
+        self.G, self.mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
+        self.per_rank = self.G // lay.dp
+        self._build_data()
+        self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and lay.device.type == "cuda")
+        latest = ckpt.latest_checkpoint(self.out)
+        self._build_model(latest)
+        self.engine = build_engine(self.model, cfg, lay, self.bf16)
+        self._build_objective()
+        self.start_step = self._resume(latest)
+        from megatron.core import parallel_state as ps
 
-        train_ds = SFTDataset(cfg.data.sft_path, tok, cfg.data.seq_len, cfg.data.chat_template)
-        val_ds = SFTDataset(cfg.data.sft_val_path, tok, cfg.data.seq_len, cfg.data.chat_template) if cfg.data.sft_val_path else None
+        from .logging import MetricsLogger
 
-    vocab = cfg.model.vocab_size or tok.vocab_size
-    if vocab < tok.vocab_size:
-        raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary ({tok.vocab_size})")
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and lay.device.type == "cuda")
-    model = build_model(cfg, vocab, pre_process=lay.is_first_stage, post_process=lay.is_last_stage,
-                        params_dtype=model_params_dtype(cfg, bf16))
-    model.to(lay.device)
-    init_weights(model, cfg, tp_rank=lay.tp_rank, pp_rank=lay.pp_rank)  # drawn on the device
-    latest = ckpt.latest_checkpoint(out)
-    weights_from = None
-    if latest is not None and ckpt.read_meta(latest).get("engine") is None:
-        weights_from = latest  # e.g. resharded offline: weights only, optimizer restarts
-    elif latest is None and cfg.train.init_from:
-        weights_from = ckpt.resolve(cfg.train.init_from)
-        check_init_from(cfg, ckpt.read_meta(weights_from), weights_from, warn=rank0)
-    if weights_from is not None:
-        # Before the engine exists: ZeRO-3 partitions parameters at initialisation.
-        full = ckpt.load_full_state_dict(weights_from)
-        model.load_state_dict(ckpt.local_state_from_full(full, model, cfg, tp_rank=lay.tp_rank, pp_rank=lay.pp_rank), strict=False)
-        if rank0:
-            print(f"initialised weights from {weights_from} (fresh optimizer state)", flush=True)
-    engine = build_engine(model, cfg, lay, bf16)
-    from megatron.core import parallel_state
+        self.dp_group, self.pp_group = ps.get_data_parallel_group(), ps.get_pipeline_model_parallel_group()
+        self.loss_fn = LossFn(lay.device)
+        self.logger = MetricsLogger(cfg, self.out, is_rank0=self.rank0, config_dict=to_dict(cfg))
+        self.fpt = flops_per_token(cfg, self.vocab, cfg.data.seq_len, on_gpu=lay.device.type == "cuda")
+        self.peak = peak_flops(lay.device, self.bf16)
+        # Test hooks: poison the loss at given steps; behave as if preempted after a given step.
+        self.inject_nan = {int(s) for s in os.environ.get("DLM_TEST_INJECT_NAN_STEPS", "").split(",") if s.strip()}
+        self.stop_at = int(os.environ.get("DLM_TEST_STOP_AT_STEP", "-1"))
+        if self.rank0 and self.start_step == 0:
+            print(self.describe(), flush=True)
 
-    # uniform/hybrid: noise draws from the tokenizer's ids, the loss sums over vocab-parallel logits
-    objective = build_objective(cfg.diffusion, tok.mask_id, cfg.train.seed, vocab_size=tok.vocab_size,
-                                tp_group=parallel_state.get_tensor_model_parallel_group() if lay.tp > 1 else None,
-                                tp_rank=lay.tp_rank, tp_size=lay.tp)
-    if cfg.data.sft_path:
-        from .diffusion.objectives import SFTMaskedDiffusion
+    # -- build ----------------------------------------------------------------------------
+    def _build_data(self) -> None:
+        from .data.corpus import resolve_data_path
+        from .data.loader import PackedDataset, build_train_dataset
+        from .data.tokenizer import load_tokenizer
+        from .parallel import dist as pdist
 
-        objective = SFTMaskedDiffusion(cfg.diffusion, tok.mask_id, cfg.train.seed)
+        cfg, rank0 = self.cfg, self.rank0
+        self.tok = tok = load_tokenizer(cfg.data.tokenizer)
+        splits = [(s, p) for s, p in (("train", cfg.data.train_path), ("val", cfg.data.val_path)) if p is not None]
+        # Rank 0 tokenizes builtin corpora first; the others then find them ready.
+        paths = {s: resolve_data_path(p, cfg.data.cache_dir, tok) for s, p in splits} if rank0 else {}
+        pdist.barrier()
+        if not rank0:
+            paths = {s: resolve_data_path(p, cfg.data.cache_dir, tok) for s, p in splits}
+        self.train_ds = build_train_dataset(cfg, tok, cfg.data.cache_dir)  # PackedDataset, or BlendedDataset for "0.7:dirA,0.3:dirB"
+        self.val_ds = PackedDataset(paths["val"], cfg.data.seq_len, tok.eot_id, tokenizer_sha=tok.sha256) if "val" in paths else None
+        if cfg.data.sft_path:  # SFT: prompt/response examples (data/sft.py) instead of packed text
+            from .data.sft import SFTDataset
 
-    G, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
-    per_rank = G // lay.dp
-    start_step = 0
-    if latest is not None and weights_from is latest:
-        start_step = ckpt.read_meta(latest)["step"]
-    elif latest is not None:
+            self.train_ds = SFTDataset(cfg.data.sft_path, tok, cfg.data.seq_len, cfg.data.chat_template)
+            self.val_ds = SFTDataset(cfg.data.sft_val_path, tok, cfg.data.seq_len, cfg.data.chat_template) if cfg.data.sft_val_path else None
+        self.vocab = cfg.model.vocab_size or tok.vocab_size
+        if self.vocab < tok.vocab_size:
+            raise ConfigError(f"model.vocab_size={self.vocab} is smaller than the tokenizer's vocabulary ({tok.vocab_size})")
+
+    def _build_model(self, latest) -> None:
+        """This rank's model on its device, initialised from (seed, name), or from a weights-only
+        checkpoint / train.init_from (before the engine: ZeRO-3 partitions at initialisation)."""
+        from . import checkpoint as ckpt
+        from .model.denoiser import build_model, init_weights
+
+        cfg, lay = self.cfg, self.lay
+        self.model = model = build_model(cfg, self.vocab, pre_process=lay.is_first_stage, post_process=lay.is_last_stage,
+                                         params_dtype=model_params_dtype(cfg, self.bf16))
+        model.to(lay.device)
+        init_weights(model, cfg, tp_rank=lay.tp_rank, pp_rank=lay.pp_rank)  # drawn on the device
+        self.weights_from = None
+        if latest is not None and ckpt.read_meta(latest).get("engine") is None:
+            self.weights_from = latest  # e.g. resharded offline: weights only, optimizer restarts
+        elif latest is None and cfg.train.init_from:
+            self.weights_from = ckpt.resolve(cfg.train.init_from)
+            check_init_from(cfg, ckpt.read_meta(self.weights_from), self.weights_from, warn=self.rank0)
+        if self.weights_from is not None:
+            full = ckpt.load_full_state_dict(self.weights_from)
+            model.load_state_dict(ckpt.local_state_from_full(full, model, cfg, tp_rank=lay.tp_rank, pp_rank=lay.pp_rank), strict=False)
+            if self.rank0:
+                print(f"initialised weights from {self.weights_from} (fresh optimizer state)", flush=True)
+
+    def _build_objective(self) -> None:
+        from megatron.core import parallel_state
+
+        from .diffusion.objectives import build_objective
+
+        cfg, lay, tok = self.cfg, self.lay, self.tok
+        # uniform/hybrid: noise draws from the tokenizer's ids, the loss sums over vocab-parallel logits
+        self.objective = build_objective(cfg.diffusion, tok.mask_id, cfg.train.seed, vocab_size=tok.vocab_size,
+                                         tp_group=parallel_state.get_tensor_model_parallel_group() if lay.tp > 1 else None,
+                                         tp_rank=lay.tp_rank, tp_size=lay.tp)
+        if cfg.data.sft_path:
+            from .diffusion.objectives import SFTMaskedDiffusion
+
+            self.objective = SFTMaskedDiffusion(cfg.diffusion, tok.mask_id, cfg.train.seed)
+
+    def _resume(self, latest) -> int:
+        """The step to start from: a weights-only checkpoint's, or the engine's full state."""
+        from . import checkpoint as ckpt
+
+        cfg, lay, engine = self.cfg, self.lay, self.engine
+        if latest is None:
+            return 0
         meta = ckpt.read_meta(latest)
+        if self.weights_from is latest:
+            return meta["step"]
         if meta.get("engine") != engine_name(cfg):
             raise ConfigError(f"{latest} was written by the {meta.get('engine')} engine but this layout uses {engine_name(cfg)}; "
-                              f"convert the checkpoint or keep parallel.pp as it was")
+                              f"set parallel.engine={meta.get('engine')} (and the original parallel.pp) or convert the checkpoint")
         saved = meta.get("layout", {})
         if (saved.get("tp"), saved.get("pp")) != (lay.tp, lay.pp):
             raise ConfigError(f"{latest} was written at tp={saved.get('tp')} pp={saved.get('pp')} but this run uses tp={lay.tp} pp={lay.pp}; "
@@ -247,86 +271,127 @@ def run(cfg: Config) -> dict:
             engine.load(str(latest / "engine"), "engine", model_state=local)
         else:
             engine.load(str(latest / "engine"), "engine")
-        start_step = meta["step"]
-        if rank0:
-            print(f"resumed from {latest} at step {start_step}", flush=True)
+        if self.rank0:
+            print(f"resumed from {latest} at step {meta['step']}", flush=True)
+        return meta["step"]
 
-    logger = MetricsLogger(cfg, out, is_rank0=rank0, config_dict=to_dict(cfg))
-    fpt = flops_per_token(cfg, vocab, cfg.data.seq_len, on_gpu=lay.device.type == "cuda")
-    peak = peak_flops(lay.device, bf16)
-    if rank0 and start_step == 0:
-        n_params = sum(p.numel() for p in model.parameters())
+    def describe(self) -> str:
+        """The start-up line: size, device, precision, attention kernel, layout, data."""
+        import torch
+
         from .model.attention import CoreAttention
 
+        cfg, lay, model = self.cfg, self.lay, self.model
+        n_params = sum(p.numel() for p in model.parameters())
+        dtype = next(model.parameters()).dtype
         kernels = sorted({m.backend for m in model.modules() if isinstance(m, CoreAttention)}) or ["transformer_engine"]
-        print(f"model: {n_params / 1e6:.2f}M parameters on this rank | {lay.device.type} {str(next(model.parameters()).dtype)[6:]} "
-              f"params{' + bf16 autocast' if bf16 and next(model.parameters()).dtype != torch.bfloat16 else ''} | "
-              f"attention {','.join(kernels)} | layout tp={lay.tp} pp={lay.pp} dp={lay.dp} engine={engine_name(cfg)} "
-              f"zero={cfg.parallel.zero_stage} | objective={cfg.diffusion.objective} | "
-              f"train samples {len(train_ds)} x {cfg.data.seq_len} tokens", flush=True)
+        return (f"model: {n_params / 1e6:.2f}M parameters on this rank | {lay.device.type} {str(dtype)[6:]} params"
+                f"{' + bf16 autocast' if self.bf16 and dtype != torch.bfloat16 else ''} | attention {','.join(kernels)} | "
+                f"layout tp={lay.tp} pp={lay.pp} dp={lay.dp} engine={engine_name(cfg)} zero={cfg.parallel.zero_stage} | "
+                f"objective={cfg.diffusion.objective} | train samples {len(self.train_ds)} x {cfg.data.seq_len} tokens")
 
-    def micro_batches(step: int, x_GL: np.ndarray, positions_G: np.ndarray, eval: bool = False, seg_GL: np.ndarray | None = None):
-        lo = lay.dp_rank * per_rank
+    # -- batches --------------------------------------------------------------------------
+    def micro_batches(self, step: int, x_GL: np.ndarray, positions_G: np.ndarray, eval: bool = False,
+                      seg_GL: np.ndarray | None = None) -> list:
+        """This DP rank's micro-batches of one global batch (rows [dp_rank * per_rank, ...))."""
+        import torch
+
+        lo, mbs, per_rank = self.lay.dp_rank * self.per_rank, self.mbs, self.per_rank
         xs = torch.from_numpy(x_GL[lo: lo + per_rank])
         ps = torch.from_numpy(positions_G[lo: lo + per_rank])
+        out = []
         for i in range(0, per_rank, mbs):
-            b = objective.make_batch(xs[i: i + mbs], ps[i: i + mbs], step=step, global_batch_size=G, eval=eval)
+            b = self.objective.make_batch(xs[i: i + mbs], ps[i: i + mbs], step=step, global_batch_size=self.G, eval=eval)
             if seg_GL is not None:
                 # Packed documents must not see each other: block attention across <|endoftext|>.
                 from .data.loader import with_document_mask
 
                 b.attention_mask = with_document_mask(b.attention_mask, seg_GL[lo + i: lo + i + mbs],
-                                                      b.tokens_BS.shape[1], causal=objective.causal)
-            yield b
+                                                      b.tokens_BS.shape[1], causal=self.objective.causal)
+            out.append(b)
+        return out
 
-    loss_fn = LossFn(lay.device)
-    from megatron.core import parallel_state as ps
+    def step_batches(self, step: int) -> list:
+        """The micro-batches this rank trains on at ``step`` (only its own rows are read)."""
+        from .data.loader import sample_indices
 
-    dp_group = ps.get_data_parallel_group()
+        cfg, G, ds = self.cfg, self.G, self.train_ds
+        idx = sample_indices(step, G, len(ds), cfg.train.seed)
+        lo, per_rank = self.lay.dp_rank * self.per_rank, self.per_rank
+        x = np.zeros((G, getattr(ds, "sample_width", cfg.data.seq_len)), dtype=np.int64)
+        x[lo: lo + per_rank] = np.stack([ds[int(i)] for i in idx[lo: lo + per_rank]])
+        positions = np.arange(step * G, (step + 1) * G, dtype=np.int64)
+        seg = None
+        if cfg.data.document_masks:
+            seg = np.zeros((G, cfg.data.seq_len), np.int32)
+            seg[lo: lo + per_rank] = np.stack([ds.segment_ids(int(i)) for i in idx[lo: lo + per_rank]])
+        return self.micro_batches(step, x, positions, seg_GL=seg)
 
-    pp_group = ps.get_pipeline_model_parallel_group()
-
-    def pp_share(x: float) -> float:
+    # -- reductions of logged values (host, once per logged step) -------------------------
+    def pp_share(self, x: float) -> float:
         """Losses exist on the last pipeline stage only; give every stage its value."""
-        if lay.pp == 1:
-            return x
-        return comm.sum_host(x if lay.is_last_stage else 0.0, pp_group)
+        from .parallel import comm
 
-    def dp_mean(x: float) -> float:
-        return comm.sum_host(x, dp_group) / lay.dp
+        return x if self.lay.pp == 1 else comm.sum_host(x if self.lay.is_last_stage else 0.0, self.pp_group)
 
-    def evaluate(step: int) -> dict | None:
-        if val_ds is None:
+    def dp_mean(self, x: float) -> float:
+        from .parallel import comm
+
+        return comm.sum_host(x, self.dp_group) / self.lay.dp
+
+    # -- the four things a run does -------------------------------------------------------
+    def train_step(self, step: int) -> tuple[list, float, bool, float, int]:
+        """One optimizer step: (losses, grad_norm, bad, lr, tokens this step over all DP ranks)."""
+        mbl = self.step_batches(step)
+        lr = self.engine.set_lr(step)
+        losses, grad_norm, bad = self.engine.train_step(mbl, self.loss_fn, seq_len=mbl[0].tokens_BS.shape[1],
+                                                        micro_batch_size=self.mbs, poison=step in self.inject_nan)
+        return losses, grad_norm, bad, lr, sum(b.num_tokens for b in mbl) * self.lay.dp
+
+    def validate(self, step: int) -> dict | None:
+        """Validation loss (and per-noise-level buckets) on fixed samples with fixed noise."""
+        import torch
+
+        from .data.loader import sample_indices
+
+        if self.val_ds is None:
             return None
+        G, engine, loss_fn = self.G, self.engine, self.loss_fn
         engine.eval()
         total, count = 0.0, 0
         loss_fn.collect = []  # per-sequence losses and t, for the per-noise-level buckets
         eval_seed = 0  # fixed: every run evaluates the same samples with the same noise
         with torch.no_grad():
-            for k in range(cfg.train.eval_batches):
-                idx = sample_indices(k, G, len(val_ds), eval_seed)
-                x = np.stack([val_ds[int(i)] for i in idx])
+            for k in range(self.cfg.train.eval_batches):
+                idx = sample_indices(k, G, len(self.val_ds), eval_seed)
+                x = np.stack([self.val_ds[int(i)] for i in idx])
                 pos = np.arange(k * G, (k + 1) * G, dtype=np.int64)
-                mbl = list(micro_batches(k, x, pos, eval=True))
-                vals = engine.forward_only(mbl, loss_fn, seq_len=mbl[0].tokens_BS.shape[1], micro_batch_size=mbs)
+                mbl = self.micro_batches(k, x, pos, eval=True)
+                vals = engine.forward_only(mbl, loss_fn, seq_len=mbl[0].tokens_BS.shape[1], micro_batch_size=self.mbs)
                 for b, v in zip(mbl, vals):
                     total += float(v) * b.num_tokens
                     count += b.num_tokens
         engine.train()
         collected, loss_fn.collect = loss_fn.collect, None
-        loss = dp_mean(pp_share(total / max(count, 1)))
+        loss = self.dp_mean(self.pp_share(total / max(count, 1)))
         row = {"step": step, "split": "val", "loss": loss, "ppl_bound": math.exp(min(loss, 50.0))}
-        if not objective.causal:
-            row.update(bucket_losses(collected, pp_group if lay.pp > 1 else None, dp_group, device=lay.device))
+        if not self.objective.causal:
+            row.update(bucket_losses(collected, self.pp_group if self.lay.pp > 1 else None, self.dp_group))
         return row
 
-    def save(step: int) -> None:
+    def save(self, step: int) -> None:
+        """Atomic checkpoint: every rank writes into a temporary folder, rank 0 commits it."""
+        from . import checkpoint as ckpt
+        from .model.denoiser import canonical_params
+        from .parallel import dist as pdist
+
+        cfg, lay, out = self.cfg, self.lay, self.out
         tmp = ckpt.begin_save(out, step)
-        if rank0:
+        if self.rank0:
             ckpt.prepare_tmp(tmp)
-        dist.barrier()
-        named = list(canonical_params(engine.module, cfg, lay.pp_rank))
-        if cfg.parallel.zero_stage == 3:
+        pdist.barrier()
+        named = list(canonical_params(self.engine.module, cfg, lay.pp_rank, for_save=True))
+        if cfg.parallel.zero_stage == 3 and engine_name(cfg) == "deepspeed":
             import deepspeed
 
             with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
@@ -334,96 +399,93 @@ def run(cfg: Config) -> dict:
                     ckpt.save_model_shard(tmp, named, lay.tp_rank, lay.pp_rank)
         elif lay.dp_rank == 0:
             ckpt.save_model_shard(tmp, named, lay.tp_rank, lay.pp_rank)
-        engine.save(str(tmp / "engine"), "engine", {"step": step})
-        dist.barrier()
-        if rank0:
+        self.engine.save(str(tmp / "engine"), "engine", {"step": step})
+        pdist.barrier()
+        if self.rank0:
             meta = {"config": to_dict(cfg), "layout": {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "zero_stage": cfg.parallel.zero_stage},
-                    "tokenizer_sha256": tok.sha256, "vocab_size": vocab, "consumed_samples": step * G, "engine": engine_name(cfg)}
+                    "tokenizer_sha256": self.tok.sha256, "vocab_size": self.vocab, "consumed_samples": step * self.G,
+                    "engine": engine_name(cfg)}
             final = ckpt.commit_save(out, tmp, step, meta, cfg.train.keep_last)
             print(f"saved checkpoint {final}", flush=True)
-        dist.barrier()
+        pdist.barrier()
 
-    # Test hooks: poison the loss at given steps; behave as if preempted after a given step.
-    inject_nan = {int(s) for s in os.environ.get("DLM_TEST_INJECT_NAN_STEPS", "").split(",") if s.strip()}
-    stop_at = int(os.environ.get("DLM_TEST_STOP_AT_STEP", "-1"))
-    bad_in_a_row = 0
-    last = {}
-    engine.train()
-    t_last = time.time()
-    tokens_since = 0
-    step = start_step
-    for step in range(start_step, cfg.train.steps):
-        idx = sample_indices(step, G, len(train_ds), cfg.train.seed)
-        lo = lay.dp_rank * per_rank
-        x = np.zeros((G, getattr(train_ds, "sample_width", cfg.data.seq_len)), dtype=np.int64)
-        x[lo: lo + per_rank] = np.stack([train_ds[int(i)] for i in idx[lo: lo + per_rank]])
-        positions = np.arange(step * G, (step + 1) * G, dtype=np.int64)
-        lr = engine.set_lr(step)
-        seg = None
-        if cfg.data.document_masks:
-            seg = np.zeros((G, cfg.data.seq_len), np.int32)
-            seg[lo: lo + per_rank] = np.stack([train_ds.segment_ids(int(i)) for i in idx[lo: lo + per_rank]])
-        mbl = list(micro_batches(step, x, positions, seg_GL=seg))
-        losses, grad_norm, bad = engine.train_step(mbl, loss_fn, seq_len=mbl[0].tokens_BS.shape[1], micro_batch_size=mbs,
-                                                   poison=step in inject_nan)
-        tokens_since += sum(b.num_tokens for b in mbl) * lay.dp
-        if bad:
-            bad_in_a_row += 1
-            if rank0:
-                print(f"warning: non-finite loss at step {step}; update skipped ({bad_in_a_row}/{cfg.train.max_bad_steps} in a row)", flush=True)
-            if bad_in_a_row >= cfg.train.max_bad_steps:
-                msg = (f"stopping: {bad_in_a_row} non-finite losses in a row (last good checkpoint kept in {out / 'checkpoints'}); "
-                       f"lower train.lr or check the data")
+    def fit(self) -> dict:
+        """The training loop; returns a summary dict (on every rank)."""
+        import torch
+
+        from .parallel import comm
+
+        cfg, lay, logger = self.cfg, self.lay, self.logger
+        bad_in_a_row, last = 0, {}
+        self.engine.train()
+        t_last, tokens_since = time.time(), 0
+        for step in range(self.start_step, cfg.train.steps):
+            losses, grad_norm, bad, lr, tokens = self.train_step(step)
+            tokens_since += tokens
+            if bad:
+                bad_in_a_row += 1
+                if self.rank0:
+                    print(f"warning: non-finite loss at step {step}; update skipped ({bad_in_a_row}/{cfg.train.max_bad_steps} in a row)", flush=True)
+                if bad_in_a_row >= cfg.train.max_bad_steps:
+                    logger.close()
+                    raise TrainingDiverged(f"stopping: {bad_in_a_row} non-finite losses in a row (last good checkpoint kept in "
+                                           f"{self.out / 'checkpoints'}); lower train.lr or check the data")
+                continue
+            bad_in_a_row = 0
+            done = step + 1
+            if done % cfg.logging.log_interval == 0 or done == cfg.train.steps:
+                loss_v = self.dp_mean(self.pp_share(torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in losses]).mean().item()))
+                tps = tokens_since / max(time.time() - t_last, 1e-9)
+                row = {"step": done, "loss": loss_v, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tps,
+                       **({"mfu": tps * self.fpt / (self.peak * lay.world_size)} if self.peak else {}), **memory_gib(lay.device)}
+                logger.log(row)
+                last = row
+                t_last, tokens_since = time.time(), 0
+            if cfg.train.eval_interval and done % cfg.train.eval_interval == 0 and done != cfg.train.steps:
+                r = self.validate(done)
+                if r:
+                    logger.log(r)
+            preempted = self.stop.signum is not None or done == self.stop_at
+            # one rank's signal stops all of them at the same step (one tiny all-reduce per step)
+            if comm.max_host(1.0 if preempted else 0.0) > 0:
+                self.save(done)
+                if self.rank0:
+                    print(f"received stop signal: checkpoint saved at step {done}, exiting for requeue", flush=True)
                 logger.close()
-                raise TrainingDiverged(msg)
-            continue
-        bad_in_a_row = 0
-        done = step + 1
-        if done % cfg.logging.log_interval == 0 or done == cfg.train.steps:
-            loss_v = dp_mean(pp_share(torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in losses]).mean().item()))
-            dt = max(time.time() - t_last, 1e-9)
-            tps = tokens_since / dt
-            row = {"step": done, "loss": loss_v, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tps,
-                   **({"mfu": tps * fpt / (peak * lay.world_size)} if peak else {}), **memory_gib(lay.device)}
-            logger.log(row)
-            last = row
-            t_last, tokens_since = time.time(), 0
-        if cfg.train.eval_interval and done % cfg.train.eval_interval == 0 and done != cfg.train.steps:
-            r = evaluate(done)
-            if r:
-                logger.log(r)
-        preempted = stop.signum is not None or done == stop_at
-        # one rank's signal stops all of them at the same step (one tiny all-reduce per step)
-        if comm.max_host(1.0 if preempted else 0.0) > 0:
-            save(done)
-            if rank0:
-                print(f"received stop signal: checkpoint saved at step {done}, exiting for requeue", flush=True)
-            logger.close()
-            raise Preempted(done)
-        if cfg.train.save_interval and done % cfg.train.save_interval == 0 and done != cfg.train.steps:
-            save(done)
+                raise Preempted(done)
+            if cfg.train.save_interval and done % cfg.train.save_interval == 0 and done != cfg.train.steps:
+                self.save(done)
+        return self.finish(last)
 
-    final_step = cfg.train.steps
-    if start_step < final_step and cfg.train.save_at_end:
-        save(final_step)
-    val = evaluate(final_step)
-    if val:
-        logger.log(val)
-    summary = {"final": last, "val": val, "output_dir": str(out)}
-    if cfg.train.sample_at_end and rank0 and lay.tp == 1 and lay.pp == 1:
-        from .generate import sample_text
+    def finish(self, last: dict) -> dict:
+        """Final checkpoint, validation and (single-rank layouts) a generated sample."""
+        cfg, lay = self.cfg, self.lay
+        if self.start_step < cfg.train.steps and cfg.train.save_at_end:
+            self.save(cfg.train.steps)
+        val = self.validate(cfg.train.steps)
+        if val:
+            self.logger.log(val)
+        summary = {"final": last, "val": val, "output_dir": str(self.out)}
+        if cfg.train.sample_at_end and self.rank0 and lay.tp == 1 and lay.pp == 1:
+            from .generate import sample_text
 
-        text = sample_text(engine.module, tok, cfg, device=lay.device)
-        print("---- sample ----\n" + text + "\n----------------", flush=True)
-        summary["sample"] = text
-    logger.close()
-    return summary
+            text = sample_text(self.engine.module, self.tok, cfg, device=lay.device)
+            print("---- sample ----\n" + text + "\n----------------", flush=True)
+            summary["sample"] = text
+        self.logger.close()
+        return summary
+
+
+def run(cfg: Config) -> dict:
+    """Train according to ``cfg``; returns a summary dict (on every rank)."""
+    quiet_warnings()
+    return Trainer(cfg).fit()
 
 
 NUM_T_BUCKETS = 10
 
 
-def bucket_losses(collected: list, pp_group, dp_group, num_buckets: int = NUM_T_BUCKETS, device=None) -> dict:
+def bucket_losses(collected: list, pp_group, dp_group, num_buckets: int = NUM_T_BUCKETS) -> dict:
     """Validation loss per noise-level bucket t in [k/n, (k+1)/n): keys ``loss_t0.0-0.1`` ...
 
     ``collected`` holds (per-sequence loss [B], t [B]) pairs (empty on non-last pipeline
@@ -512,9 +574,9 @@ class LossFn:
 def engine_name(cfg: Config) -> str:
     """Which engine a layout uses: ``parallel.engine``, where ``auto`` is megatron-core's
     DDP + distributed optimizer for PP>1 and DeepSpeed otherwise."""
-    if cfg.parallel.engine != "auto":
-        return cfg.parallel.engine
-    return "megatron" if cfg.parallel.pp > 1 else "deepspeed"
+    from .config import resolved_engine
+
+    return resolved_engine(cfg.parallel)
 
 
 def model_params_dtype(cfg: Config, bf16: bool):
@@ -533,10 +595,7 @@ def model_params_dtype(cfg: Config, bf16: bool):
 
 
 def build_engine(model, cfg: Config, lay, bf16: bool):
-    if engine_name(cfg) == "megatron":
-        if cfg.parallel.zero_stage not in (0, 1):
-            raise ConfigError(f"parallel.engine=megatron (used for parallel.pp>1) with parallel.zero_stage={cfg.parallel.zero_stage} is not supported: "
-                              f"it shards optimizer states with megatron-core's distributed optimizer (ZeRO-1 equivalent); set parallel.zero_stage=1")
+    if engine_name(cfg) == "megatron":  # layouts were checked by config.validate_layout
         from .engine.megatron_engine import MegatronEngine
 
         return MegatronEngine(model, cfg, dp=lay.dp, bf16=bf16)

@@ -7,8 +7,8 @@ and split again with ``model.sharding.shard`` for the target layout:
 - pipeline stage p holds layers [p*L/pp, (p+1)*L/pp); the embedding lives on the first
   stage, the final norm and output head on the last; other top-level parameters stay on the
   stage(s) that held them in the source (first and/or last);
-- tied embeddings: with pp > 1 the last stage also holds ``output_layer.weight`` (megatron's
-  copy of the embedding for the output head); with pp == 1 it does not exist;
+- tied embeddings: only ``embedding.word_embeddings.weight`` is stored; with pp > 1 the last
+  stage's copy for the output head (megatron's ``output_layer.weight``) loads from it;
 - tensor-parallel splits follow ``sharding.partition_dim`` (SwiGLU's [gate; up] per rank).
 
 The output is a run directory (``checkpoints/step_XXXXXX`` + ``latest`` + ``config.yaml``)
@@ -81,10 +81,9 @@ def write_layout(full: dict[str, torch.Tensor], meta: dict, out: Path, *, step: 
     tp, pp = meta["layout"]["tp"], meta["layout"]["pp"]
     full = dict(full)
     if cfg.model.tie_embeddings:
-        if pp > 1:
-            full.setdefault("output_layer.weight", full["embedding.word_embeddings.weight"])
-        else:
-            full.pop("output_layer.weight", None)
+        # the last stage's copy of a tied embedding loads from the embedding itself
+        # (sharding.canonical_name); older checkpoints may still carry it
+        full.pop("output_layer.weight", None)
     stages: list[list[str]] = [[] for _ in range(pp)]
     for name in full:
         for p in stage_of(name, cfg.model.num_layers, pp, placement):

@@ -19,6 +19,7 @@ import lzma
 import os
 import shutil
 import time
+from typing import Sequence
 from pathlib import Path
 
 from dlm_megatron.data import DataError
@@ -117,16 +118,43 @@ def prepare_builtin_corpus(cache_dir: str | Path, tokenizer: Tokenizer, fmt: str
     return dirs
 
 
+def parse_blend(spec: str) -> list[tuple[float, str]] | None:
+    """Parse a blend data path "W1:PATH1,W2:PATH2,..." into [(W1, PATH1), ...].
+
+    Returns None when `spec` is a single plain path (no weights), so existing paths keep
+    working (including `builtin:shakespeare/train`: "builtin" is not a number). Weights are
+    relative (normalised later); paths in a blend cannot contain commas.
+    """
+    parts = [p.strip() for p in str(spec).split(",")]
+    parsed = []
+    for part in parts:
+        weight, sep, path = part.partition(":")
+        try:
+            w = float(weight)
+        except ValueError:
+            w = None
+        if not sep or w is None or not path:
+            if len(parts) == 1:
+                return None
+            raise DataError(f"data path {spec!r} looks like a blend but item {part!r} is not "
+                            "WEIGHT:PATH; write e.g. '0.7:shards/web,0.3:shards/books'")
+        parsed.append((w, path))
+    return parsed
+
+
+def format_blend(items: Sequence[tuple[float, str]]) -> str:
+    """Inverse of parse_blend."""
+    return ",".join(f"{w!r}:{p}" for w, p in items)
+
+
 def resolve_data_path(path: str, cache_dir: str | Path, tokenizer: Tokenizer) -> str:
     """Turn a data path from the config into a shard directory.
 
     `builtin:shakespeare/train` and `builtin:shakespeare/val` are prepared on demand under
     `cache_dir`; anything else must already be a shard directory with a manifest.json.
-    A weighted blend "0.7:dirA,0.3:dirB" (see loader.parse_blend) resolves each item and
+    A weighted blend "0.7:dirA,0.3:dirB" (see parse_blend) resolves each item and
     returns the blend with resolved paths.
     """
-    from dlm_megatron.data.loader import format_blend, parse_blend
-
     items = parse_blend(path)
     if items is not None:
         return format_blend([(w, resolve_data_path(p, cache_dir, tokenizer)) for w, p in items])

@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from dlm_megatron.data import DataError
+from dlm_megatron.data.corpus import parse_blend, resolve_data_path
 from dlm_megatron.data.shards import DocStore, open_shards
 
 
@@ -275,43 +276,12 @@ def with_document_mask(attention_mask, segment_ids_BL, length: int, causal: bool
 
 # --- weighted blends from the config -------------------------------------------------
 
-def parse_blend(spec: str) -> list[tuple[float, str]] | None:
-    """Parse a blend data path "W1:PATH1,W2:PATH2,..." into [(W1, PATH1), ...].
-
-    Returns None when `spec` is a single plain path (no weights), so existing paths keep
-    working (including `builtin:shakespeare/train`: "builtin" is not a number). Weights are
-    relative (normalised later); paths in a blend cannot contain commas.
-    """
-    parts = [p.strip() for p in str(spec).split(",")]
-    parsed = []
-    for part in parts:
-        weight, sep, path = part.partition(":")
-        try:
-            w = float(weight)
-        except ValueError:
-            w = None
-        if not sep or w is None or not path:
-            if len(parts) == 1:
-                return None
-            raise DataError(f"data path {spec!r} looks like a blend but item {part!r} is not "
-                            "WEIGHT:PATH; write e.g. '0.7:shards/web,0.3:shards/books'")
-        parsed.append((w, path))
-    return parsed
-
-
-def format_blend(items: Sequence[tuple[float, str]]) -> str:
-    """Inverse of parse_blend."""
-    return ",".join(f"{w!r}:{p}" for w, p in items)
-
-
 def build_train_dataset(cfg, tok, cache_dir: str | Path | None = None):
     """The training dataset of a Config: a PackedDataset, or a BlendedDataset when
     `cfg.data.train_path` is a blend "0.7:dirA,0.3:dirB" (each item a shard directory or a
     builtin: path, resolved like a single path). The blend's interleaving and per-source
     permutations are seeded by cfg.train.seed, so it is as reproducible and DP-independent
     as a single source."""
-    from dlm_megatron.data.corpus import resolve_data_path
-
     cache_dir = cfg.data.cache_dir if cache_dir is None else cache_dir
     spec = resolve_data_path(cfg.data.train_path, cache_dir, tok)
     items = parse_blend(spec)

@@ -93,6 +93,11 @@ def effective_transformer_impl(cfg: Config, *, warn: bool = True) -> str:
     (megatron-core 0.16 cannot even build it without: NameError TESpecProvider); without it
     the local spec with SDPA attention runs instead, said in one line."""
     if cfg.model.transformer_impl == "transformer_engine" and not transformer_engine_available():
+        if cfg.parallel.sequence_parallel:
+            from ..config import ConfigError
+
+            raise ConfigError("parallel.sequence_parallel=true needs Transformer Engine, which is not installed here; "
+                              "install transformer_engine[pytorch] or set parallel.sequence_parallel=false")
         if warn and not getattr(effective_transformer_impl, "_warned", False):
             effective_transformer_impl._warned = True
             print("note: model.transformer_impl=transformer_engine but Transformer Engine is not installed; "
@@ -130,7 +135,12 @@ class Denoiser(GPTModel):
         out = super()._preprocess(input_ids, position_ids, decoder_input=decoder_input, inference_context=inference_context,
                                   packed_seq_params=packed_seq_params, padding_mask=padding_mask)
         if getattr(self, "_explicit_positions", False) and position_ids is not None and self.position_embedding_type == "rope":
-            max_pos = int(position_ids.max().item()) + 1
+            # Training positions never exceed the model's length: a table that long needs no
+            # host sync (reading position_ids.max() would stall the GPU every micro-batch).
+            # Sampling may run past it (prompt + generation), so there it looks.
+            max_pos = self.max_sequence_length
+            if not self.training:
+                max_pos = max(max_pos, int(position_ids.max().item()) + 1)
             table_P11D = self.rotary_pos_emb(max_pos)
             rope_SB1D = table_P11D[:, 0, 0, :][position_ids.t()].unsqueeze(2)
             out = (out[0], rope_SB1D) + tuple(out[2:])
@@ -236,11 +246,15 @@ def layer_offset(cfg: Config, pp_rank: int) -> int:
     return pp_rank * (cfg.model.num_layers // cfg.parallel.pp)
 
 
-def canonical_params(model: torch.nn.Module, cfg: Config, pp_rank: int):
-    """Yield (canonical_name, local_param) for this rank's parameters."""
+def canonical_params(model: torch.nn.Module, cfg: Config, pp_rank: int, *, for_save: bool = False):
+    """Yield (canonical_name, local_param) for this rank's parameters. ``for_save`` leaves out
+    the last stage's copy of tied embeddings (the first stage saves the same tensor)."""
     off = layer_offset(cfg, pp_rank)
+    tied = cfg.model.tie_embeddings
     for name, p in model.named_parameters():
-        yield sharding.to_global_name(name, off), p
+        if for_save and tied and name == sharding.TIED_OUTPUT:
+            continue
+        yield sharding.canonical_name(name, off, tied), p
 
 
 @torch.no_grad()

@@ -45,8 +45,30 @@ def to_global_name(local_name: str, layer_offset: int) -> str:
     return f"{m.group(1)}{int(m.group(2)) + layer_offset}{m.group(3)}"
 
 
-def to_local_name(global_name: str, layer_offset: int) -> str:
-    return to_global_name(global_name, -layer_offset)
+# Transformer Engine's layer spec fuses each norm into the linear that follows it; canonical
+# names (checkpoints, export, reshard, init) use the local spec's separate norm modules, so a
+# checkpoint does not depend on transformer_impl.
+_TE_TO_LOCAL = (
+    (".self_attention.linear_qkv.layer_norm_weight", ".input_layernorm.weight"),
+    (".self_attention.linear_qkv.layer_norm_bias", ".input_layernorm.bias"),
+    (".mlp.linear_fc1.layer_norm_weight", ".pre_mlp_layernorm.weight"),
+    (".mlp.linear_fc1.layer_norm_bias", ".pre_mlp_layernorm.bias"),
+)
+TIED_OUTPUT = "output_layer.weight"
+EMBEDDING = "embedding.word_embeddings.weight"
+
+
+def canonical_name(local_name: str, layer_offset: int, tie_embeddings: bool = False) -> str:
+    """A rank's parameter name -> its layout-free name: global layer index, TE's fused norm
+    names as the local spec's, and (tied embeddings) the last pipeline stage's copy of the
+    embedding as the embedding itself, so both stages start from the same draw."""
+    name = to_global_name(local_name, layer_offset)
+    for te, local in _TE_TO_LOCAL:
+        if name.endswith(te):
+            return name[: -len(te)] + local
+    if tie_embeddings and name == TIED_OUTPUT:
+        return EMBEDDING
+    return name
 
 
 def layer_index(global_name: str) -> int | None:

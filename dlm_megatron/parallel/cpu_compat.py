@@ -69,6 +69,26 @@ def apply() -> None:
 
     _patch_literal_cuda_tensors()
     _autocast_aware_linear_on_cpu()
+    _tied_embedding_sync_on_cpu()
+
+
+def _tied_embedding_sync_on_cpu() -> None:
+    """With tied embeddings and pp > 1, megatron-core copies the first stage's embedding to
+    the last stage's output head at construction: ``weight.data.cuda()`` then an all-reduce
+    over the embedding group. On CPU the weight stays where it is (gloo reduces CPU tensors)."""
+    from megatron.core.models.common.language_module import language_module as lm
+
+    orig = lm.LanguageModule.setup_embeddings_and_output_layer
+
+    def setup_embeddings_and_output_layer(self):
+        cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda t, *a, **k: t  # type: ignore[assignment]
+        try:
+            return orig(self)
+        finally:
+            torch.Tensor.cuda = cuda  # type: ignore[assignment]
+
+    lm.LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
 
 
 def _autocast_aware_linear_on_cpu() -> None:

@@ -196,6 +196,12 @@ class DeepSpeedMPU:
         return self.ps.get_data_parallel_group()
 
 
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process without a process group)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def destroy() -> None:
     from megatron.core import parallel_state as ps
 

@@ -25,6 +25,7 @@ WORLD2 = {
     "dp2_zero1": "parallel.zero_stage=1",
     "dp2_zero2": "parallel.zero_stage=2",
     "dp2_zero3": "parallel.zero_stage=3",
+    "megatron_dp2": "parallel.engine=megatron,parallel.zero_stage=1",
 }
 WORLD4 = {
     "tp2_pp2": "parallel.tp=2,parallel.pp=2,parallel.zero_stage=1",
@@ -32,6 +33,15 @@ WORLD4 = {
     "tp2_dp2_zero1": "parallel.tp=2,parallel.zero_stage=1",
     "tp2_dp2_zero2": "parallel.tp=2,parallel.zero_stage=2",
     "tp2_dp2_zero3": "parallel.tp=2,parallel.zero_stage=3",
+    "megatron_tp2_dp2": "parallel.engine=megatron,parallel.tp=2,parallel.zero_stage=0",
+}
+
+# Tied input/output embeddings: at pp=2 the last stage's copy of the embedding must start
+# equal to the first stage's and stay tied (megatron all-reduces their gradients).
+TIED = "model.tie_embeddings=true"
+TIED_LAYOUTS = {
+    "tied_pp2": "parallel.pp=2,parallel.zero_stage=1",
+    "tied_dp2_zero1": "parallel.zero_stage=1",
 }
 
 
@@ -40,12 +50,14 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("layouts")
     run([PY, "tests/distributed/reference.py", str(root / "reference")])
     run([PY, "tests/distributed/reference.py", str(root / "reference_block"), *BLOCK.split(",")])
+    run([PY, "tests/distributed/reference.py", str(root / "reference_tied"), TIED])
     for obj in ("uniform", "hybrid"):
         run([PY, "tests/distributed/reference.py", str(root / f"reference_{obj}"), f"diffusion.objective={obj}"])
     # The RESUME runs stop after step 2 at one DP size and are finished by the next launch
     # at another DP size.
     torchrun(2, "tests/distributed/run_layouts.py", str(root), *[f"{k}:{v}" for k, v in WORLD2.items()],
              *[f"{k}:{BLOCK},{v}" for k, v in BLOCK_LAYOUTS.items()],
+             *[f"{k}:{TIED},{v}" for k, v in TIED_LAYOUTS.items()],
              *[f"{k}:diffusion.objective={obj},{v}" for k, (obj, v, n) in VOCAB_LAYOUTS.items() if n == 2],
              *[f"{k}:{v},@stop=2" for k, (v, _) in RESUME.items()])
     torchrun(4, "tests/distributed/run_layouts.py", str(root), *[f"{k}:{v}" for k, v in WORLD4.items()],
@@ -81,9 +93,10 @@ def _final_params(run_dir: Path) -> dict:
     return load_full_state_dict(ckpts[-1])
 
 
-@pytest.mark.parametrize("layout", list(WORLD2) + list(WORLD4) + list(RESUME) + list(BLOCK_LAYOUTS) + list(VOCAB_LAYOUTS))
+@pytest.mark.parametrize("layout", list(WORLD2) + list(WORLD4) + list(RESUME) + list(BLOCK_LAYOUTS) + list(VOCAB_LAYOUTS)
+                         + list(TIED_LAYOUTS))
 def test_layout_matches_plain_adamw(runs, layout):
-    refname = ("reference_block" if layout in BLOCK_LAYOUTS else
+    refname = ("reference_block" if layout in BLOCK_LAYOUTS else "reference_tied" if layout in TIED_LAYOUTS else
                f"reference_{VOCAB_LAYOUTS[layout][0]}" if layout in VOCAB_LAYOUTS else "reference")
     ref_losses = json.loads((runs / refname / "losses.json").read_text())
     losses = train_losses(runs / layout)
@@ -150,3 +163,16 @@ def test_tp2_equals_tp1_with_qkv_bias_and_gqa(tmp_path):
     assert "decoder.layers.0.self_attention.linear_qkv.bias" in r["params"]
     assert r["loss_tp2"] == pytest.approx(r["loss_tp1"], abs=1e-5)
     assert r["max_grad_diff"] < 1e-5, r
+
+
+def test_sdpa_equals_dense_attention_at_tp1_and_tp2(tmp_path):
+    """model.attention_backend=sdpa (torch SDPA) against megatron-core's dense attention, at
+    TP 1 and 2: bidirectional (masked), causal (AR) and the 2L boolean mask (block), loss and
+    every gradient (fp32)."""
+    out = tmp_path / "att.json"
+    torchrun(2, "tests/distributed/check_attention.py", str(out))
+    for objective, r in json.loads(out.read_text()).items():
+        for variant, loss in r["loss"].items():
+            assert loss == pytest.approx(r["loss"]["dense_tp1"], abs=1e-5), (objective, variant)
+            assert r["max_grad_diff"][variant] < 1e-5, (objective, variant, r)
+        assert r["max_grad"] > 1e-2, (objective, r)

@@ -25,7 +25,7 @@ def test_8b_is_llada_shape():
 
 def test_contract_keys_exist_and_override():
     vals = {"train.steps": 7, "train.output_dir": "x", "train.global_batch_size": 32, "train.micro_batch_size": 4,
-            "train.seed": 3, "parallel.tp": 2, "parallel.pp": 2, "parallel.zero_stage": 2, "diffusion.objective": "ar",
+            "train.seed": 3, "parallel.tp": 2, "parallel.pp": 2, "parallel.zero_stage": 1, "diffusion.objective": "ar",
             "diffusion.block_size": 8, "model.num_layers": 4, "model.hidden_size": 128, "data.seq_len": 64, "logging.wandb": "disabled"}
     assert set(vals) == set(REQUIRED_KEYS)
     cfg = load_config("configs/tiny.yaml", [f"{k}={v}" for k, v in vals.items()])

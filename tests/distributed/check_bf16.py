@@ -1,0 +1,85 @@
+"""bf16 training on every supported engine layout, on CPU (torch computes bf16 there too).
+
+usage: torchrun --standalone --nproc_per_node=2 tests/distributed/check_bf16.py OUT.json
+For each layout: the first-step loss in fp32 and in bf16, the bf16 losses of 20 steps, and
+the dtypes seen in the first bf16 forward (parameters of the linear layers that compute, and
+their outputs). Rank 0 writes {layout: {...}} for pytest to assert.
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from common import COMMON_OVERRIDES, REPO  # noqa: E402
+
+# DeepSpeed's torch_autocast (ZeRO-0's bf16) sets process-global state, so it runs last.
+LAYOUTS = {
+    "deepspeed_zero1_dp2": "parallel.zero_stage=1",
+    "deepspeed_zero2_dp2": "parallel.zero_stage=2",
+    "deepspeed_zero3_dp2": "parallel.zero_stage=3",
+    "megatron_pp2": "parallel.pp=2,parallel.zero_stage=1",
+    "megatron_dp2": "parallel.engine=megatron,parallel.zero_stage=1",
+    "deepspeed_zero0_dp2": "parallel.zero_stage=0",
+}
+STEPS = 20
+
+
+def train(out_root, name, layout, precision, steps, record):
+    import torch
+
+    from dlm_megatron.config import load_config
+    from dlm_megatron.train import Trainer
+
+    cfg = load_config(os.path.join(REPO, "configs/tiny.yaml"), list(COMMON_OVERRIDES) + [kv for kv in layout.split(",") if kv] + [
+        f"train.precision={precision}", f"train.steps={steps}", "train.save_at_end=false", "train.lr=3e-3",
+        f"train.output_dir={out_root}/{name}_{precision}"])
+    tr = Trainer(cfg)
+    seen = {"params": set(), "outputs": set()}
+    hooks = []
+
+    def hook(mod, args, out):
+        if record and not seen.get("done"):
+            seen["params"].update(str(p.dtype) for p in mod.parameters(recurse=False))
+            seen["outputs"].add(str((out[0] if isinstance(out, tuple) else out).dtype))
+
+    for m in tr.model.modules():
+        if type(m).__name__.endswith("ParallelLinear"):
+            hooks.append(m.register_forward_hook(hook))
+    losses = []
+    orig = tr.train_step
+
+    def step_and_record(step):
+        r = orig(step)
+        seen["done"] = True
+        losses.append(tr.dp_mean(tr.pp_share(torch.stack([v.double() for v in r[0]]).mean().item())))
+        return r
+
+    tr.train_step = step_and_record
+    tr.fit()
+    for h in hooks:
+        h.remove()
+    return losses, {k: sorted(v) for k, v in seen.items() if k != "done"}
+
+
+def main():
+    out = sys.argv[1]
+    from dlm_megatron.parallel import dist as pdist
+    from dlm_megatron.train import quiet_warnings
+
+    quiet_warnings()
+    root = os.path.dirname(out)
+    res = {}
+    for name, layout in LAYOUTS.items():
+        fp32, _ = train(root, name, layout, "fp32", 1, record=False)
+        bf16, dtypes = train(root, name, layout, "bf16", STEPS, record=True)
+        res[name] = {"first_fp32": fp32[0], "losses_bf16": bf16, **dtypes}
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        with open(out, "w") as f:
+            json.dump(res, f)
+    pdist.destroy()
+
+
+if __name__ == "__main__":
+    main()

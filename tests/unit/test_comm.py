@@ -1,0 +1,109 @@
+"""All collectives go through dlm_megatron/parallel/comm.py, on the device their backend needs.
+
+NCCL reduces CUDA tensors only; a CPU flag handed to it crashes the first GPU step. The CPU
+suite cannot run NCCL, so it checks the two things that make that crash impossible: no module
+but comm.py calls a collective (AST scan of the package), and comm's helpers pick CUDA for an
+NCCL group and CPU for gloo (and refuse a tensor on the wrong device).
+"""
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+PKG = Path(__file__).resolve().parents[2] / "dlm_megatron"
+COLLECTIVES = {
+    "all_reduce", "all_gather", "all_gather_into_tensor", "all_to_all", "all_to_all_single", "reduce_scatter",
+    "reduce_scatter_tensor", "broadcast", "reduce", "gather", "scatter", "send", "recv", "isend", "irecv",
+    "batch_isend_irecv", "all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list",
+    "all_reduce_coalesced", "all_gather_coalesced", "_all_gather_base", "_reduce_scatter_base",
+}
+
+
+def distributed_aliases(tree: ast.AST) -> set[str]:
+    """Names bound to torch.distributed in a module (``import torch.distributed as dist`` ...)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name == "torch.distributed":
+                    names.add(a.asname or "torch.distributed")
+        elif isinstance(node, ast.ImportFrom) and node.module == "torch" and any(a.name == "distributed" for a in node.names):
+            names.update(a.asname or "distributed" for a in node.names if a.name == "distributed")
+    return names
+
+
+def collective_calls(source: str) -> list[str]:
+    """'dist.all_reduce' style calls (and ``from torch.distributed import all_reduce`` imports)."""
+    tree = ast.parse(source)
+    aliases = distributed_aliases(tree)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "torch.distributed":
+            found += [f"from torch.distributed import {a.name}" for a in node.names if a.name in COLLECTIVES]
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in COLLECTIVES:
+            base = node.func.value
+            text = ast.unparse(base)
+            if text in aliases or text == "torch.distributed":
+                found.append(f"{text}.{node.func.attr} (line {node.lineno})")
+    return found
+
+
+def test_scanner_finds_every_spelling():
+    src = ("import torch.distributed as dist\nimport torch\nfrom torch import distributed as D\n"
+           "from torch.distributed import broadcast\n"
+           "dist.all_reduce(x)\ntorch.distributed.send(x, 1)\nD.all_gather_into_tensor(a, b)\n"
+           "dist.barrier()\ndist.get_rank()\nx.all_reduce()\n")
+    calls = collective_calls(src)
+    assert len(calls) == 4, calls  # barrier / get_rank are group management; x.all_reduce is not torch's
+    assert any("broadcast" in c for c in calls)
+
+
+def test_no_collective_outside_comm_module():
+    offenders = {}
+    for path in sorted(PKG.rglob("*.py")):
+        if path == PKG / "parallel" / "comm.py":
+            continue
+        calls = collective_calls(path.read_text())
+        if calls:
+            offenders[str(path.relative_to(PKG.parent))] = calls
+    assert not offenders, f"collectives must go through dlm_megatron/parallel/comm.py: {offenders}"
+
+
+def test_backend_device_choice():
+    from dlm_megatron.parallel import comm
+
+    assert comm.device_for_backend("gloo") == torch.device("cpu")
+    assert comm.device_for_backend("mpi") == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert comm.device_for_backend("nccl").type == "cuda"
+    else:  # the choice is made without touching a GPU: torch.cuda.current_device would fail here
+        with pytest.raises((RuntimeError, AssertionError, AttributeError)):
+            comm.device_for_backend("nccl")
+
+
+def test_helpers_on_a_gloo_group(monkeypatch):
+    """A real single-process gloo group: host helpers reduce and return CPU values; the
+    in-place helper refuses a tensor on the wrong device for the backend."""
+    import torch.distributed as dist
+
+    from dlm_megatron.parallel import comm
+
+    assert not dist.is_initialized()
+    # without a process group every helper is the identity (single-process tools)
+    assert comm.sum_host(3.0) == 3.0 and comm.max_host(1.0) == 1.0
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        assert comm.backend_device() == torch.device("cpu")
+        assert comm.sum_host(2.5) == 2.5
+        out = comm.all_reduce_host(torch.tensor([1.0, 4.0]), "max")
+        assert out.device.type == "cpu" and out.tolist() == [1.0, 4.0]
+        flag = comm.any_flag(torch.tensor(True))
+        assert flag.item() == 1.0
+        # pretend the group were NCCL: a CPU tensor must be refused, not handed over
+        monkeypatch.setattr(comm, "backend_device", lambda group=None: torch.device("cuda", 0))
+        with pytest.raises(RuntimeError, match="needs cuda"):
+            comm.all_reduce_(torch.zeros(1))
+    finally:
+        dist.destroy_process_group()
