@@ -58,7 +58,25 @@ def train(out_root, name, layout, precision, steps, record):
     tr.fit()
     for h in hooks:
         h.remove()
-    return losses, {k: sorted(v) for k, v in seen.items() if k != "done"}
+    info = {k: sorted(v) for k, v in seen.items() if k != "done"}
+    info.update(precision_setup(tr))
+    return losses, info
+
+
+def precision_setup(tr) -> dict:
+    """Where each engine keeps master weights and accumulates / reduces gradients."""
+    eng = tr.engine
+    if hasattr(eng, "ddp"):  # megatron-core: DDP gradient buffers and the optimizer's main params
+        opts = getattr(eng.optimizer, "chained_optimizers", [eng.optimizer])
+        mains = [p for o in opts for g in (getattr(o, "shard_fp32_from_float16_groups", None) or
+                                           getattr(o, "fp32_from_float16_groups", None) or []) for p in g]
+        return {"optimizer": sorted({type(o).__name__ for o in opts}), "grad_buffers": sorted({str(b.grad_dtype) for b in eng.ddp.buffers}),
+                "master": sorted({str(p.dtype) for p in mains})}
+    ds = eng.engine
+    opt = ds.optimizer
+    return {"optimizer": type(opt).__name__, "communication": str(ds.communication_data_type),
+            "grad_accum": str(getattr(opt, "gradient_accumulation_dtype", ds.get_data_types()[1])),
+            "autocast": bool(ds.torch_autocast_enabled())}
 
 
 def main():

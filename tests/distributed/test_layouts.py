@@ -176,3 +176,26 @@ def test_sdpa_equals_dense_attention_at_tp1_and_tp2(tmp_path):
             assert loss == pytest.approx(r["loss"]["dense_tp1"], abs=1e-5), (objective, variant)
             assert r["max_grad_diff"][variant] < 1e-5, (objective, variant, r)
         assert r["max_grad"] > 1e-2, (objective, r)
+
+
+def test_bf16_is_bf16_on_every_engine(tmp_path):
+    """train.precision=bf16 on DeepSpeed ZeRO 0-3 (dp2) and the megatron engine (pp2, dp2):
+    the linear layers compute in bf16 (bf16 parameters, except ZeRO-0's autocast over fp32
+    weights), master weights / gradient accumulation / DP reduction are fp32, the first-step
+    loss is within 1% of fp32 but not equal to it, and 20 steps learn."""
+    out = tmp_path / "bf16.json"
+    torchrun(2, "tests/distributed/check_bf16.py", str(out))
+    res = json.loads(out.read_text())
+    assert len(res) == 6
+    for name, r in res.items():
+        assert r["outputs"] == ["torch.bfloat16"], (name, r)
+        assert r["params"] == (["torch.float32"] if name == "deepspeed_zero0_dp2" else ["torch.bfloat16"]), (name, r)
+        first = r["losses_bf16"][0]
+        assert first != r["first_fp32"] and abs(first - r["first_fp32"]) < 1e-2 * r["first_fp32"], (name, first, r["first_fp32"])
+        losses = r["losses_bf16"]
+        assert len(losses) == 20 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 1.0, (name, losses)
+        if name.startswith("megatron"):
+            assert r["optimizer"] == ["DistributedOptimizer"] and r["grad_buffers"] == ["torch.float32"] and r["master"] == ["torch.float32"], r
+        else:
+            assert r["communication"] == "torch.float32" and r["grad_accum"] == "torch.float32", (name, r)
+    assert res["deepspeed_zero0_dp2"]["autocast"] and res["deepspeed_zero1_dp2"]["optimizer"] == "BF16_Optimizer"
