@@ -26,7 +26,8 @@ def ds_config(cfg, *, dp: int, bf16: bool) -> dict:
       and bf16 accumulation over many micro-batches loses low-order bits.) No module is
       listed as "lower-precision safe", so gradients are all-reduced in fp32 too.
     - ZeRO-1: bf16 parameters + ``grad_accum_dtype=fp32`` selects DeepSpeed's BF16_Optimizer:
-      fp32 master weights (partitioned over DP), fp32 gradient accumulation.
+      fp32 master weights (partitioned over DP), fp32 gradient accumulation into one full-size
+      buffer (each bf16 gradient is added and freed as backward produces it).
     - ZeRO-2/3: bf16 parameters, fp32 gradient accumulation buffers, fp32 master partitions.
     In every bf16 mode gradients are reduced in fp32 (``communication_data_type``).
     """
@@ -43,7 +44,10 @@ def ds_config(cfg, *, dp: int, bf16: bool) -> dict:
         "gradient_clipping": t.grad_clip if stage > 0 else 0.0,
         "zero_optimization": {"stage": stage},
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": bf16 and stage > 0},
+        # immediate_grad_update: BF16_Optimizer (ZeRO-1) adds each bf16 gradient into its fp32
+        # accumulator as soon as backward produces it and frees it, instead of keeping a
+        # second, bf16 copy of every gradient alive (2 bytes per parameter).
+        "bf16": {"enabled": bf16 and stage > 0, "immediate_grad_update": True},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "dump_state": False,
