@@ -37,6 +37,8 @@ GIB = 2**30
 
 # DeepSpeed's default ZeRO bucket (elements) when ds_config leaves reduce_bucket_size unset.
 ZERO_REDUCE_BUCKET = 500_000_000
+PRESET_TARGET = 0.90
+"""The shipped 8B presets are sized so their plan uses at most this share of an 80 GB GPU."""
 
 
 class PlanError(ValueError):
@@ -358,37 +360,55 @@ def activation_memory(dm: Dims, k: Kernels, *, recompute: str, tp: int, pp: int,
 # Model states
 
 
-def state_memory(psi: int, *, bf16: bool, zero_stage: int, dp: int, largest_module: int,
-                 deepspeed: bool = True) -> dict:
-    """Weights, gradients and AdamW states of one GPU, partitioned by ZeRO over D ranks
-    (ZeRO paper, Rajbhandari et al. 2020: stage 1 partitions optimizer states, 2 also
-    gradients, 3 also weights; K = 12 bytes of fp32 master + moments in mixed precision).
+def state_bytes_per_param(engine: str, *, bf16: bool, zero_stage: int) -> dict:
+    """Bytes per parameter each engine keeps, as it is configured in dlm_megatron/engine/, and
+    which ZeRO stage first divides each term by DP: {term: (bytes, partitioned_from_stage)}.
 
-    With bf16 the optimizer step also materialises fp32 gradients of the partition it
-    updates (4 * Psi / D, or 4 * Psi without ZeRO) while activations are freed.
-    ZeRO buffers (DeepSpeed, which our ds_config runs with contiguous_gradients): stages 1
-    and 2 allocate a gradient bucket of reduce_bucket_size elements (default 5e8, whatever
-    the model size) at the first gradient of every backward; stage 3 adds the gathered full
-    weights of about two modules (the running one and the prefetched one). megatron-core's
-    distributed optimizer (PP > 1) reduces from views of its gradient buffer: no extra.
+    DeepSpeed (engine/deepspeed_engine.py):
+      fp32: fp32 weights (4) and gradients (4); AdamW m, v (8); ZeRO >= 1 also keeps an fp32
+        copy of the partition it updates (4).
+      bf16, ZeRO-0: torch autocast: fp32 weights, gradients and m, v; plus the bf16 weight
+        copies autocast makes for the forward and keeps for the backward (2).
+      bf16, ZeRO-1: BF16_Optimizer: bf16 weights (2), one full-size fp32 gradient accumulator
+        (4; each bf16 gradient is added and freed at once), fp32 master + m + v (12) per partition.
+      bf16, ZeRO-2/3: bf16 weights (2), fp32 gradient accumulation (4) per partition, fp32
+        master + m + v (12) per partition.
+    megatron-core (engine/megatron_engine.py): weights in the run's precision; an fp32 gradient
+      buffer (grad_reduce_in_fp32, 4); bf16 adds fp32 master weights (4); m, v (8); the
+      distributed optimizer (zero_stage 1) partitions master + m + v over DP.
     """
-    w = 2 if bf16 else 4
-    opt = 12 if bf16 else 8
-    dw = dp if zero_stage >= 3 else 1
-    dg = dp if zero_stage >= 2 else 1
-    do = dp if zero_stage >= 1 else 1
-    res = {
-        "weights": w * psi / dw,
-        "gradients": w * psi / dg,
-        "optimizer": opt * psi / do,
-    }
+    never = 99
+    if engine == "megatron":
+        w = 2 if bf16 else 4
+        opt = (4 if bf16 else 0) + 8
+        return {"weights": (w, never), "gradients": (4, never), "optimizer": (opt, 1)}
+    if not bf16:
+        return {"weights": (4, 3), "gradients": (4, 2), "optimizer": (8 + (4 if zero_stage >= 1 else 0), 1)}
+    if zero_stage == 0:
+        return {"weights": (4 + 2, never), "gradients": (4, never), "optimizer": (8, never)}
+    if zero_stage == 1:
+        return {"weights": (2, 3), "gradients": (4, never), "optimizer": (12, 1)}
+    return {"weights": (2, 3), "gradients": (4, 2), "optimizer": (12, 1)}
+
+
+def state_memory(psi: int, *, bf16: bool, zero_stage: int, dp: int, largest_module: int,
+                 engine: str = "deepspeed") -> dict:
+    """Weights, gradients and optimizer states of one GPU (``state_bytes_per_param``), each
+    divided by DP from the ZeRO stage that partitions it (Rajbhandari et al. 2020), plus ZeRO
+    buffers: DeepSpeed stages 1-3 allocate a gradient reduction bucket of reduce_bucket_size
+    elements (default 5e8, whatever the model size) in the communication dtype (fp32 in every
+    run here); stage 3 adds the gathered full weights of about two modules (the running one and
+    the prefetched one). megatron-core reduces from views of its gradient buffer: no extra.
+    Nothing extra appears at the optimizer step: every engine already holds fp32 gradients."""
+    res = {}
+    for term, (nbytes, from_stage) in state_bytes_per_param(engine, bf16=bf16, zero_stage=zero_stage).items():
+        res[term] = nbytes * psi / (dp if zero_stage >= from_stage else 1)
     buffers = 0.0
-    if deepspeed and zero_stage >= 1:
-        buffers += w * ZERO_REDUCE_BUCKET
-    if zero_stage >= 3:
-        buffers += 2 * w * largest_module
+    if engine == "deepspeed" and zero_stage >= 1:
+        buffers += 4 * ZERO_REDUCE_BUCKET
+    if engine == "deepspeed" and zero_stage >= 3:
+        buffers += 2 * (2 if bf16 else 4) * largest_module
     res["zero_buffers"] = buffers
-    res["step_transient"] = (4 * psi / do) if bf16 else 0.0
     return res
 
 
@@ -415,6 +435,7 @@ class Layout:
     kernels: str
     attention: str
     optimizer_engine: str
+    engine: str
 
 
 def resolve_layout(cfg: Config, gpus: int, on_gpu: bool = True) -> Layout:
@@ -435,7 +456,10 @@ def resolve_layout(cfg: Config, gpus: int, on_gpu: bool = True) -> Layout:
         raise PlanError("parallel.sequence_parallel=true needs model.transformer_impl=transformer_engine")
     k = kernels_for(cfg, on_gpu)
     bf16 = t.precision == "bf16" or (t.precision == "auto" and on_gpu)
-    if p.pp > 1:
+    from .config import resolved_engine
+
+    eng = resolved_engine(p)
+    if eng == "megatron":
         engine = "megatron-core distributed optimizer" if p.zero_stage == 1 else "megatron-core DDP"
     else:
         engine = f"DeepSpeed ZeRO-{p.zero_stage}" if p.zero_stage else "DeepSpeed (no ZeRO)"
@@ -446,7 +470,7 @@ def resolve_layout(cfg: Config, gpus: int, on_gpu: bool = True) -> Layout:
                   precision="bf16" if bf16 else "fp32", recompute=m.recompute, objective=cfg.diffusion.objective,
                   data_seq_len=cfg.data.seq_len,
                   model_seq_len=cfg.data.seq_len * (2 if cfg.diffusion.objective == "block" else 1),
-                  kernels=k.impl, attention=k.attention, optimizer_engine=engine)
+                  kernels=k.impl, attention=k.attention, optimizer_engine=engine, engine=eng)
 
 
 def plan(cfg: Config, *, gpus: int, gpu_mem_gib: float, vocab_size: int, mfu: float = 0.4,
@@ -480,17 +504,17 @@ def plan(cfg: Config, *, gpus: int, gpu_mem_gib: float, vocab_size: int, mfu: fl
     for stage in (("first", "last") if lay.pp > 1 else ("first",)):
         psi = params[f"per_gpu_{stage}_stage"]
         st = state_memory(psi, bf16=bf16, zero_stage=lay.zero_stage, dp=lay.dp, largest_module=largest_module,
-                          deepspeed=lay.pp == 1)
+                          engine=lay.engine)
         act = activation_memory(dm, k, recompute=lay.recompute, tp=lay.tp, pp=lay.pp, sp=lay.sequence_parallel,
                                 micro_batch=lay.micro_batch_size, num_microbatches=lay.num_microbatches,
                                 act_bytes=e, grad_bytes=e, stage=stage)
         states = st["weights"] + st["gradients"] + st["optimizer"] + st["zero_buffers"]
-        peak = states + max(act["peak"], st["step_transient"])
+        peak = states + act["peak"]
         overhead = fragmentation * peak + overhead_gib * GIB
         stages[stage] = {
             "params": psi,
             "weights": st["weights"], "gradients": st["gradients"], "optimizer": st["optimizer"],
-            "zero_buffers": st["zero_buffers"], "step_transient": st["step_transient"],
+            "zero_buffers": st["zero_buffers"],
             "activations": {k_: v for k_, v in act.items()},
             "activation_peak": act["peak"],
             "modeled_peak": peak,
@@ -505,8 +529,6 @@ def plan(cfg: Config, *, gpus: int, gpu_mem_gib: float, vocab_size: int, mfu: fl
     notes = []
     if cfg.parallel.sequence_parallel and cfg.parallel.tp == 1:
         notes.append("parallel.sequence_parallel has no effect at tp=1")
-    if lay.pp > 1:
-        notes.append("pipeline layouts need the megatron-core pipeline engine (train.py currently runs pp=1 only)")
     return {
         "layout": asdict(lay),
         "model": asdict(dm),
@@ -515,7 +537,7 @@ def plan(cfg: Config, *, gpus: int, gpu_mem_gib: float, vocab_size: int, mfu: fl
         "hardware_flops_per_token": flops["hardware"],
         "memory": {
             "stage": worst_name,
-            **{k_: worst[k_] for k_ in ("params", "weights", "gradients", "optimizer", "zero_buffers", "step_transient",
+            **{k_: worst[k_] for k_ in ("params", "weights", "gradients", "optimizer", "zero_buffers",
                                        "activation_peak", "modeled_peak", "overhead", "total")},
             "activations": worst["activations"],
             "overhead_gib": overhead_gib,
@@ -552,6 +574,16 @@ def _count(n: float) -> str:
     return f"{n:.0f}"
 
 
+def _state_note(lay: dict, term: str) -> str:
+    """What one state term holds for the layout's engine and precision (format_plan)."""
+    bf16, z, meg = lay["precision"] == "bf16", lay["zero_stage"], lay["engine"] == "megatron"
+    if term == "weights":
+        return ("bf16" if bf16 else "fp32") if meg or z > 0 or not bf16 else "fp32 + bf16 autocast copies"
+    if term == "gradients":
+        return "fp32 buffer" if meg else "fp32" + (" accumulator" if bf16 else "")
+    return "AdamW " + ("fp32 master + m + v" if bf16 and (meg or z > 0) else "m + v" + (" + fp32 partition copy" if z > 0 and not meg else ""))
+
+
 def format_plan(p: dict) -> str:
     lay, mem, par, thr = p["layout"], p["memory"], p["params"], p["throughput"]
     act = mem["activations"]
@@ -574,9 +606,9 @@ def format_plan(p: dict) -> str:
         f"  (with recompute: {p['hardware_flops_per_token']:.4g})",
         "",
         f"memory per GPU ({'pipeline stage: ' + mem['stage'] if lay['pp'] > 1 else 'all stages'}):",
-        f"  weights              {_gib(mem['weights'])}",
-        f"  gradients            {_gib(mem['gradients'])}",
-        f"  optimizer states     {_gib(mem['optimizer'])}   (AdamW {'fp32 master + m + v' if lay['precision'] == 'bf16' else 'm + v'})",
+        f"  weights              {_gib(mem['weights'])}   ({_state_note(lay, 'weights')})",
+        f"  gradients            {_gib(mem['gradients'])}   ({_state_note(lay, 'gradients')})",
+        f"  optimizer states     {_gib(mem['optimizer'])}   ({_state_note(lay, 'optimizer')})",
     ]
     if mem["zero_buffers"]:
         lines.append(f"  ZeRO buffers         {_gib(mem['zero_buffers'])}")
@@ -588,14 +620,13 @@ def format_plan(p: dict) -> str:
         f"  backward working set {_gib(act['backward_working'])}",
         f"  -> activation peak   {_gib(act['peak'])}   (at {act['peak_phase']})",
     ]
-    if mem["step_transient"]:
-        lines.append(f"  optimizer step temp  {_gib(mem['step_transient'])}   (fp32 gradients; activations are freed by then)")
     lines += [
         f"  modeled peak         {_gib(mem['modeled_peak'])}",
         f"  overhead allowance   {_gib(mem['overhead'])}   ({mem['fragmentation']:.0%} fragmentation + "
         f"{mem['overhead_gib']:g} GiB CUDA context/NCCL/workspaces)",
         f"  total                {_gib(mem['total'])}   of {mem['capacity'] / GIB:g} GiB -> "
-        + ("FITS" if mem["fits"] else "DOES NOT FIT") + f" (headroom {mem['headroom'] / GIB:.2f} GiB)",
+        + ("FITS" if mem["fits"] else "DOES NOT FIT") + f" (headroom {mem['headroom'] / GIB:.2f} GiB; "
+        f"{mem['total'] / mem['capacity']:.0%} of the GPU, presets aim at <= {PRESET_TARGET:.0%})",
         "",
         f"throughput: {thr['tokens_per_day'] / 1e9:.2f}B tokens/day ({thr['tokens_per_sec']:,.0f} tokens/s) at MFU "
         f"{thr['mfu']:g} x {thr['peak_tflops']:g} TFLOP/s x {lay['gpus']} GPUs; {thr['step_seconds']:.2f} s per step",

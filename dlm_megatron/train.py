@@ -98,13 +98,16 @@ def peak_flops(device, bf16: bool = True) -> float | None:
 
 
 def memory_gib(device) -> dict:
-    """Peak memory of this process: CUDA allocator peaks (allocated and reserved) on GPU,
-    peak RSS on CPU."""
+    """Memory of this process: CUDA allocator peaks (allocated and reserved) and what is
+    allocated now on GPU; peak RSS on CPU."""
     import torch
 
     if device.type == "cuda":
+        # mem_now_gib: allocated between steps (weights, gradients, optimizer states and
+        # buffers; activations are freed), so mem_gib - mem_now_gib is the step's working set
         return {"mem_gib": torch.cuda.max_memory_allocated(device) / 2**30,
-                "mem_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+                "mem_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+                "mem_now_gib": torch.cuda.memory_allocated(device) / 2**30}
     try:
         import resource
 

@@ -4,9 +4,10 @@
 # Layout (default): 8 nodes x 8 H100 80GB = 64 GPUs, one torchrun per node with 8 workers;
 #   parallel.tp=2 (tensor parallel inside a node, over NVLink), parallel.pp=1,
 #   dp=32 data-parallel ranks with DeepSpeed ZeRO-1 (parallel.zero_stage=1),
-#   global batch 1280 x 4096 tokens = micro 4 x 10 accumulation steps x 32 ranks.
+#   global batch 1280 x 4096 tokens = micro 2 x 20 accumulation steps x 32 ranks
+#   (tools/plan.py configs/8b.yaml --gpus 64 --gpu-mem-gib 80: about 75% of each GPU).
 # Other sizes: the data-parallel degree follows the node count (world / tp); keep
-# train.global_batch_size a multiple of micro_batch_size * dp (16 nodes: dp=64, 5 steps).
+# train.global_batch_size a multiple of micro_batch_size * dp (16 nodes: dp=64, 10 steps).
 #
 # Two ways to submit (from the repository root, or set DLM_REPO):
 #   1) sbatch with its own options (command-line options win over this header):

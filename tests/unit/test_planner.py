@@ -260,28 +260,42 @@ def test_flops_per_token_matches_trainer():
     assert dense - flex == pytest.approx(attn_dense * (1 - 17 / 64), rel=1e-12)  # 17 of 64 tiles per row on average at L=4096, K=16
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_zero_stages_partition_the_right_terms(stage):
-    cfg = _cfg("configs/8b.yaml", f"parallel.zero_stage={stage}")
+# Bytes per parameter (weights, gradients, optimizer) of each engine in bf16 as configured in
+# dlm_megatron/engine/, and the ZeRO stage from which DP divides each term (None: never).
+BF16_STATES = {
+    ("deepspeed", 0): ((6, None), (4, None), (8, None)),  # autocast: fp32 weights + bf16 copies, fp32 grads, m + v
+    ("deepspeed", 1): ((2, None), (4, None), (12, 1)),    # BF16_Optimizer: full fp32 accumulator; master + m + v sharded
+    ("deepspeed", 2): ((2, None), (4, 2), (12, 1)),
+    ("deepspeed", 3): ((2, 3), (4, 2), (12, 1)),
+    ("megatron", 0): ((2, None), (4, None), (12, None)),  # fp32 grad buffer, Float16Optimizer's fp32 master
+    ("megatron", 1): ((2, None), (4, None), (12, 1)),     # distributed optimizer shards master + m + v
+}
+
+
+@pytest.mark.parametrize("engine,stage", sorted(BF16_STATES))
+def test_state_memory_follows_each_engine(engine, stage):
+    cfg = _cfg("configs/8b.yaml", f"parallel.zero_stage={stage}", f"parallel.engine={engine}")
     one = _plan(cfg, gpus=2, vocab=126464)["memory"]   # dp = 1
     many = _plan(cfg, gpus=32, vocab=126464)["memory"]  # dp = 16
     psi = one["params"]
-    assert one["weights"] == 2 * psi and one["gradients"] == 2 * psi and one["optimizer"] == 12 * psi
-    assert many["weights"] == (2 * psi / 16 if stage >= 3 else 2 * psi)
-    assert many["gradients"] == (2 * psi / 16 if stage >= 2 else 2 * psi)
-    assert many["optimizer"] == (12 * psi / 16 if stage >= 1 else 12 * psi)
-    # Activations do not depend on ZeRO or DP; DeepSpeed's gradient bucket (5e8 bf16) comes with ZeRO 1-3.
+    for term, (nbytes, from_stage) in zip(("weights", "gradients", "optimizer"), BF16_STATES[engine, stage]):
+        assert one[term] == nbytes * psi, term
+        assert many[term] == (nbytes * psi / 16 if from_stage is not None and stage >= from_stage else nbytes * psi), term
+    # Activations do not depend on ZeRO or DP; DeepSpeed's gradient bucket (5e8 fp32) comes with ZeRO 1-3.
     assert many["activation_peak"] == one["activation_peak"]
-    assert (many["zero_buffers"] >= 2 * 500_000_000) == (stage >= 1)
+    assert (many["zero_buffers"] >= 4 * 500_000_000) == (engine == "deepspeed" and stage >= 1)
 
 
-def test_fp32_has_no_master_copy_and_4_byte_weights():
+def test_fp32_states():
     mem = _plan(_cfg("configs/tiny.yaml", "train.precision=fp32"))["memory"]
     psi = mem["params"]
     assert (mem["weights"], mem["gradients"], mem["optimizer"]) == (4 * psi, 4 * psi, 8 * psi)
-    # precision auto is planned as a GPU run: bf16
+    # DeepSpeed ZeRO >= 1 adds an fp32 copy of the partition it updates
+    mem = _plan(_cfg("configs/tiny.yaml", "train.precision=fp32", "parallel.zero_stage=1"))["memory"]
+    assert mem["optimizer"] == 12 * psi
+    # precision auto is planned as a GPU run: bf16 (ZeRO-0: autocast over fp32 weights)
     mem = _plan(_cfg("configs/tiny.yaml", "train.precision=auto"))["memory"]
-    assert (mem["weights"], mem["optimizer"]) == (2 * psi, 12 * psi)
+    assert (mem["weights"], mem["optimizer"]) == (6 * psi, 8 * psi)
 
 
 def test_tp_divides_weights_and_activations():
@@ -321,12 +335,16 @@ def test_recompute_modes_order_and_pipeline_in_flight():
     assert last["logits_ce"] > 0 and first["logits_ce"] == 0
 
 
-def test_8b_default_layout_fits_80gib():
-    p = _plan(_cfg("configs/8b.yaml"), gpus=64, vocab=126464)
+@pytest.mark.parametrize("preset", ["configs/8b.yaml", "configs/8b_block.yaml"])
+def test_8b_presets_plan_within_90_percent_of_80gb(preset):
+    from dlm_megatron.planner import PRESET_TARGET, format_plan
+
+    p = _plan(_cfg(preset), gpus=64, vocab=126464)
     mem = p["memory"]
-    assert mem["fits"] and mem["total"] < 80 * GIB
-    assert p["layout"]["dp"] == 32 and p["layout"]["num_microbatches"] == 10
+    assert mem["fits"] and mem["total"] <= PRESET_TARGET * 80 * GIB, mem["total"] / GIB
+    assert p["layout"]["dp"] == 32 and p["layout"]["num_microbatches"] == (20 if preset == "configs/8b.yaml" else 40)
     assert 20e9 < p["throughput"]["tokens_per_day"] < 80e9
+    assert f"{mem['total'] / (80 * GIB):.0%} of the GPU, presets aim at <= 90%" in format_plan(p)
 
 
 def test_impossible_layouts_raise():
