@@ -481,9 +481,9 @@ def validate_layout(cfg: Config) -> None:
         if eng != "megatron":
             raise ConfigError("parallel.sequence_parallel=true needs parallel.engine=megatron: DeepSpeed does not "
                               "all-reduce the norm gradients over tensor-parallel ranks under sequence parallelism")
-    if d.objective == "continuous" and (p.tp > 1 or p.pp > 1):
-        raise ConfigError(f"diffusion.objective=continuous is only proven at parallel.tp=1 parallel.pp=1 "
-                          f"(got tp={p.tp} pp={p.pp}); use data parallelism for it")
+    if d.objective == "continuous" and p.pp > 1:
+        raise ConfigError(f"diffusion.objective=continuous is not proven with pipeline parallelism (parallel.pp={p.pp}): "
+                          f"its noisy embeddings enter the first stage as decoder input; use parallel.pp=1 (TP and DP work)")
 
 
 def ffn_size(m: ModelConfig) -> int:

@@ -362,7 +362,7 @@ def test_impossible_layouts_raise():
     with pytest.raises(ConfigError, match="parallel.engine=megatron"):
         _cfg("configs/tiny.yaml", "parallel.sequence_parallel=true", "parallel.tp=2", "model.transformer_impl=transformer_engine")
     with pytest.raises(ConfigError, match="continuous"):
-        _cfg("configs/tiny.yaml", "diffusion.objective=continuous", "parallel.tp=2")
+        _cfg("configs/tiny.yaml", "diffusion.objective=continuous", "parallel.pp=2")
 
 
 def _cli(*args):
