@@ -45,9 +45,9 @@ def backend_device(group=None) -> torch.device:
 
 
 def device_for_backend(backend: str) -> torch.device:
-    """'nccl' -> cuda:<current>; anything else (gloo, mpi) -> cpu. Pure, for tests."""
+    """'nccl' -> this rank's CUDA device; anything else (gloo, mpi) -> cpu."""
     if "nccl" in backend.lower():
-        return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cuda")
     return torch.device("cpu")
 
 

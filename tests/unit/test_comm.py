@@ -75,11 +75,8 @@ def test_backend_device_choice():
 
     assert comm.device_for_backend("gloo") == torch.device("cpu")
     assert comm.device_for_backend("mpi") == torch.device("cpu")
-    if torch.cuda.is_available():
-        assert comm.device_for_backend("nccl").type == "cuda"
-    else:  # the choice is made without touching a GPU: torch.cuda.current_device would fail here
-        with pytest.raises((RuntimeError, AssertionError, AttributeError)):
-            comm.device_for_backend("nccl")
+    assert comm.device_for_backend("nccl").type == "cuda"
+    assert comm.device_for_backend("NCCL").type == "cuda"
 
 
 def test_helpers_on_a_gloo_group(monkeypatch):
@@ -89,11 +86,12 @@ def test_helpers_on_a_gloo_group(monkeypatch):
 
     from dlm_megatron.parallel import comm
 
-    assert not dist.is_initialized()
-    # without a process group every helper is the identity (single-process tools)
-    assert comm.sum_host(3.0) == 3.0 and comm.max_host(1.0) == 1.0
-    store = dist.HashStore()
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    created = not dist.is_initialized()  # other in-process tests may have left a gloo group
+    if created:
+        # without a process group every helper is the identity (single-process tools)
+        assert comm.sum_host(3.0) == 3.0 and comm.max_host(1.0) == 1.0
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    assert dist.get_world_size() == 1
     try:
         assert comm.backend_device() == torch.device("cpu")
         assert comm.sum_host(2.5) == 2.5
@@ -106,4 +104,5 @@ def test_helpers_on_a_gloo_group(monkeypatch):
         with pytest.raises(RuntimeError, match="needs cuda"):
             comm.all_reduce_(torch.zeros(1))
     finally:
-        dist.destroy_process_group()
+        if created:
+            dist.destroy_process_group()
