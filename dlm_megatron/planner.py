@@ -156,7 +156,26 @@ def attention_fraction(cfg: Config, on_gpu: bool = True) -> float:
     return attended_tile_fraction(cfg.data.seq_len, cfg.diffusion.block_size)
 
 
-def flops_per_token(dm: Dims, recompute: str = "none", attention_fraction: float = 1.0) -> dict:
+def output_fraction(cfg: Config) -> float:
+    """Expected share of the model's positions that carry loss, on which alone the trainer runs
+    the output layer and cross-entropy (``Denoiser(loss_index=...)``): masked diffusion masks a
+    token with probability t ~ U(eps, 1), so (1 + eps) / 2; block diffusion's loss sits on the
+    masked tokens of the x_t half of its 2L rows, so E[t] / 2; AR, uniform/hybrid noise (their
+    loss needs every logit) and continuous diffusion use every position. SFT counts as masked
+    (its prompts carry no loss either, so its true share is lower)."""
+    from .diffusion.block import noise_range
+
+    d = cfg.diffusion
+    if d.objective == "masked":
+        return (1.0 + d.eps) / 2
+    if d.objective == "block":
+        lo, hi = noise_range(d.eps, d.t_min, d.t_max)
+        return (lo + hi) / 4
+    return 1.0
+
+
+def flops_per_token(dm: Dims, recompute: str = "none", attention_fraction: float = 1.0,
+                    output_fraction: float = 1.0) -> dict:
     """Training FLOPs per data token.
 
     Per model token: 6 * (L * matrix params per layer + V * h) for the matmuls (forward 2,
@@ -166,13 +185,14 @@ def flops_per_token(dm: Dims, recompute: str = "none", attention_fraction: float
     logged by the trainer and the planner's MFU mean the same thing. Block diffusion runs the
     model on 2L tokens per L data tokens, with s = 2L: twice the FLOPs per model token count
     per data token. ``attention_fraction`` scales the attention term to the share of pairs
-    the kernel executes (see ``attention_fraction``).
+    the kernel executes, ``output_fraction`` the output layer to the share of positions it
+    runs on (see the functions of those names): FLOPs are counted as executed.
 
     ``hardware`` adds recomputation: selective recomputes the core attention forward
     (4 * L * h * s), full recomputes the whole layer forward (2 * L * matrix params + 4 * L * h * s).
     """
     L, h, s = dm.layers, dm.hidden, dm.seq_len
-    matmul = L * layer_matrix_params(dm) + dm.vocab * h
+    matmul = L * layer_matrix_params(dm) + dm.vocab * h * output_fraction
     attn = 12.0 * L * h * s * attention_fraction
     per_model_token = 6.0 * matmul + attn
     extra = {"none": 0.0, "selective": attn / 3,
@@ -497,7 +517,7 @@ def plan(cfg: Config, *, gpus: int, gpu_mem_gib: float, vocab_size: int, mfu: fl
     bf16 = lay.precision == "bf16"
     e = 2 if bf16 else 4
     params = param_counts(dm, lay.tp, lay.pp)
-    flops = flops_per_token(dm, lay.recompute, attention_fraction(cfg, on_gpu))
+    flops = flops_per_token(dm, lay.recompute, attention_fraction(cfg, on_gpu), output_fraction(cfg))
 
     largest_module = max(layer_matrix_params(dm) // lay.tp, dm.padded_vocab * dm.hidden // lay.tp)
     stages = {}

@@ -46,13 +46,13 @@ EXIT_PREEMPTED = 3
 
 
 def flops_per_token(cfg: Config, vocab: int, seq_len: int, on_gpu: bool | None = None) -> float:
-    """Training FLOPs per data token: 6 * matmul params + attention (12 * layers * h * s, times
-    the share of pairs the attention kernel executes); doubled (with s = 2L) for block
-    diffusion, whose model input is 2L tokens. Under FlexAttention only the non-empty tiles
-    of the 2L mask count (see planner.attention_fraction and docs/planner.md)."""
+    """Training FLOPs per data token, counted as executed: 6 * matmul params (the output layer
+    times the share of positions it runs on) + attention (12 * layers * h * s, times the share
+    of pairs the attention kernel executes); doubled (with s = 2L) for block diffusion, whose
+    model input is 2L tokens. See planner.output_fraction / attention_fraction and docs/planner.md."""
     m = cfg.model
     from .config import ffn_size
-    from .planner import attention_fraction
+    from .planner import attention_fraction, output_fraction
 
     if on_gpu is None:
         import torch
@@ -61,7 +61,7 @@ def flops_per_token(cfg: Config, vocab: int, seq_len: int, on_gpu: bool | None =
     h, L = m.hidden_size, m.num_layers
     kv = (m.num_query_groups or m.num_attention_heads) * (h // m.num_attention_heads)
     per_layer = h * (h + 2 * kv) + h * h + 3 * h * ffn_size(m)
-    matmul = L * per_layer + vocab * h
+    matmul = L * per_layer + vocab * h * output_fraction(cfg)
     frac = attention_fraction(cfg, on_gpu)
     if cfg.diffusion.objective == "block":
         # The model runs on x_t and x_0 (2L tokens, attention span 2L) per L data tokens.
@@ -528,6 +528,16 @@ class Preempted(Exception):
         self.step = step
 
 
+def loss_index(weight_BS):
+    """Flat indices s * B + b of the positions whose loss weight is not 0 (the model runs its
+    output layer on those rows only). Computed on the host from the CPU batch: no device sync.
+    Never empty: a batch without loss keeps one row (its weight is 0 anyway).  -> [N] int64"""
+    import torch
+
+    idx = torch.nonzero(weight_BS.t().reshape(-1) != 0).reshape(-1)
+    return idx if idx.numel() else torch.zeros(1, dtype=torch.long)
+
+
 class LossFn:
     """The objective's loss in megatron's forward_step contract: ``forward`` runs the model
     on a Batch (on a middle pipeline stage it returns hidden states), ``reduce`` turns the
@@ -544,6 +554,8 @@ class LossFn:
     def forward(self, model, b):
         labels = None if getattr(b, "logits_loss", None) is not None else self._dev(b.labels_BS)
         extra = {k: self._dev(v) for k, v in (getattr(b, "model_kwargs", None) or {}).items()}
+        if labels is not None:
+            extra["loss_index"] = self._dev(loss_index(b.loss_weight_BS))
         return model(self._dev(b.tokens_BS), self._dev(b.position_ids_BS), self._dev(b.attention_mask),
                      labels=labels, explicit_positions=b.position_ids_BS is not None, **extra)
 

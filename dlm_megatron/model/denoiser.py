@@ -192,14 +192,42 @@ class Denoiser(GPTModel):
         return h.to(self.config.params_dtype).transpose(0, 1).contiguous()
 
     def forward(self, input_ids, position_ids, attention_mask, *args, explicit_positions: bool = False,
-                sigma_B=None, noise_seed_B=None, noisy_x_BSH=None, **kwargs):
+                sigma_B=None, noise_seed_B=None, noisy_x_BSH=None, loss_index=None, **kwargs):
+        """megatron-core's GPTModel forward, plus: ``explicit_positions`` (RoPE at position_ids),
+        continuous diffusion's inputs (``sigma_B`` ...), and ``loss_index``: the flat indices
+        s * B + b of the positions that carry loss. With labels, the output layer and the
+        cross-entropy then run on those rows only and the returned per-token NLL [B, S] is 0
+        elsewhere (masked diffusion puts loss on the masked tokens only, block diffusion on the
+        masked x_t tokens: about half of the rows, and never the x_0 half)."""
         if sigma_B is not None and self.pre_process:
             kwargs["decoder_input"] = self.continuous_input(input_ids, sigma_B, noise_seed_B, noisy_x_BSH)
         self._explicit_positions = explicit_positions
+        self._loss_index = loss_index
         try:
             return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
         finally:
             self._explicit_positions = False
+            self._loss_index = None
+
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
+        index = getattr(self, "_loss_index", None)
+        if (index is None or labels is None or not self.post_process or self.config.sequence_parallel
+                or self.config.mtp_num_layers or kwargs.get("inference_context") is not None):
+            return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
+        return self._loss_on_rows(hidden_states, labels, index)
+
+    def _loss_on_rows(self, hidden_SBH: torch.Tensor, labels_BS: torch.Tensor, index_N: torch.Tensor) -> torch.Tensor:
+        """Per-token NLL [B, S] from the output layer and vocab-parallel cross-entropy on the
+        rows ``index_N`` (flat s * B + b) of hidden states [S, B, H] only; 0 elsewhere."""
+        S, B, H = hidden_SBH.shape
+        rows_N1H = hidden_SBH.reshape(S * B, 1, H).index_select(0, index_N)
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits_N1V, _ = self.output_layer(rows_N1H, weight=weight)
+        target_1N = labels_BS.t().reshape(1, S * B).index_select(1, index_N)
+        nll_1N = self.compute_language_model_loss(target_1N, logits_N1V)  # [1, N] (it reads labels as [b, s])
+        out = torch.zeros(S * B, dtype=nll_1N.dtype, device=nll_1N.device)
+        out = out.index_copy(0, index_N, nll_1N.reshape(-1))
+        return out.reshape(S, B).t()
 
 
 def mark_tensor_parallel(model: torch.nn.Module) -> None:

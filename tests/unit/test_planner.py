@@ -251,9 +251,20 @@ def test_flops_per_token_matches_trainer():
                 flops_per_token(cfg, 126464, cfg.data.seq_len, on_gpu=on_gpu), rel=1e-12)
     # Block diffusion runs 2L model tokens per L data tokens, attention over 2L: with a dense
     # kernel all (2L)^2 pairs count; FlexAttention executes only the non-empty 128x128 tiles.
-    masked = _plan(_cfg("configs/tiny.yaml"))
-    block_dense = _plan(_cfg("configs/tiny.yaml", "diffusion.objective=block", "model.attention_backend=sdpa"))
-    assert block_dense["flops_per_token"] > 2 * masked["flops_per_token"]
+    from dlm_megatron.planner import layer_matrix_params, output_fraction
+
+    masked_cfg = _cfg("configs/tiny.yaml")
+    block_cfg = _cfg("configs/tiny.yaml", "diffusion.objective=block", "model.attention_backend=sdpa")
+    masked, block_dense = _plan(masked_cfg), _plan(block_cfg)
+    dm = model_dims(masked_cfg, 8192)
+    L, h, s = dm.layers, dm.hidden, masked_cfg.data.seq_len
+    # the output layer runs on the positions with loss only: E[t] of U(eps, 1) for masked,
+    # E[t] / 2 of the 2L rows for block (only x_t's masked tokens), every position for AR
+    assert output_fraction(masked_cfg) == pytest.approx(0.5005) and output_fraction(block_cfg) == pytest.approx(0.5005 / 2)
+    assert output_fraction(_cfg("configs/tiny.yaml", "diffusion.objective=ar")) == 1.0
+    assert masked["flops_per_token"] == pytest.approx(6 * (L * layer_matrix_params(dm) + 8192 * h * 0.5005) + 12 * L * h * s)
+    assert block_dense["flops_per_token"] == pytest.approx(
+        2 * (6 * (L * layer_matrix_params(dm) + 8192 * h * 0.5005 / 2) + 12 * L * h * 2 * s))
     cfg = _cfg("configs/8b_block.yaml")
     dense, flex = (flops_per_token(cfg, 126464, 4096, on_gpu=g) for g in (False, True))  # auto: sdpa on CPU, flex on GPU
     attn_dense = 2 * 12 * 32 * 4096 * 8192
