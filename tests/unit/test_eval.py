@@ -3,6 +3,7 @@ NLL, candidate scoring, and the uniform ancestral sampler."""
 import math
 from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -85,16 +86,49 @@ class FakeTok:
         return [2 + (ord(c) % (V - 2)) for c in s]
 
 
+class PositionModel(torch.nn.Module):
+    """A denoiser whose logits depend on the position only (never on the tokens): under it
+    the answer's tokens are independent, so log p(answer | prompt) = sum_i log p_i(a_i)
+    exactly, and the masked bound E_t[(1/t) sum_masked log p_i(a_i)] is unbiased for it
+    (E[1(u < t) / t] = 1 for t ~ U(eps, 1), u ~ U(0, 1))."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = torch.randn(16, 16, generator=torch.Generator().manual_seed(4)) * 2.0
+
+    def forward(self, tokens, pos, mask, labels=None, explicit_positions=False):
+        return self.table[: tokens.shape[1]][None].expand(tokens.shape[0], -1, -1)
+
+
 def test_score_candidates_deterministic_and_sane():
-    m = FakeModel()
+    """Scores are log-likelihoods of the answer given the prompt: the exact one for ar, an
+    unbiased Monte Carlo estimate of it for masked; the likelier answer scores higher; the
+    seed (and only the seed) fixes the noise."""
+    m = PositionModel()
+    tok = FakeTok()
+    prompt, cands = "abc", ["de", "fgh", "d", "hd"]
+    P = len(tok.encode(prompt))
+    logp = torch.log_softmax(m.table[:, :V], -1)
+
+    def exact(c, shift):  # sum of log p_i(a_i) at the answer's positions (ar: read from position i - 1)
+        ids = tok.encode(c)
+        return sum(logp[P + i - shift, a].item() for i, a in enumerate(ids))
+
+    want = {c: exact(c, 0) for c in cands}
+    ar = ev.score_candidates(m, tok, prompt, cands, 8, seed=1, objective="ar")
+    assert ar == pytest.approx([exact(c, 1) for c in cands], abs=1e-5)
+    many = ev.score_candidates(m, tok, prompt, cands, 4096, seed=0)
+    for c, v in zip(cands, many):
+        assert v == pytest.approx(want[c], abs=0.25 + 0.05 * abs(want[c])), (c, v, want[c])
+    # The likelier answer scores higher (d > hd > fgh: about 1 nat apart or more).
+    assert many[cands.index("d")] > many[cands.index("hd")] > many[cands.index("fgh")], (many, want)
     for obj in ("masked", "uniform", "hybrid", "ar"):
-        model = FakeModel(causal=True) if obj == "ar" else m
-        a = ev.score_candidates(model, FakeTok(), "abc", ["de", "fgh", "d"], 8, seed=1, objective=obj)
-        b = ev.score_candidates(model, FakeTok(), "abc", ["de", "fgh", "d"], 8, seed=1, objective=obj)
+        a = ev.score_candidates(m, tok, prompt, cands, 16, seed=1, objective=obj)
+        b = ev.score_candidates(m, tok, prompt, cands, 16, seed=1, objective=obj)
         assert a == b and all(math.isfinite(v) and v <= 1e-9 for v in a), (obj, a)
-    # masked: with many samples the bound approaches the true log-likelihood from below (finite, negative)
-    s = ev.score_candidates(m, FakeTok(), "abc", ["de"], 64, seed=0)
-    assert s[0] < 0
+        if obj != "ar":
+            assert ev.score_candidates(m, tok, prompt, cands, 16, seed=2, objective=obj) != a, obj
+    assert ev.score_candidates(m, tok, prompt, ["", "de"], 4)[0] == float("-inf")  # nothing to score
 
 
 def test_generate_uniform_deterministic_and_keeps_prompt():
