@@ -343,8 +343,10 @@ def run(cfg: Config) -> dict:
             print(f"saved checkpoint {final}", flush=True)
         dist.barrier()
 
-    # Test hooks: poison the loss at given steps; behave as if preempted after a given step.
+    # Test hooks: poison the loss, or only its gradient, at given steps; behave as if
+    # preempted after a given step.
     inject_nan = {int(s) for s in os.environ.get("DLM_TEST_INJECT_NAN_STEPS", "").split(",") if s.strip()}
+    inject_nan_grad = {int(s) for s in os.environ.get("DLM_TEST_INJECT_NAN_GRAD_STEPS", "").split(",") if s.strip()}
     stop_at = int(os.environ.get("DLM_TEST_STOP_AT_STEP", "-1"))
     bad_in_a_row = 0
     last = {}
@@ -365,14 +367,14 @@ def run(cfg: Config) -> dict:
             seg[lo: lo + per_rank] = np.stack([train_ds.segment_ids(int(i)) for i in idx[lo: lo + per_rank]])
         mbl = list(micro_batches(step, x, positions, seg_GL=seg))
         losses, grad_norm, bad = engine.train_step(mbl, loss_fn, seq_len=mbl[0].tokens_BS.shape[1], micro_batch_size=mbs,
-                                                   poison=step in inject_nan)
+                                                   poison="loss" if step in inject_nan else "grad" if step in inject_nan_grad else None)
         tokens_since += sum(b.num_tokens for b in mbl) * lay.dp
         if bad:
             bad_in_a_row += 1
             if rank0:
-                print(f"warning: non-finite loss at step {step}; update skipped ({bad_in_a_row}/{cfg.train.max_bad_steps} in a row)", flush=True)
+                print(f"warning: non-finite loss or gradient at step {step}; update skipped ({bad_in_a_row}/{cfg.train.max_bad_steps} in a row)", flush=True)
             if bad_in_a_row >= cfg.train.max_bad_steps:
-                msg = (f"stopping: {bad_in_a_row} non-finite losses in a row (last good checkpoint kept in {out / 'checkpoints'}); "
+                msg = (f"stopping: {bad_in_a_row} non-finite steps (loss or gradient) in a row (last good checkpoint kept in {out / 'checkpoints'}); "
                        f"lower train.lr or check the data")
                 logger.close()
                 raise TrainingDiverged(msg)

@@ -89,20 +89,27 @@ def test_missing_checkpoint_is_one_line(tmp_path):
     assert p.stderr.strip().splitlines() == [f"error: checkpoint path '{tmp_path / 'nope'}' does not exist (pass a run directory or a checkpoints/step_* folder)"]
 
 
-def test_nan_loss_is_skipped_then_stops_without_touching_checkpoint(tmp_path):
+def test_nan_loss_and_nan_gradient_are_skipped_then_stop_without_touching_checkpoint(tmp_path):
+    """ZeRO-0, one process: a NaN loss (step 2) and a finite loss with a NaN gradient (step 7,
+    the last) are each skipped with a warning; the weights after the skipped last step equal
+    the checkpoint before it. Three bad steps in a row stop the run, last checkpoint intact.
+    (Other engines and layouts: tests/distributed/test_nonfinite.py.)"""
     out = tmp_path / "nan"
-    base = TRAIN + list(COMMON_OVERRIDES) + [f"train.output_dir={out}", "train.save_interval=2", "train.steps=8", "train.max_bad_steps=3"]
-    # one bad step: skipped with a warning, training finishes
-    p = run(base, env=env(DLM_TEST_INJECT_NAN_STEPS="2"))
-    assert "non-finite loss at step 2; update skipped" in p.stdout
-    steps = [r["step"] for r in metrics(out) if r.get("split") != "val"]
-    assert 3 not in steps and steps[-1] == 8
-    # three in a row: clear stop, exit 2, the last good checkpoint is intact and loadable
+    base = TRAIN + list(COMMON_OVERRIDES) + ["train.save_interval=1", "train.keep_last=20", "train.steps=8", "train.max_bad_steps=3"]
+    p = run(base + [f"train.output_dir={out}"], env=env(DLM_TEST_INJECT_NAN_STEPS="2", DLM_TEST_INJECT_NAN_GRAD_STEPS="7"))
+    for s in (2, 7):
+        assert f"non-finite loss or gradient at step {s}; update skipped" in p.stdout, p.stdout
+    rows = [r for r in metrics(out) if r.get("split") != "val"]
+    assert [r["step"] for r in rows] == [1, 2, 4, 5, 6, 7]
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["grad_norm"]])).all() for r in rows)
+    a = load_full_state_dict(out / "checkpoints" / "step_000007")
+    b = load_full_state_dict(out / "checkpoints" / "step_000008")  # saved at the end, after the skipped step
+    assert all(torch.equal(a[k], b[k]) and torch.isfinite(b[k]).all() for k in a)
+    # three in a row (NaN gradients, finite losses): clear stop, exit 2, the last good checkpoint is intact
     out2 = tmp_path / "nan2"
-    p = run([*base[:-3], f"train.output_dir={out2}", "train.save_interval=2", "train.steps=8", "train.max_bad_steps=3"],
-            env=env(DLM_TEST_INJECT_NAN_STEPS="4,5,6"), check=False)
+    p = run(base + [f"train.output_dir={out2}"], env=env(DLM_TEST_INJECT_NAN_GRAD_STEPS="4,5,6"), check=False)
     assert p.returncode == 2
-    assert "stopping: 3 non-finite losses in a row" in p.stderr
+    assert "stopping: 3 non-finite steps (loss or gradient) in a row" in p.stderr
     assert (out2 / "checkpoints" / "latest").read_text().strip() == "step_000004"
     sd = load_full_state_dict(out2 / "checkpoints" / "step_000004")
     assert all(torch.isfinite(v).all() for v in sd.values())
