@@ -168,6 +168,8 @@ def run(cfg: Config) -> dict:
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_yaml(cfg))
+        for name in ckpt.clean_stale(out):  # before any rank can save (the barrier below)
+            print(f"cleaned up {name} left by an interrupted save", flush=True)
     torch.manual_seed(cfg.train.seed)
 
     tok = load_tokenizer(cfg.data.tokenizer)

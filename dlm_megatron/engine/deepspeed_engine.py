@@ -222,6 +222,9 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
 
     def load(self, directory: str, tag: str) -> dict:
+        from ..checkpoint import check_torch_files
+
+        check_torch_files(directory)
         _, client = self.engine.load_checkpoint(directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
         if client is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint '{tag}' in {directory}")

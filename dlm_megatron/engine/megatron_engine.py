@@ -187,8 +187,11 @@ class MegatronEngine:
         """Weights come from the layout-free model shards (``model_state``); then optimizer."""
         import os
 
+        from ..checkpoint import check_torch_files
+
         optim_name, common_name = self._names()
         path = os.path.join(directory, common_name)
+        check_torch_files(directory)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} is missing: the checkpoint was written with a different TP/PP layout "
                                     f"(reshard it offline or resume with the original parallel.tp/parallel.pp)")

@@ -208,3 +208,50 @@ def test_eval_trained_bound_below_untrained_and_se_shrinks(small_run, tmp_path):
     # Only the noise-level part of the variance falls with K (the windows' own spread does
     # not), so expect a clear drop rather than the ideal 1/sqrt(8).
     assert se_16 < 0.85 * se_2, (se_2, se_16)
+
+
+def test_checkpoint_folder_pruned_cleaned_and_broken_ones_are_one_line(tmp_path):
+    """The trainer's checkpoint housekeeping through the CLI: train.keep_last prunes old
+    saves; leftovers of an interrupted save are cleaned on the next start (even one with
+    nothing left to train); a `latest` naming a missing checkpoint, a truncated engine file
+    and a corrupt model shard are one-line errors (exit 2) naming the pointer or the file."""
+    import shutil
+
+    out = tmp_path / "run"
+    cmd = TRAIN + list(COMMON_OVERRIDES) + ["train.steps=3", "train.save_interval=1", "train.keep_last=2", f"train.output_dir={out}"]
+    run(cmd)
+    root = out / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000002", "step_000003"]
+    # leftovers of a save killed midway, found by the next start
+    (root / ".tmp-step_000004" / "model").mkdir(parents=True)
+    (root / ".latest.tmp").write_text("step_000004\n")
+    p = run(cmd)
+    assert "cleaned up .tmp-step_000004 left by an interrupted save" in p.stdout, p.stdout
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000002", "step_000003"]
+
+    def one_line_error(args, *needles):
+        q = run(args, check=False)
+        lines = q.stderr.strip().splitlines()
+        assert q.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), q.stderr[-3000:]
+        for n in needles:
+            assert n in lines[0], (n, lines[0])
+
+    longer = cmd[:-1] + ["train.steps=5", f"train.output_dir={out}"]
+    gen = [PY, "-m", "dlm_megatron.generate", "--ckpt", str(out), "--prompt", "x", "--gen-length", "4", "--steps", "4", "--block-length", "4"]
+    (root / "latest").write_text("step_000099\n")
+    one_line_error(longer, str(root / "latest"), "step_000099")
+    one_line_error(gen, str(root / "latest"), "step_000099")
+    (root / "latest").write_text("step_000003\n")
+    engine_file = next((root / "step_000003" / "engine").rglob("*.pt"))
+    saved = engine_file.read_bytes()
+    engine_file.write_bytes(saved[: len(saved) // 2])
+    one_line_error(longer, str(engine_file), "corrupt")
+    engine_file.write_bytes(saved)
+    shard = root / "step_000003" / "model" / "tp0_pp0.safetensors"
+    shutil.copy(shard, tmp_path / "shard.bak")
+    shard.write_bytes(b"\0" * 64)
+    one_line_error(gen, str(shard), "corrupt")
+    one_line_error(TRAIN + list(COMMON_OVERRIDES) + ["train.steps=1", f"train.init_from={out}", f"train.output_dir={tmp_path / 'init'}"],
+                   str(shard), "corrupt")
+    shutil.copy(tmp_path / "shard.bak", shard)
+    assert "resumed from" in run(longer).stdout  # restored: the run goes on
