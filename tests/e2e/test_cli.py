@@ -116,19 +116,62 @@ def test_nan_loss_and_nan_gradient_are_skipped_then_stop_without_touching_checkp
 
 
 def test_corrupt_shard_and_wrong_tokenizer_are_one_line(tmp_path):
-    data = tmp_path / "shards"
+    """Bad training data stops with one line that names the file and the cause: shards made
+    with another tokenizer, a truncated .bin, an .idx with a bad header. Content corruption
+    that keeps sizes and headers intact is what `tools/shard.py --verify` finds (sha256)."""
+    import shutil
+
     src = tmp_path / "a.txt"
     src.write_text("To be, or not to be, that is the question. " * 200)
-    run([PY, "tools/shard.py", "--input", str(src), "--tokenizer", "builtin", "--output", str(data), "--format", "megatron", "--workers", "1"])
-    good = TRAIN + list(COMMON_OVERRIDES) + [f"data.train_path={data}", "data.val_path=null", f"train.output_dir={tmp_path / 'r'}", "train.steps=1"]
-    run(good)
-    # flip bytes in the token file
-    binf = next(data.glob("*.bin"))
+    data = tmp_path / "shards"
+    shard_cmd = [PY, "tools/shard.py", "--input", str(src), "--format", "megatron", "--workers", "1", "--no-progress"]
+    run(shard_cmd + ["--tokenizer", "builtin", "--output", str(data)])
+    ok = run([PY, "tools/shard.py", "--verify", str(data)])
+    assert "OK" in ok.stdout and "sha256-verified" in ok.stdout
+
+    def train(d, tokenizer="builtin"):
+        return run(TRAIN + list(COMMON_OVERRIDES) + [f"data.train_path={d}", "data.val_path=null", f"data.tokenizer={tokenizer}",
+                                                     f"train.output_dir={tmp_path / ('run_' + d.name + '_' + Path(tokenizer).stem)}",
+                                                     "train.steps=1"], check=False)
+
+    def one_line(p, *needles, code=2):
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == code and len(lines) == 1, p.stderr[-3000:]
+        for n in needles:
+            assert n in lines[0], (n, lines[0])
+
+    assert train(data).returncode == 0
+    # another tokenizer: the same BPE with one merge dropped (other ids, other sha256)
+    from dlm_megatron.data.tokenizer import load_tokenizer
+
+    tok_json = json.loads(Path(load_tokenizer("builtin").path).read_text())
+    tok_json["model"]["merges"] = tok_json["model"]["merges"][:-1]
+    other_tok = tmp_path / "other_tokenizer.json"
+    other_tok.write_text(json.dumps(tok_json))
+    one_line(train(data, other_tok), f"shards in {data} were made with tokenizer sha", "data.tokenizer")
+    # truncated token file
+    bad = tmp_path / "copy1"
+    shutil.copytree(data, bad)
+    binf = next(bad.glob("*.bin"))
+    binf.write_bytes(binf.read_bytes()[:-10])
+    one_line(train(bad), str(binf), "bytes but its index describes", "truncated or corrupt")
+    # index with a bad header (magic)
+    bad = tmp_path / "copy2"
+    shutil.copytree(data, bad)
+    idxf = next(bad.glob("*.idx"))
+    raw = bytearray(idxf.read_bytes())
+    raw[0] ^= 0xFF
+    idxf.write_bytes(bytes(raw))
+    one_line(train(bad), str(idxf), "not a Megatron .idx file (bad magic")
+    # a flipped token byte: same size, same header, different content
+    bad = tmp_path / "copy3"
+    shutil.copytree(data, bad)
+    binf = next(bad.glob("*.bin"))
     raw = bytearray(binf.read_bytes())
     raw[10] ^= 0xFF
     binf.write_bytes(bytes(raw))
-    p = run(good[:-1] + [f"train.output_dir={tmp_path / 'r2'}", "train.steps=1"], check=False)
-    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "error:" in p.stderr, p.stderr
+    one_line(run([PY, "tools/shard.py", "--verify", str(bad)], check=False), str(binf), "does not match its sha256")
+    one_line(run([PY, "tools/shard.py", "--verify", str(tmp_path / "nowhere")], check=False), "not a shard directory")
 
 
 def test_resume_with_incompatible_layout_is_one_line(small_run, tmp_path):
