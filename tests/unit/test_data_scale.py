@@ -26,7 +26,6 @@ from dlm_megatron.data import (
     PackedDataset,
     load_tokenizer,
     open_shards,
-    sample_indices,
     write_shards,
 )
 from dlm_megatron.data import corpus as corpus_mod
