@@ -309,7 +309,9 @@ def run(cfg: Config) -> dict:
                 idx = sample_indices(k, G, len(val_ds), eval_seed)
                 x = np.stack([val_ds[int(i)] for i in idx])
                 pos = np.arange(k * G, (k + 1) * G, dtype=np.int64)
-                mbl = list(micro_batches(k, x, pos, eval=True))
+                # validation sees documents as training does: no attention across them
+                seg = np.stack([val_ds.segment_ids(int(i)) for i in idx]) if cfg.data.document_masks else None
+                mbl = list(micro_batches(k, x, pos, eval=True, seg_GL=seg))
                 vals = engine.forward_only(mbl, loss_fn, seq_len=mbl[0].tokens_BS.shape[1], micro_batch_size=mbs)
                 for b, v in zip(mbl, vals):
                     total += float(v) * b.num_tokens

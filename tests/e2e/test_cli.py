@@ -208,20 +208,40 @@ def test_activation_recomputation_gives_identical_training(tmp_path):
 
 
 def test_document_masks_block_attention_across_packed_documents(tmp_path):
-    """With data.document_masks=true, packed short documents cannot see each other: the
-    same batch gives a different loss than with cross-document attention."""
+    """With data.document_masks=true, packed short documents cannot see each other in
+    training, in validation and in dlm_megatron.eval: the same batch gives a different
+    training loss, the same (untrained) weights a different validation loss, and the same
+    checkpoint a different eval bound than with attention across documents."""
+    import shutil
+
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"text": f"Doc {i}: thou art {'fair' if i % 2 else 'foul'} indeed."}) + "\n" for i in range(400)))
     data = tmp_path / "shards"
     run([PY, "tools/shard.py", "--input", str(src), "--field", "text", "--tokenizer", "builtin", "--output", str(data),
          "--format", "megatron", "--workers", "1", "--no-progress"])
-    losses = {}
+    losses, val = {}, {}
     for flag in ("false", "true"):
         out = tmp_path / f"dm_{flag}"
-        run(TRAIN + list(COMMON_OVERRIDES) + [f"data.train_path={data}", "data.val_path=null", "train.steps=1",
-                                              f"data.document_masks={flag}", f"train.output_dir={out}"])
+        # lr ~ 0: both runs keep the initial weights, so validation differs only by the masks
+        run(TRAIN + list(COMMON_OVERRIDES) + [f"data.train_path={data}", f"data.val_path={data}", "train.steps=1",
+                                              "train.lr=1e-12", "train.warmup_steps=0", f"data.document_masks={flag}",
+                                              f"train.output_dir={out}"])
         losses[flag] = train_losses(out)[0]
+        val[flag] = [r for r in metrics(out) if r.get("split") == "val"][-1]["loss"]
     assert abs(losses["true"] - losses["false"]) > 1e-4, losses
+    assert abs(val["true"] - val["false"]) > 1e-4, val
+    # eval: the checkpoint trained with masks, and the same weights with the flag turned off
+    off = tmp_path / "dm_true_flag_off"
+    shutil.copytree(tmp_path / "dm_true" / "checkpoints" / "step_000001", off)
+    meta = json.loads((off / "meta.json").read_text())
+    meta["config"]["data"]["document_masks"] = False
+    (off / "meta.json").write_text(json.dumps(meta))
+    bounds = {}
+    for name, ck in (("on", tmp_path / "dm_true"), ("off", off)):
+        p = run([PY, "-m", "dlm_megatron.eval", "--ckpt", str(ck), "--data", str(src), "--num-samples", "2", "--max-tokens", "256"])
+        assert ("document masks" in p.stdout) == (name == "on"), p.stdout
+        bounds[name] = float(next(l for l in p.stdout.splitlines() if l.startswith("nll bound")).split(":")[1].split("+-")[0])
+    assert abs(bounds["on"] - bounds["off"]) > 1e-3, bounds
 
 
 def _eval_bound(ckpt, data, k):

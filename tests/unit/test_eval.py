@@ -159,3 +159,54 @@ def test_jsonl_inputs_name_the_bad_line(tmp_path):
     bad.write_text('{"prompt": "p", "choices": ["a"], "answer": 0}\n\n{"prompt": \n')
     with pytest.raises(ev.EvalDataError, match=rf"^{bad}:3 is not valid JSON$"):
         ev.read_choices(str(bad))
+
+
+class MaskRecorder(FakeModel):
+    """FakeModel that attends only where the mask allows (mean over visible keys) and
+    records the masks it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.masks = []
+
+    def forward(self, tokens, pos, mask, labels=None, explicit_positions=False):
+        self.masks.append(mask)
+        h = self.emb[tokens]
+        if mask is not None:
+            vis = (~mask[:, 0]).to(h.dtype)                       # [B, S, S] 1 = may attend
+            h = h + (vis @ h) / vis.sum(-1, keepdim=True)
+        else:
+            h = h + h.mean(1, keepdim=True)
+        logits = h @ self.out
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+
+
+def test_document_masks_reach_the_model_in_eval():
+    """token_windows numbers the documents of each window (a document's EOT is its own, a
+    window starts at 0); diffusion_bound and ar_nll hand the model exactly the
+    block-diagonal document masks (causal for ar), and the bound changes with them."""
+    class Tok(FakeTok):
+        def encode_batch(self, docs):
+            return [self.encode(d) for d in docs]
+
+    x, seg = ev.token_windows(["abc", "de", "fghij", "k"], Tok(), 5, None, with_segments=True)
+    t = lambda c: 2 + ord(c) % (V - 2)  # FakeTok's ids
+    assert x.tolist() == [[t("a"), t("b"), t("c"), EOT, t("d")], [t("e"), EOT, t("f"), t("g"), t("h")],
+                          [t("i"), t("j"), EOT, t("k"), EOT]]
+    assert seg.tolist() == [[0, 0, 0, 0, 1], [0, 0, 1, 1, 1], [0, 0, 0, 1, 1]]
+    assert torch.equal(ev.token_windows(["abc", "de", "fghij", "k"], Tok(), 5, None), x)
+    obj = build_objective(dcfg(), MASK, 5, vocab_size=V)
+    m = MaskRecorder()
+    with_masks = ev.diffusion_bound(m, obj, x, num_samples=4, batch_size=3, segment_ids_NL=seg)["loss"]
+    want = [(seg[i][:, None] != seg[i][None, :]) for i in range(3) for _ in range(4)]  # window i, K=4 copies, True = blocked
+    got = torch.cat([mk[:, 0] for mk in m.masks])
+    assert torch.equal(got, torch.stack(want))
+    plain = ev.diffusion_bound(MaskRecorder(), obj, x, num_samples=4, batch_size=3)["loss"]
+    assert (with_masks - plain).abs().max() > 1e-4
+    m = MaskRecorder()
+    ev.ar_nll(m, x, batch_size=2, segment_ids_NL=seg)
+    causal = torch.triu(torch.ones(5, 5, dtype=torch.bool), 1)
+    got = torch.cat([mk[:, 0] for mk in m.masks])
+    assert torch.equal(got, torch.stack([(seg[i][:, None] != seg[i][None, :]) | causal for i in range(3)]))
