@@ -106,12 +106,19 @@ def _child_main(argv: list[str]) -> int:
 
 
 def _say(request, msg: str) -> None:
-    """A line on the terminal even while pytest captures output."""
-    rep = request.config.pluginmanager.get_plugin("terminalreporter")
-    if rep is not None:
-        rep.write_line(f"[test_gguf_llamacpp] {msg}")
+    """A line on the terminal even while pytest captures output (fd-level capture would
+    otherwise swallow the terminal reporter's own writes until the test ends)."""
+    rep = request.config.pluginmanager.get_plugin("terminalreporter") if request is not None else None
+    capman = request.config.pluginmanager.get_plugin("capturemanager") if request is not None else None
+    if rep is None:
+        print(f"[test_gguf_llamacpp] {msg}", file=sys.stderr, flush=True)
+        return
+    if capman is not None:
+        with capman.global_and_fixture_disabled():
+            rep.write_line(f"[test_gguf_llamacpp] {msg}")
+            rep.flush()
     else:
-        print(f"[test_gguf_llamacpp] {msg}", file=sys.stderr)
+        rep.write_line(f"[test_gguf_llamacpp] {msg}")
 
 
 def _importable() -> bool:
