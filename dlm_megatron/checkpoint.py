@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
@@ -182,6 +183,41 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
     except OSError:
         pass
+
+
+def clean_stale(output_dir: str | Path) -> list[str]:
+    """Rank 0 at the start of training, before any save: remove what an interrupted save left
+    behind (``.tmp-step_*`` folders, ``.latest.tmp``). A ``.trash-step_X`` is the previous
+    copy of step_X moved aside while step_X was being replaced: it is put back if the new
+    step_X never arrived, removed otherwise. Returns the names handled, for the log."""
+    root = checkpoints_root(output_dir)
+    if not root.is_dir():
+        return []
+    done = []
+    for p in sorted(root.glob(".trash-*")):
+        final = root / p.name[len(".trash-"):]
+        if final.exists():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            os.replace(p, final)
+        done.append(p.name)
+    for p in sorted(root.glob(".tmp-*")):
+        shutil.rmtree(p, ignore_errors=True)
+        done.append(p.name)
+    if (root / ".latest.tmp").exists():
+        (root / ".latest.tmp").unlink()
+        done.append(".latest.tmp")
+    return done
+
+
+def check_torch_files(directory: str | Path) -> None:
+    """Every ``*.pt`` file under ``directory`` (engine/optimizer state) must be a complete
+    torch archive: a zip whose central directory, written last, is present. A truncated or
+    overwritten file is named here instead of failing deep inside torch.load."""
+    for f in sorted(Path(directory).rglob("*.pt")):
+        if not zipfile.is_zipfile(f):
+            raise CheckpointError(f"checkpoint file {f} is corrupt (truncated or not a torch archive); restore it, "
+                                  f"or point checkpoints/latest at an older checkpoint")
 
 
 def prune(root: Path, keep_last: int) -> None:

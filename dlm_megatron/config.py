@@ -164,7 +164,7 @@ class TrainConfig:
     eval_batches: int = 4
     """Validation batches (of global_batch_size sequences) per evaluation, drawn with a fixed seed."""
     max_bad_steps: int = 5
-    """Non-finite losses in a row tolerated (each skipped with a warning) before the run stops."""
+    """Non-finite steps (a non-finite loss or gradient) in a row tolerated, each skipped with a warning, before the run stops."""
     sample_at_end: bool = True
     """Print a generated sample (generate.* settings) when training finishes."""
     save_at_end: bool = True

@@ -71,25 +71,36 @@ def read_documents(path: str, field: str = "text") -> list[str]:
     return docs
 
 
-def token_windows(docs: list[str], tok, seq_len: int, max_tokens: int | None, multiple_of: int = 1) -> torch.Tensor:
+def token_windows(docs: list[str], tok, seq_len: int, max_tokens: int | None, multiple_of: int = 1, *,
+                  with_segments: bool = False):
     """Documents joined as in training (each followed by EOT), cut into non-overlapping windows
     of ``seq_len`` tokens (the tail is dropped unless there is no full window: then one
-    shorter window, trimmed to a multiple of ``multiple_of``).  -> [N, L] int64"""
+    shorter window, trimmed to a multiple of ``multiple_of``).  -> [N, L] int64
+
+    ``with_segments``: also return each position's document number counted from the window's
+    start [N, L] (a document's EOT belongs to it, as in training's data.loader segment ids),
+    for checkpoints trained with data.document_masks."""
     stream: list[int] = []
-    for ids in tok.encode_batch(docs):
+    doc_of: list[int] = []
+    for d, ids in enumerate(tok.encode_batch(docs)):
         stream.extend(ids)
         stream.append(tok.eot_id)
+        doc_of.extend([d] * (len(ids) + 1))
         if max_tokens is not None and len(stream) >= max_tokens:
             break
     if max_tokens is not None:
-        stream = stream[:max_tokens]
+        stream, doc_of = stream[:max_tokens], doc_of[:max_tokens]
     n = len(stream) // seq_len
     if n == 0:
         short = (len(stream) // multiple_of) * multiple_of
         if short < 2:
             raise EvalDataError(f"the data holds {len(stream)} tokens: too few to evaluate")
-        return torch.tensor([stream[:short]], dtype=torch.long)
-    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+        n, seq_len = 1, short
+    x = torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    if not with_segments:
+        return x
+    d = torch.tensor(doc_of[: n * seq_len], dtype=torch.int32).view(n, seq_len)
+    return x, d - d[:, :1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,13 +129,17 @@ def _kwargs_of(batches: list, combine) -> dict:
 
 
 @torch.no_grad()
-def diffusion_bound(model, objective, x_NL: torch.Tensor, *, num_samples: int, batch_size: int, device="cpu") -> dict:
+def diffusion_bound(model, objective, x_NL: torch.Tensor, *, num_samples: int, batch_size: int, device="cpu",
+                    segment_ids_NL: torch.Tensor | None = None) -> dict:
     """Per-token negative ELBO of every window, K stratified Monte Carlo samples each.
 
     Sequence i is replicated K times as "global batch" ``i`` of size K, so the objective's
     antithetic sampler gives its K copies the stratified levels (o_i + k/K) mod 1 and each
-    copy its own mask (keyed by the global position i*K + k).
+    copy its own mask (keyed by the global position i*K + k). ``segment_ids_NL`` (document
+    number per position, see token_windows): attend within documents only, as a model
+    trained with data.document_masks did.
     Returns dict(loss [N, K] per-token bound of each sample, t [N, K])."""
+    from .data.loader import with_document_mask
     from .train import LossFn
 
     loss_fn = LossFn(torch.device(device))
@@ -140,8 +155,13 @@ def diffusion_bound(model, objective, x_NL: torch.Tensor, *, num_samples: int, b
         # rows of one window may exceed batch_size when K > batch_size: split them
         b = cat_batches(bl)
         rows = b.tokens_BS.shape[0]
+        # row j of b is window lo + j // K
+        seg_rows = None if segment_ids_NL is None else segment_ids_NL[lo: lo + len(bl)].repeat_interleave(K, dim=0)
         for r in range(0, rows, max(batch_size, 1)):
             sub = _row_slice(b, r, min(rows, r + max(batch_size, 1)))
+            if seg_rows is not None:
+                sub.attention_mask = with_document_mask(sub.attention_mask, seg_rows[r: r + sub.tokens_BS.shape[0]].numpy(),
+                                                        sub.tokens_BS.shape[1], causal=objective.causal)
             out = loss_fn.forward(model, sub)
             losses.append(loss_fn.per_sequence(sub, out).double().cpu())
             ts.append(sub.t_B.double().cpu())
@@ -179,14 +199,20 @@ def summarize_bound(loss_NK: torch.Tensor, t_NK: torch.Tensor, num_buckets: int 
 
 
 @torch.no_grad()
-def ar_nll(model, x_NL: torch.Tensor, *, batch_size: int, device="cpu") -> tuple[float, int]:
-    """Exact next-token NLL (sum, count) over the windows (L - 1 predictions per window)."""
+def ar_nll(model, x_NL: torch.Tensor, *, batch_size: int, device="cpu", segment_ids_NL: torch.Tensor | None = None) -> tuple[float, int]:
+    """Exact next-token NLL (sum, count) over the windows (L - 1 predictions per window);
+    ``segment_ids_NL``: causal attention within each document only (data.document_masks)."""
     import torch.nn.functional as F
+
+    from .data.loader import with_document_mask
 
     total, count = 0.0, 0
     for lo in range(0, x_NL.shape[0], batch_size):
         x = x_NL[lo: lo + batch_size].to(device)
-        logits = model(x, None, None).float()
+        mask = None
+        if segment_ids_NL is not None:
+            mask = with_document_mask(None, segment_ids_NL[lo: lo + batch_size].numpy(), x.shape[1], causal=True).to(device)
+        logits = model(x, None, mask).float()
         nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
         total += nll.item()
         count += x[:, 1:].numel()
@@ -324,11 +350,15 @@ def run(args) -> list[str]:
         mult = cfg.diffusion.block_size if obj == "block" else 1
         if seq_len % mult:
             raise EvalDataError(f"--seq-len {seq_len} must be a multiple of the block size {mult}")
-        x = token_windows(docs, tok, seq_len, args.max_tokens, mult)
+        x, seg = token_windows(docs, tok, seq_len, args.max_tokens, mult, with_segments=True)
+        # A model trained with document masks is evaluated with them (no attention across
+        # the documents packed into a window), as in its training and validation.
+        seg = seg if cfg.data.document_masks else None
         N, L = x.shape
-        lines.append(f"data: {args.data} | {N} windows x {L} tokens | checkpoint {meta.get('step', '?')} | objective {obj}")
+        lines.append(f"data: {args.data} | {N} windows x {L} tokens | checkpoint {meta.get('step', '?')} | objective {obj}"
+                     + (" | document masks" if seg is not None else ""))
         if obj == "ar":
-            total, count = ar_nll(model, x, batch_size=args.batch_size, device=args.device)
+            total, count = ar_nll(model, x, batch_size=args.batch_size, device=args.device, segment_ids_NL=seg)
             nll = total / count
             lines.append(f"nll (nats/token, exact, {count} predicted tokens): {nll:.4f}")
             lines.append(f"perplexity {math.exp(min(nll, 50.0)):.4f}")
@@ -336,7 +366,8 @@ def run(args) -> list[str]:
             dcfg = copy.deepcopy(cfg.diffusion)
             dcfg.antithetic = True
             objective = build_objective(dcfg, tok.mask_id, args.seed, vocab_size=tok.vocab_size)
-            r = diffusion_bound(model, objective, x, num_samples=args.num_samples, batch_size=args.batch_size, device=args.device)
+            r = diffusion_bound(model, objective, x, num_samples=args.num_samples, batch_size=args.batch_size, device=args.device,
+                                segment_ids_NL=seg)
             s = summarize_bound(r["loss"], r["t"], args.buckets if args.buckets > 0 else 1)
             if args.buckets > 0 and bool(((r["t"] >= 0) & (r["t"] <= 1)).all()):  # (continuous: t_B is sigma, no table)
                 lines.append(f"{'t bucket':<12}{'samples':>9}{'loss/token':>12}")

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import Config, ConfigError, describe, dump_yaml, load_config, to_dict
+from .engine import TrainingDiverged  # noqa: F401  (re-exported)
 from .logging import quiet_warnings  # noqa: F401  (re-exported: scripts import it from here)
 
 USAGE = """usage: python -m dlm_megatron.train CONFIG [section.key=value ...]
@@ -157,6 +158,8 @@ class Trainer:
         if self.rank0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(dump_yaml(cfg))
+            for name in ckpt.clean_stale(self.out):  # before any rank can save (the barrier in _build_data)
+                print(f"cleaned up {name} left by an interrupted save", flush=True)
         torch.manual_seed(cfg.train.seed)
         self.G, self.mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
         self.per_rank = self.G // lay.dp
@@ -176,8 +179,10 @@ class Trainer:
         self.logger = MetricsLogger(cfg, self.out, is_rank0=self.rank0, config_dict=to_dict(cfg))
         self.fpt = flops_per_token(cfg, self.vocab, cfg.data.seq_len, on_gpu=lay.device.type == "cuda")
         self.peak = peak_flops(lay.device, self.bf16)
-        # Test hooks: poison the loss at given steps; behave as if preempted after a given step.
+        # Test hooks: poison the loss, or only its gradient, at given steps; behave as if
+        # preempted after a given step.
         self.inject_nan = {int(s) for s in os.environ.get("DLM_TEST_INJECT_NAN_STEPS", "").split(",") if s.strip()}
+        self.inject_nan_grad = {int(s) for s in os.environ.get("DLM_TEST_INJECT_NAN_GRAD_STEPS", "").split(",") if s.strip()}
         self.stop_at = int(os.environ.get("DLM_TEST_STOP_AT_STEP", "-1"))
         if self.rank0 and self.start_step == 0:
             print(self.describe(), flush=True)
@@ -348,7 +353,8 @@ class Trainer:
         mbl = self.step_batches(step)
         lr = self.engine.set_lr(step)
         losses, grad_norm, bad = self.engine.train_step(mbl, self.loss_fn, seq_len=mbl[0].tokens_BS.shape[1],
-                                                        micro_batch_size=self.mbs, poison=step in self.inject_nan)
+                                                        micro_batch_size=self.mbs,
+                                                        poison="loss" if step in self.inject_nan else "grad" if step in self.inject_nan_grad else None)
         return losses, grad_norm, bad, lr, sum(b.num_tokens for b in mbl) * self.lay.dp
 
     def validate(self, step: int) -> dict | None:
@@ -369,7 +375,9 @@ class Trainer:
                 idx = sample_indices(k, G, len(self.val_ds), eval_seed)
                 x = np.stack([self.val_ds[int(i)] for i in idx])
                 pos = np.arange(k * G, (k + 1) * G, dtype=np.int64)
-                mbl = self.micro_batches(k, x, pos, eval=True)
+                # validation sees documents as training does: no attention across them
+                seg = np.stack([self.val_ds.segment_ids(int(i)) for i in idx]) if self.cfg.data.document_masks else None
+                mbl = self.micro_batches(k, x, pos, eval=True, seg_GL=seg)
                 vals = engine.forward_only(mbl, loss_fn, seq_len=mbl[0].tokens_BS.shape[1], micro_batch_size=self.mbs)
                 for b, v in zip(mbl, vals):
                     total += float(v) * b.num_tokens
@@ -428,11 +436,11 @@ class Trainer:
             if bad:
                 bad_in_a_row += 1
                 if self.rank0:
-                    print(f"warning: non-finite loss at step {step}; update skipped ({bad_in_a_row}/{cfg.train.max_bad_steps} in a row)", flush=True)
+                    print(f"warning: non-finite loss or gradient at step {step}; update skipped ({bad_in_a_row}/{cfg.train.max_bad_steps} in a row)", flush=True)
                 if bad_in_a_row >= cfg.train.max_bad_steps:
                     logger.close()
-                    raise TrainingDiverged(f"stopping: {bad_in_a_row} non-finite losses in a row (last good checkpoint kept in "
-                                           f"{self.out / 'checkpoints'}); lower train.lr or check the data")
+                    raise TrainingDiverged(f"stopping: {bad_in_a_row} non-finite steps (loss or gradient) in a row (last good checkpoint "
+                                           f"kept in {self.out / 'checkpoints'}); lower train.lr or check the data")
                 continue
             bad_in_a_row = 0
             done = step + 1
@@ -514,10 +522,6 @@ def bucket_losses(collected: list, pp_group, dp_group, num_buckets: int = NUM_T_
         if acc[1, k] > 0:
             out[f"loss_t{k / num_buckets:.1f}-{(k + 1) / num_buckets:.1f}"] = (acc[0, k] / acc[1, k]).item()
     return out
-
-
-class TrainingDiverged(RuntimeError):
-    pass
 
 
 class Preempted(Exception):

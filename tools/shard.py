@@ -22,6 +22,11 @@ not tokenized again) and produces byte-identical output. KEY hashes the input fi
 (paths, sizes, mtimes) and every option that changes the output, so a changed command
 starts afresh; --no-resume always starts afresh. Errors are one line on stderr with exit
 status 2.
+
+    python tools/shard.py --verify shards/train
+
+checks an existing shard directory (every file's sha256 against the manifest, headers,
+counts) and prints a summary or the one broken file.
 """
 from __future__ import annotations
 
@@ -62,14 +67,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Tokenize plain-text / JSONL (optionally .gz) files into token shards "
         "plus manifest.json; use the output directory as a data path in the config.",
     )
-    parser.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB",
+    parser.add_argument("--verify", metavar="DIR", default=None,
+                        help="check an existing shard directory instead of writing one: the "
+                        "manifest, headers, document counts and every file's size and sha256 "
+                        "(reads all data once). Prints a summary, or one error line with exit "
+                        "status 2.")
+    parser.add_argument("--input", nargs="+", metavar="PATH_OR_GLOB",
                         help="input files, directories (all files below, sorted) or quoted "
                         "glob patterns (** allowed); order is kept, duplicates dropped.")
     parser.add_argument("--tokenizer", default="builtin", metavar="FILE",
                         help="HF tokenizers JSON file, a tiktoken BPE ranks file (*.tiktoken, "
                         "e.g. gpt2.tiktoken; eot/mask/pad are appended), or 'builtin' for the "
                         "shipped Shakespeare BPE (default: %(default)s).")
-    parser.add_argument("--output", required=True, metavar="DIR",
+    parser.add_argument("--output", metavar="DIR",
                         help="output shard directory (must be empty or absent unless "
                         "--overwrite).")
     parser.add_argument("--format", choices=FORMATS, default="megatron",
@@ -95,6 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar (a summary line is still printed).")
     args = parser.parse_args(argv)
+    if args.verify is None and (not args.input or not args.output):
+        parser.error("--input and --output are required (or check existing shards with --verify DIR)")
     if args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")
     if args.shard_tokens < 1:
@@ -362,11 +374,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def verify(shard_dir: str) -> int:
+    """--verify: open the shards with full content hashing; print what was checked."""
+    from dlm_megatron.data.shards import open_shards
+
+    store = open_shards(shard_dir, verify=True)
+    files = sum(len(r["files"]) for r in store.manifest["shards"])
+    print(f"shard.py: {shard_dir}: OK ({store.num_docs} documents, {store.num_tokens} tokens, "
+          f"{len(store.manifest['shards'])} shards, {files} files sha256-verified)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one-line errors, exit status 2 for bad input."""
     args = parse_args(argv)
     try:
-        return run(args)
+        return verify(args.verify) if args.verify is not None else run(args)
     except DataError as exc:
         print(f"shard.py: error: {exc}", file=sys.stderr)
         return 2

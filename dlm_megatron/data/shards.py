@@ -450,9 +450,11 @@ def open_shards(
     dtype = np.dtype(manifest["dtype"])
     shards = []
     for record in manifest["shards"]:
+        # Headers, sizes and counts first (cheap, and they name a truncated file or a bad
+        # header precisely); then, if asked, the full content hashes.
+        shards.append(_Shard(shard_dir, manifest["format"], record, dtype))
         if verify:
             _verify_files(shard_dir, record)
-        shards.append(_Shard(shard_dir, manifest["format"], record, dtype))
     store = DocStore(shard_dir, manifest, shards)
     if (store.num_docs, store.num_tokens) != (manifest["num_docs"], manifest["num_tokens"]):
         raise DataError(f"{shard_dir}/{MANIFEST_NAME} totals disagree with its shards; "

@@ -55,6 +55,20 @@ def alpha(t: torch.Tensor) -> torch.Tensor:
     return 1.0 - t
 
 
+# Smallest alpha_t the ELBO integrand is evaluated at. Noise levels reach the loss as fp32,
+# and a draw t > 1 - 2^-25 (about 3e-8 of all draws) rounds to exactly 1.0 there: alpha = 0
+# would turn the integrand into 0 * inf = NaN (a skipped training step, a NaN in eval). The
+# integrand vanishes like O(alpha) as t -> 1, so evaluating it at 2^-24 (the fp32 spacing
+# below 1) instead is exact to within that sliver of t.
+ALPHA_MIN = 2.0 ** -24
+
+
+def elbo_alpha(t_B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """alpha_t for the ELBO integrand: computed in float64, floored at ``ALPHA_MIN``, cast to
+    ``dtype``.  [B] -> [B]"""
+    return alpha(t_B.double()).clamp_min(ALPHA_MIN).to(dtype)
+
+
 def dalpha(t: torch.Tensor) -> torch.Tensor:
     """d alpha / dt for the linear schedule (= -1)."""
     return -torch.ones_like(t)
@@ -102,7 +116,7 @@ def interpolating_elbo_terms(logp_BLC: torch.Tensor, x0_BL: torch.Tensor, zt_BL:
         raise ValueError(f"p_uniform must be in (0, 1], got {p_uniform}")
     B, L, C = logp_BLC.shape
     dt = logp_BLC.dtype
-    a = alpha(t_B).to(dt)[:, None, None]                  # [B,1,1]
+    a = elbo_alpha(t_B, dt)[:, None, None]                # [B,1,1], > 0 even where t rounded to 1
     b = 1.0 - a
     neg_da = (-dalpha(t_B)).to(dt)[:, None]               # [B,1]
     pi_c = p_uniform / C                                  # pi of each clean id
@@ -236,7 +250,7 @@ def interpolating_elbo_terms_vocab_parallel(logits_BLVl: torch.Tensor, x0_BL: to
     x_theta = torch.where(clean, logp.exp(), torch.zeros_like(logits))       # [B,L,Vl], 0 off the clean ids
 
     dt = x_theta.dtype
-    a = alpha(t_B).to(dt)[:, None, None]
+    a = elbo_alpha(t_B, dt)[:, None, None]
     b = 1.0 - a
     neg_da = (-dalpha(t_B)).to(dt)[:, None]
     pi_c = p_uniform / num_clean

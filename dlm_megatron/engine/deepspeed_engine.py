@@ -11,6 +11,7 @@ no weight decay on norms; the LR comes from our pure schedule function each step
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -101,44 +102,79 @@ class DeepSpeedEngine:
             g["lr"] = lr
         return lr
 
-    def train_step(self, micro_batches: list, loss_fn, *, poison: bool = False, **_):
+    def train_step(self, micro_batches: list, loss_fn, *, poison=None, **_):
         """Forward/backward over this rank's micro-batches and the optimizer step.
 
-        Returns (per-micro-batch losses, grad_norm, bad). A micro-batch whose loss is not
-        finite backpropagates an exact zero instead (so DeepSpeed's hooks and collectives
-        still line up); the flag stays on the device, and once per step the ranks agree
-        (one all-reduce, one host read) whether any of them saw one. If so the update is
-        skipped: zero gradients and LR 0 leave the weights unchanged (Adam's moments decay
-        by one step)."""
-        from ..parallel import comm
+        Returns (per-micro-batch losses, grad_norm, bad). A step is bad when any rank saw a
+        non-finite loss or the gradients are non-finite; it is then skipped on every rank:
 
+        - non-finite loss: that micro-batch backpropagates an exact zero instead (so
+          DeepSpeed's hooks and collectives still line up); the flag stays on the device
+          and the ranks agree on it once per step. Skipping = zero gradients and LR 0
+          (weights unchanged; Adam's moments decay by one step). ZeRO-3 cannot build that
+          zero from its partitioned parameters, so it stops instead (TrainingDiverged).
+        - non-finite gradient with finite losses: ZeRO-0 (our clipping) folds the grad norm
+          into the same flag, read with the norm in the step's one host sync; ZeRO 1-3 clip
+          inside DeepSpeed, whose optimizer skips the update when the global norm is not
+          finite and reports it as inf.
+
+        ``poison`` ("loss" or "grad", test hook, engine/poison.py): a NaN loss on every
+        micro-batch, or a NaN gradient from the first micro-batch of data-parallel rank 0."""
+        from megatron.core import parallel_state as ps
+
+        from ..parallel import comm
+        from . import poison as pz
+
+        pz.check(poison)
+        stage = self.cfg.parallel.zero_stage
         losses, bad_dev = [], None
-        zero = None
         for i, b in enumerate(micro_batches):
-            loss, _ = loss_fn.reduce(b, loss_fn.forward(self.engine, b))
-            if poison:
-                loss = loss * float("nan")
+            out = loss_fn.forward(self.engine, b)
+            loss, _ = loss_fn.reduce(b, out)
+            if poison == "loss":
+                loss = pz.poison_loss(loss)
             bad_mb = ~torch.isfinite(loss)
             bad_dev = bad_mb if bad_dev is None else bad_dev | bad_mb
-            if zero is None:
-                # 0 * loss would still be nan; a zero built from the parameters is exact and
-                # keeps every parameter in the graph (DeepSpeed's hooks expect all of them).
-                zero = self._zero_from_params
-            loss_bwd = torch.where(bad_mb, zero(), loss) if self.cfg.parallel.zero_stage != 3 else loss
+            # 0 * loss would still be nan; a zero built from the parameters is exact and
+            # keeps every parameter in the graph (DeepSpeed's hooks expect all of them).
+            loss_bwd = torch.where(bad_mb, self._zero_from_params(), loss) if stage != 3 else loss
+            if poison == "grad" and i == 0 and ps.get_data_parallel_rank() == 0:
+                loss_bwd = pz.poison_grad(loss_bwd, out)
             self.engine.backward(loss_bwd)  # DeepSpeed scales by 1/gas internally
             losses.append(loss.detach())
             if i < len(micro_batches) - 1:
                 self.engine.step()  # not a boundary: only advances the accumulation counter
-        bad = comm.any_flag(bad_dev).item() > 0  # the step's one host sync for the flag
-        if bad:
-            if self.cfg.parallel.zero_stage == 3:
-                raise FloatingPointError("non-finite loss under ZeRO-3, which cannot skip a step")
-            self.engine.zero_grad()
-            for g in self.optimizer.param_groups:
-                g["lr"] = 0.0
-            self.engine.step()
+        if stage == 0:
+            # Gradients are all-reduced by now: the norm, and whether it is finite, is the
+            # same on every rank; the flag still goes through the world so all ranks agree.
+            norm = self._grad_norm_replicated_grads()
+            flag = comm.any_flag(bad_dev | ~torch.isfinite(norm))
+            flag_h, norm_h = torch.stack([flag.reshape(()).to(norm.dtype), norm]).tolist()  # the step's one host read
+            if flag_h > 0:
+                return self._skip(losses)
+            return losses, self._step_zero0(norm, norm_h), False
+        if comm.any_flag(bad_dev).item() > 0:  # the step's one host sync for the flag
+            if stage == 3:
+                from . import TrainingDiverged
+
+                raise TrainingDiverged("non-finite loss under parallel.zero_stage=3, which cannot skip an update: stopping "
+                                       "before it is applied (the last checkpoint is untouched); lower train.lr or check the data")
+            return self._skip(losses)
+        self.engine.step()
+        g = self.engine.get_global_grad_norm()
+        gn = float(g) if g is not None else float("nan")
+        if not math.isfinite(gn):  # DeepSpeed's optimizer found a non-finite norm and skipped the update
             return losses, float("nan"), True
-        return losses, self.step(), False
+        return losses, gn, False
+
+    def _skip(self, losses):
+        """Leave the weights unchanged this step: zero gradients, LR 0, and a step (so
+        DeepSpeed's counters advance as on every rank)."""
+        self.engine.zero_grad()
+        for g in self.optimizer.param_groups:
+            g["lr"] = 0.0
+        self.engine.step()
+        return losses, float("nan"), True
 
     def _zero_from_params(self) -> torch.Tensor:
         return sum(p.sum() for p in self.module.parameters() if p.requires_grad).float() * 0.0
@@ -172,23 +208,16 @@ class DeepSpeedEngine:
             comm.all_reduce_any_device_(split_sq, "sum", ps.get_tensor_model_parallel_group())
         return (split_sq + repl_sq).sqrt()
 
-    def step(self) -> float:
-        """Optimizer step at the accumulation boundary; returns the global grad norm
-        (before clipping)."""
-        gn = None
-        if self.cfg.parallel.zero_stage == 0:
-            norm = self._grad_norm_replicated_grads()
-            clip = self.cfg.train.grad_clip
-            if clip > 0:  # on the device: coefficient min(1, clip / norm), no host branch
-                coef = (clip / (norm + 1e-6)).clamp(max=1.0)
-                grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-                torch._foreach_mul_(grads, coef)
-            gn = float(norm)  # logged every step: the step's one host read of the norm
+    def _step_zero0(self, norm: torch.Tensor, norm_h: float) -> float:
+        """ZeRO-0 optimizer step with our TP-aware clipping on the device: coefficient
+        min(1, clip / (norm + 1e-6)), no host branch (``norm`` is finite here)."""
+        clip = self.cfg.train.grad_clip
+        if clip > 0:
+            coef = (clip / (norm + 1e-6)).clamp(max=1.0)
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            torch._foreach_mul_(grads, coef)
         self.engine.step()
-        if gn is None:
-            g = self.engine.get_global_grad_norm()
-            gn = float(g) if g is not None else float("nan")
-        return gn
+        return norm_h
 
     def zero_grad(self) -> None:
         self.engine.zero_grad()
@@ -197,6 +226,9 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
 
     def load(self, directory: str, tag: str) -> dict:
+        from ..checkpoint import check_torch_files
+
+        check_torch_files(directory)
         _, client = self.engine.load_checkpoint(directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
         if client is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint '{tag}' in {directory}")

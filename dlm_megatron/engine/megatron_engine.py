@@ -74,21 +74,33 @@ class MegatronEngine:
         self._lr = lr
         return lr
 
-    def train_step(self, micro_batches: list, loss_fn, *, seq_len: int, micro_batch_size: int, poison: bool = False):
+    def train_step(self, micro_batches: list, loss_fn, *, seq_len: int, micro_batch_size: int, poison=None):
         """Forward/backward of all micro-batches through the pipeline schedule, then the
         optimizer step. Returns (losses — real on the last stage, zeros elsewhere —,
-        grad_norm, bad). A non-finite loss on any rank skips the optimizer step on all
-        ranks (the gradient buffers are zeroed before the next step)."""
+        grad_norm, bad). A non-finite loss on any rank, or a non-finite gradient anywhere,
+        skips the optimizer step on all ranks (the gradient buffers are zeroed before the
+        next step). megatron-core's optimizer checks for inf/NaN only when it scales the
+        loss (fp16): in fp32 and bf16 a NaN norm would make its clip test false and apply
+        the NaN, so the check is ours. ``poison`` ("loss" or "grad"): test hook, see
+        engine/poison.py."""
+        from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        from . import poison as pz
+
+        pz.check(poison)
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
+        poison_grad_left = [poison == "grad" and ps.get_data_parallel_rank() == 0]
 
         def reduce(b, out):
             loss, rep = loss_fn.reduce(b, out)
-            if poison:
-                loss = loss * float("nan")
+            if poison == "loss":
+                loss = pz.poison_loss(loss)
                 rep = {"loss": loss.detach()}
+            elif poison_grad_left[0]:  # first micro-batch only: the value stays finite
+                poison_grad_left[0] = False
+                loss = pz.poison_grad(loss, out)
             return loss, rep
 
         def forward_step(data_iterator, model):
@@ -108,15 +120,20 @@ class MegatronEngine:
         vals = [d["loss"] for d in losses] if losses else [torch.zeros((), device=self.device) for _ in micro_batches]
         from ..parallel import comm
 
-        # Non-finite on any rank (losses live on the last stage): one all-reduce of a device
-        # flag and one host read per step.
+        # Non-finite on any rank (losses live on the last stage, gradients in this rank's
+        # DDP buffers, reduced over DP by now): one all-reduce of a device flag and one host
+        # read per step.
         bad_dev = ~torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in vals])).all()
+        for buf in self.ddp.buffers + self.ddp.expert_parallel_buffers:
+            bad_dev = bad_dev | ~torch.isfinite(buf.grad_data).all()
         if comm.any_flag(bad_dev).item() > 0:
             return vals, float("nan"), True
         from ..parallel.cpu_compat import cuda_type_names
 
         with cuda_type_names():  # clip_grads asserts CUDA type names too
             ok, grad_norm, _ = self.optimizer.step()
+        if not ok:  # megatron-core skipped the update itself (fp16 loss-scale overflow)
+            return vals, float("nan"), True
         return vals, float(grad_norm) if grad_norm is not None else float("nan"), False
 
     def forward_only(self, micro_batches: list, loss_fn, *, seq_len: int, micro_batch_size: int) -> list:
@@ -170,8 +187,11 @@ class MegatronEngine:
         """Weights come from the layout-free model shards (``model_state``); then optimizer."""
         import os
 
+        from ..checkpoint import check_torch_files
+
         optim_name, common_name = self._names()
         path = os.path.join(directory, common_name)
+        check_torch_files(directory)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} is missing: the checkpoint was written with a different TP/PP layout "
                                     f"(reshard it offline or resume with the original parallel.tp/parallel.pp)")

@@ -89,39 +89,89 @@ def test_missing_checkpoint_is_one_line(tmp_path):
     assert p.stderr.strip().splitlines() == [f"error: checkpoint path '{tmp_path / 'nope'}' does not exist (pass a run directory or a checkpoints/step_* folder)"]
 
 
-def test_nan_loss_is_skipped_then_stops_without_touching_checkpoint(tmp_path):
+def test_nan_loss_and_nan_gradient_are_skipped_then_stop_without_touching_checkpoint(tmp_path):
+    """ZeRO-0, one process: a NaN loss (step 2) and a finite loss with a NaN gradient (step 7,
+    the last) are each skipped with a warning; the weights after the skipped last step equal
+    the checkpoint before it. Three bad steps in a row stop the run, last checkpoint intact.
+    (Other engines and layouts: tests/distributed/test_nonfinite.py.)"""
     out = tmp_path / "nan"
-    base = TRAIN + list(COMMON_OVERRIDES) + [f"train.output_dir={out}", "train.save_interval=2", "train.steps=8", "train.max_bad_steps=3"]
-    # one bad step: skipped with a warning, training finishes
-    p = run(base, env=env(DLM_TEST_INJECT_NAN_STEPS="2"))
-    assert "non-finite loss at step 2; update skipped" in p.stdout
-    steps = [r["step"] for r in metrics(out) if r.get("split") != "val"]
-    assert 3 not in steps and steps[-1] == 8
-    # three in a row: clear stop, exit 2, the last good checkpoint is intact and loadable
+    base = TRAIN + list(COMMON_OVERRIDES) + ["train.save_interval=1", "train.keep_last=20", "train.steps=8", "train.max_bad_steps=3"]
+    p = run(base + [f"train.output_dir={out}"], env=env(DLM_TEST_INJECT_NAN_STEPS="2", DLM_TEST_INJECT_NAN_GRAD_STEPS="7"))
+    for s in (2, 7):
+        assert f"non-finite loss or gradient at step {s}; update skipped" in p.stdout, p.stdout
+    rows = [r for r in metrics(out) if r.get("split") != "val"]
+    assert [r["step"] for r in rows] == [1, 2, 4, 5, 6, 7]
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["grad_norm"]])).all() for r in rows)
+    a = load_full_state_dict(out / "checkpoints" / "step_000007")
+    b = load_full_state_dict(out / "checkpoints" / "step_000008")  # saved at the end, after the skipped step
+    assert all(torch.equal(a[k], b[k]) and torch.isfinite(b[k]).all() for k in a)
+    # three in a row (NaN gradients, finite losses): clear stop, exit 2, the last good checkpoint is intact
     out2 = tmp_path / "nan2"
-    p = run([*base[:-3], f"train.output_dir={out2}", "train.save_interval=2", "train.steps=8", "train.max_bad_steps=3"],
-            env=env(DLM_TEST_INJECT_NAN_STEPS="4,5,6"), check=False)
+    p = run(base + [f"train.output_dir={out2}"], env=env(DLM_TEST_INJECT_NAN_GRAD_STEPS="4,5,6"), check=False)
     assert p.returncode == 2
-    assert "stopping: 3 non-finite losses in a row" in p.stderr
+    assert "stopping: 3 non-finite steps (loss or gradient) in a row" in p.stderr
     assert (out2 / "checkpoints" / "latest").read_text().strip() == "step_000004"
     sd = load_full_state_dict(out2 / "checkpoints" / "step_000004")
     assert all(torch.isfinite(v).all() for v in sd.values())
 
 
 def test_corrupt_shard_and_wrong_tokenizer_are_one_line(tmp_path):
-    data = tmp_path / "shards"
+    """Bad training data stops with one line that names the file and the cause: shards made
+    with another tokenizer, a truncated .bin, an .idx with a bad header. Content corruption
+    that keeps sizes and headers intact is what `tools/shard.py --verify` finds (sha256)."""
+    import shutil
+
     src = tmp_path / "a.txt"
     src.write_text("To be, or not to be, that is the question. " * 200)
-    run([PY, "tools/shard.py", "--input", str(src), "--tokenizer", "builtin", "--output", str(data), "--format", "megatron", "--workers", "1"])
-    good = TRAIN + list(COMMON_OVERRIDES) + [f"data.train_path={data}", "data.val_path=null", f"train.output_dir={tmp_path / 'r'}", "train.steps=1"]
-    run(good)
-    # flip bytes in the token file
-    binf = next(data.glob("*.bin"))
+    data = tmp_path / "shards"
+    shard_cmd = [PY, "tools/shard.py", "--input", str(src), "--format", "megatron", "--workers", "1", "--no-progress"]
+    run(shard_cmd + ["--tokenizer", "builtin", "--output", str(data)])
+    ok = run([PY, "tools/shard.py", "--verify", str(data)])
+    assert "OK" in ok.stdout and "sha256-verified" in ok.stdout
+
+    def train(d, tokenizer="builtin"):
+        return run(TRAIN + list(COMMON_OVERRIDES) + [f"data.train_path={d}", "data.val_path=null", f"data.tokenizer={tokenizer}",
+                                                     f"train.output_dir={tmp_path / ('run_' + d.name + '_' + Path(tokenizer).stem)}",
+                                                     "train.steps=1"], check=False)
+
+    def one_line(p, *needles, code=2):
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == code and len(lines) == 1, p.stderr[-3000:]
+        for n in needles:
+            assert n in lines[0], (n, lines[0])
+
+    assert train(data).returncode == 0
+    # another tokenizer: the same BPE with one merge dropped (other ids, other sha256)
+    from dlm_megatron.data.tokenizer import load_tokenizer
+
+    tok_json = json.loads(Path(load_tokenizer("builtin").path).read_text())
+    tok_json["model"]["merges"] = tok_json["model"]["merges"][:-1]
+    other_tok = tmp_path / "other_tokenizer.json"
+    other_tok.write_text(json.dumps(tok_json))
+    one_line(train(data, other_tok), f"shards in {data} were made with tokenizer sha", "data.tokenizer")
+    # truncated token file
+    bad = tmp_path / "copy1"
+    shutil.copytree(data, bad)
+    binf = next(bad.glob("*.bin"))
+    binf.write_bytes(binf.read_bytes()[:-10])
+    one_line(train(bad), str(binf), "bytes but its index describes", "truncated or corrupt")
+    # index with a bad header (magic)
+    bad = tmp_path / "copy2"
+    shutil.copytree(data, bad)
+    idxf = next(bad.glob("*.idx"))
+    raw = bytearray(idxf.read_bytes())
+    raw[0] ^= 0xFF
+    idxf.write_bytes(bytes(raw))
+    one_line(train(bad), str(idxf), "not a Megatron .idx file (bad magic")
+    # a flipped token byte: same size, same header, different content
+    bad = tmp_path / "copy3"
+    shutil.copytree(data, bad)
+    binf = next(bad.glob("*.bin"))
     raw = bytearray(binf.read_bytes())
     raw[10] ^= 0xFF
     binf.write_bytes(bytes(raw))
-    p = run(good[:-1] + [f"train.output_dir={tmp_path / 'r2'}", "train.steps=1"], check=False)
-    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "error:" in p.stderr, p.stderr
+    one_line(run([PY, "tools/shard.py", "--verify", str(bad)], check=False), str(binf), "does not match its sha256")
+    one_line(run([PY, "tools/shard.py", "--verify", str(tmp_path / "nowhere")], check=False), "not a shard directory")
 
 
 def test_resume_with_incompatible_layout_is_one_line(small_run, tmp_path):
@@ -158,20 +208,40 @@ def test_activation_recomputation_gives_identical_training(tmp_path):
 
 
 def test_document_masks_block_attention_across_packed_documents(tmp_path):
-    """With data.document_masks=true, packed short documents cannot see each other: the
-    same batch gives a different loss than with cross-document attention."""
+    """With data.document_masks=true, packed short documents cannot see each other in
+    training, in validation and in dlm_megatron.eval: the same batch gives a different
+    training loss, the same (untrained) weights a different validation loss, and the same
+    checkpoint a different eval bound than with attention across documents."""
+    import shutil
+
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"text": f"Doc {i}: thou art {'fair' if i % 2 else 'foul'} indeed."}) + "\n" for i in range(400)))
     data = tmp_path / "shards"
     run([PY, "tools/shard.py", "--input", str(src), "--field", "text", "--tokenizer", "builtin", "--output", str(data),
          "--format", "megatron", "--workers", "1", "--no-progress"])
-    losses = {}
+    losses, val = {}, {}
     for flag in ("false", "true"):
         out = tmp_path / f"dm_{flag}"
-        run(TRAIN + list(COMMON_OVERRIDES) + [f"data.train_path={data}", "data.val_path=null", "train.steps=1",
-                                              f"data.document_masks={flag}", f"train.output_dir={out}"])
+        # lr ~ 0: both runs keep the initial weights, so validation differs only by the masks
+        run(TRAIN + list(COMMON_OVERRIDES) + [f"data.train_path={data}", f"data.val_path={data}", "train.steps=1",
+                                              "train.lr=1e-12", "train.warmup_steps=0", f"data.document_masks={flag}",
+                                              f"train.output_dir={out}"])
         losses[flag] = train_losses(out)[0]
+        val[flag] = [r for r in metrics(out) if r.get("split") == "val"][-1]["loss"]
     assert abs(losses["true"] - losses["false"]) > 1e-4, losses
+    assert abs(val["true"] - val["false"]) > 1e-4, val
+    # eval: the checkpoint trained with masks, and the same weights with the flag turned off
+    off = tmp_path / "dm_true_flag_off"
+    shutil.copytree(tmp_path / "dm_true" / "checkpoints" / "step_000001", off)
+    meta = json.loads((off / "meta.json").read_text())
+    meta["config"]["data"]["document_masks"] = False
+    (off / "meta.json").write_text(json.dumps(meta))
+    bounds = {}
+    for name, ck in (("on", tmp_path / "dm_true"), ("off", off)):
+        p = run([PY, "-m", "dlm_megatron.eval", "--ckpt", str(ck), "--data", str(src), "--num-samples", "2", "--max-tokens", "256"])
+        assert ("document masks" in p.stdout) == (name == "on"), p.stdout
+        bounds[name] = float(next(l for l in p.stdout.splitlines() if l.startswith("nll bound")).split(":")[1].split("+-")[0])
+    assert abs(bounds["on"] - bounds["off"]) > 1e-3, bounds
 
 
 def _eval_bound(ckpt, data, k):
@@ -201,3 +271,50 @@ def test_eval_trained_bound_below_untrained_and_se_shrinks(small_run, tmp_path):
     # Only the noise-level part of the variance falls with K (the windows' own spread does
     # not), so expect a clear drop rather than the ideal 1/sqrt(8).
     assert se_16 < 0.85 * se_2, (se_2, se_16)
+
+
+def test_checkpoint_folder_pruned_cleaned_and_broken_ones_are_one_line(tmp_path):
+    """The trainer's checkpoint housekeeping through the CLI: train.keep_last prunes old
+    saves; leftovers of an interrupted save are cleaned on the next start (even one with
+    nothing left to train); a `latest` naming a missing checkpoint, a truncated engine file
+    and a corrupt model shard are one-line errors (exit 2) naming the pointer or the file."""
+    import shutil
+
+    out = tmp_path / "run"
+    cmd = TRAIN + list(COMMON_OVERRIDES) + ["train.steps=3", "train.save_interval=1", "train.keep_last=2", f"train.output_dir={out}"]
+    run(cmd)
+    root = out / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000002", "step_000003"]
+    # leftovers of a save killed midway, found by the next start
+    (root / ".tmp-step_000004" / "model").mkdir(parents=True)
+    (root / ".latest.tmp").write_text("step_000004\n")
+    p = run(cmd)
+    assert "cleaned up .tmp-step_000004 left by an interrupted save" in p.stdout, p.stdout
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000002", "step_000003"]
+
+    def one_line_error(args, *needles):
+        q = run(args, check=False)
+        lines = q.stderr.strip().splitlines()
+        assert q.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), q.stderr[-3000:]
+        for n in needles:
+            assert n in lines[0], (n, lines[0])
+
+    longer = cmd[:-1] + ["train.steps=5", f"train.output_dir={out}"]
+    gen = [PY, "-m", "dlm_megatron.generate", "--ckpt", str(out), "--prompt", "x", "--gen-length", "4", "--steps", "4", "--block-length", "4"]
+    (root / "latest").write_text("step_000099\n")
+    one_line_error(longer, str(root / "latest"), "step_000099")
+    one_line_error(gen, str(root / "latest"), "step_000099")
+    (root / "latest").write_text("step_000003\n")
+    engine_file = next((root / "step_000003" / "engine").rglob("*.pt"))
+    saved = engine_file.read_bytes()
+    engine_file.write_bytes(saved[: len(saved) // 2])
+    one_line_error(longer, str(engine_file), "corrupt")
+    engine_file.write_bytes(saved)
+    shard = root / "step_000003" / "model" / "tp0_pp0.safetensors"
+    shutil.copy(shard, tmp_path / "shard.bak")
+    shard.write_bytes(b"\0" * 64)
+    one_line_error(gen, str(shard), "corrupt")
+    one_line_error(TRAIN + list(COMMON_OVERRIDES) + ["train.steps=1", f"train.init_from={out}", f"train.output_dir={tmp_path / 'init'}"],
+                   str(shard), "corrupt")
+    shutil.copy(tmp_path / "shard.bak", shard)
+    assert "resumed from" in run(longer).stdout  # restored: the run goes on

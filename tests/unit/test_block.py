@@ -235,7 +235,10 @@ def test_kv_cache_logits_equal_full_recompute(build, knobs):
     assert out.shape == (2, 18) and torch.equal(out[:, :6], prompt) and not bool((out == MASK).any())
 
 
-def test_generate_dispatches_block_checkpoints(build):
+def test_generate_dispatches_block_checkpoints(build, monkeypatch):
+    """generate.sample_text sends a block-diffusion checkpoint to the KV-cached block sampler
+    on the trained block grid, never to the masked (LLaDA) sampler, and prints its output."""
+    import dlm_megatron.sampling as sampling
     from dlm_megatron.generate import sample_text
 
     model, cfg = build("configs/tiny_block.yaml", "diffusion.block_size=4", "generate.gen_length=8",
@@ -250,5 +253,24 @@ def test_generate_dispatches_block_checkpoints(build):
         def decode(self, ids):
             return " ".join(map(str, ids))
 
+    calls = []
+    real_blocks, real_masked = sampling.generate_blocks, sampling.generate
+
+    def spy_blocks(module, x, mask_id, scfg, **kw):
+        out = real_blocks(module, x, mask_id, scfg, **kw)
+        calls.append(("blocks", scfg.block_length, out.clone()))
+        return out
+
+    def spy_masked(*a, **kw):
+        calls.append(("masked",))
+        return real_masked(*a, **kw)
+
+    monkeypatch.setattr(sampling, "generate_blocks", spy_blocks)
+    monkeypatch.setattr(sampling, "generate", spy_masked)
     text = sample_text(model, Tok(), cfg, device="cpu", prompt="ab")
-    assert text.startswith(" ".join(map(str, Tok().encode("ab"))))
+    assert [c[0] for c in calls] == ["blocks"], calls
+    assert calls[0][1] == 4  # the trained diffusion.block_size, not generate.block_length (8)
+    out = calls[0][2][0].tolist()
+    gen = out[2:]
+    gen = gen[: gen.index(0)] if 0 in gen else gen  # cut at EOT as sample_text does
+    assert text == " ".join(map(str, out[:2] + gen)) and text.startswith(" ".join(map(str, Tok().encode("ab"))))

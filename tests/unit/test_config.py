@@ -71,14 +71,56 @@ def test_malformed_yaml_and_missing_file(tmp_path):
         load_config(bad)
 
 
+def _class_field_docstrings(module) -> dict:
+    """{class name: [(field, docstring or None), ...]} for every dataclass in ``module``'s
+    source: the docstring of a field is the string statement right after its annotation."""
+    import ast
+    import dataclasses
+    import inspect
+
+    out = {}
+    for node in ast.parse(inspect.getsource(module)).body:
+        if not isinstance(node, ast.ClassDef) or not dataclasses.is_dataclass(getattr(module, node.name, None)):
+            continue
+        body, fields = node.body, []
+        for i, stmt in enumerate(body):
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                nxt = body[i + 1] if i + 1 < len(body) else None
+                doc = nxt.value.value if (isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                                          and isinstance(nxt.value.value, str)) else None
+                fields.append((stmt.target.id, doc))
+        out[node.name] = fields
+    return out
+
+
 def test_every_field_is_documented():
+    """Every field of every config dataclass (and of the samplers' configs) has its own
+    docstring right below it, and --help prints that docstring under that key."""
+    from dlm_megatron import config as config_mod
+    from dlm_megatron.sampling import continuous as cont_mod
+    from dlm_megatron.sampling import masked as masked_mod
+
     text = describe()
     for k in REQUIRED_KEYS:
         assert k in text
+    found = {}
+    for mod in (config_mod, masked_mod, cont_mod):
+        found.update(_class_field_docstrings(mod))
+    assert {"Config", "ModelConfig", "TrainConfig", "SamplerConfig", "ContinuousSamplerConfig"} <= set(found)
+    for cls, fields in found.items():
+        assert fields, cls
+        for name, doc in fields:
+            assert doc is not None and doc.strip(), f"{cls}.{name} has no docstring of its own"
+        docs = [" ".join(d.split()) for _, d in fields]
+        dupes = {d for d in docs if docs.count(d) > 1}
+        assert not dupes, f"{cls}: several fields share the docstring {dupes}"
+    # describe() pairs each key with its own docstring (not a neighbour's).
     lines = text.splitlines()
-    for i, line in enumerate(lines):
-        if line.startswith("  ") and "=" in line and not line.startswith("      "):
-            assert lines[i + 1].strip(), f"no docstring for {line.strip()}"
+    for section in ("model", "diffusion", "data", "train", "parallel", "logging", "generate"):
+        cls = type(getattr(config_mod.Config(), section)).__name__
+        for name, doc in found[cls]:
+            i = next(j for j, ln in enumerate(lines) if ln.startswith(f"  {section}.{name} = "))
+            assert lines[i + 1].strip() == doc.strip().splitlines()[0].strip(), (section, name)
 
 
 def test_cli_bad_key_is_one_line_exit_2():

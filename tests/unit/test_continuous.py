@@ -121,8 +121,27 @@ def test_sampler_deterministic_and_keeps_prompt(model):
     out2 = generate_continuous(m, prompt, 500, c)
     assert out1.shape == (1, 11) and torch.equal(out1, out2) and torch.equal(out1[:, :3], prompt)
     assert len(traj) == 6 and ((out1 >= 0) & (out1 < 500)).all()
-    out3 = generate_continuous(m, prompt, 500, ContinuousSamplerConfig(**dict(c.__dict__, seed=5)))
-    assert out3.shape == out1.shape
+    out3, traj3 = generate_continuous(m, prompt, 500, ContinuousSamplerConfig(**dict(c.__dict__, seed=5)), return_trajectory=True)
+    assert out3.shape == out1.shape and torch.equal(out3[:, :3], prompt)
+    # Another seed is another draw: the trajectory and the generated tokens change.
+    assert not torch.allclose(traj3[0], traj[0])
+    assert not torch.equal(out3[:, 3:], out1[:, 3:]), "the seed does not change the sample"
+
+
+def test_model_embeddings_are_normalised(model):
+    """The model's own clean embeddings (training path) and its table (sampler path) have
+    norm sqrt(H) per token, agree with each other, and differ from the raw (learned) rows."""
+    m, cfg = model
+    H = cfg.model.hidden_size
+    ids = torch.randint(0, 500, (3, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        e = m.clean_embeddings(ids)
+        table = m.normalised_embedding_table()
+        raw = m.embedding.word_embeddings.weight
+    torch.testing.assert_close(e.norm(dim=-1), torch.full((3, 16), math.sqrt(H)))
+    torch.testing.assert_close(table.norm(dim=-1), torch.full((table.shape[0],), math.sqrt(H)))
+    torch.testing.assert_close(e, table[ids])
+    assert (raw.norm(dim=-1) - math.sqrt(H)).abs().min() > 1.0  # init std 0.02: the raw rows are far from sqrt(H)
 
 
 class _ExactDenoiser:
@@ -178,7 +197,11 @@ def test_cli_loss_falls_embeddings_bounded_and_generates(tmp_path):
     W = load_full_state_dict(resolve(str(out)))["embedding.word_embeddings.weight"].float()
     raw = W.norm(dim=-1)
     assert torch.isfinite(raw).all() and raw.min() > 1e-3 and raw.max() < 10.0  # no blow-up / vanishing rows
-    E = cd.normalise(W[:500])
+    from dlm_megatron.generate import load_model
+
+    m, _, _, _ = load_model(str(out))
+    with torch.no_grad():
+        E = m.normalised_embedding_table()[:500].float()  # what the model trains and samples with
     torch.testing.assert_close(E.norm(dim=-1), torch.full((500,), 8.0))
     cos = (E @ E.T / 64.0).fill_diagonal_(0)
     assert cos.abs().mean() < 0.5, "embeddings collapsed together"

@@ -2,8 +2,8 @@
 
 Covers: Parquet / .zst inputs and their bad-record counting; the tiktoken ranks-file
 tokenizer; resuming an interrupted tools/shard.py run (killed midway) to byte-identical
-output; weighted blends from the config; document-boundary masks; DP-size independence at
-resume; streaming WebDataset shards from pipe: URLs.
+output; weighted blends from the config; document-boundary masks; streaming WebDataset
+shards from pipe: URLs. (What each DP rank feeds, at any DP size: tests/unit/test_dp_feed.py.)
 """
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ from dlm_megatron.data import (
     PackedDataset,
     load_tokenizer,
     open_shards,
-    sample_indices,
     write_shards,
 )
 from dlm_megatron.data import corpus as corpus_mod
@@ -251,20 +250,6 @@ def test_segment_ids_and_document_mask(two_sources, tok):
     got = with_document_mask(own, seg, 4)
     assert got.shape == (2, 1, 4, 4) and got[0, 0, 0, 2] and got[1, 0, 0, 3] and not got[1, 0, 0, 2]
     assert torch.equal(with_document_mask(None, seg, 5, causal=True), torch.from_numpy(mc))
-
-
-@pytest.mark.parametrize("num_samples", [37, 1000])
-def test_global_batch_identical_for_any_dp_size(num_samples):
-    """Resuming with another DP size is exact: sample_indices never sees the DP size, and
-    each rank takes a contiguous slice of the same global batch."""
-    G, seed = 16, 7
-    for step in (0, 1, 5, 63):
-        idx = sample_indices(step, G, num_samples, seed)
-        for dp in (1, 2, 4):
-            per = G // dp
-            slices = [sample_indices(step, G, num_samples, seed)[r * per:(r + 1) * per]
-                      for r in range(dp)]
-            assert np.array_equal(np.concatenate(slices), idx)  # same samples, same order
 
 
 # --- streaming WebDataset shards ---------------------------------------------------------

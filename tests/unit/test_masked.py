@@ -65,10 +65,25 @@ def test_unmasked_tokens_contribute_nothing():
 
 
 def test_t_range_and_stratified():
-    u = md.stratified_uniform(0.37, 8)
-    assert torch.allclose(torch.sort(u).values, torch.remainder(0.37 + torch.arange(8) / 8, 1).sort().values.double())
-    t = md.t_from_uniform(torch.tensor([0.0, 0.999999]), 1e-3)
-    assert t[0].item() == pytest.approx(1e-3) and t[1].item() < 1.0
+    """stratified_uniform puts exactly one value in each of the n strata [k/n, (k+1)/n), all
+    shifted by the offset; t_from_uniform maps U[0, 1) onto U[eps, 1): t(0) = eps, t < 1,
+    increasing, and uniform draws stay uniform (the objective's i.i.d. t included)."""
+    for offset, n in ((0.37, 8), (0.0, 5), (0.999, 16), (1.25, 4)):
+        u = md.stratified_uniform(offset, n)
+        assert u.shape == (n,) and bool(((u >= 0) & (u < 1)).all())
+        assert sorted((u * n).floor().long().tolist()) == list(range(n))    # one per stratum
+        assert u.min().item() == pytest.approx(math.fmod(offset, 1 / n), abs=1e-12)  # the offset shifts them all
+    assert not torch.equal(md.stratified_uniform(0.1, 8), md.stratified_uniform(0.2, 8))
+    eps = 1e-3
+    grid = torch.linspace(0, 1 - 1e-9, 1001, dtype=torch.float64)
+    t = md.t_from_uniform(grid, eps)
+    assert t[0].item() == eps and t.max().item() < 1.0 and bool((t[1:] > t[:-1]).all())
+    # i.i.d. levels of the objective: within [eps, 1) and uniform there (Kolmogorov-Smirnov distance).
+    obj = _obj(eps=0.2)
+    draws = obj.sample_t(torch.arange(4000), step=0, global_batch_size=4000, stream=1).sort().values
+    assert draws.min().item() >= 0.2 and draws.max().item() < 1.0
+    ecdf = torch.arange(1, 4001, dtype=torch.float64) / 4000
+    assert (ecdf - (draws - 0.2) / 0.8).abs().max().item() < 0.03
 
 
 def _obj(**kw):
@@ -106,8 +121,25 @@ def test_mask_rate_tracks_t():
 
 
 def test_random_length_is_per_step_and_rate_is_about_right():
+    """LLaDA's random-length cut is one decision per optimizer step: every micro-batch of the
+    step (whatever rank builds it) gets the same length, drawn uniformly from [1, seq_len];
+    about `prob` of the steps are cut; validation batches never are."""
     cuts = [step_random_length(1, s, 128, 0.01) for s in range(4000)]
     frac = sum(c < 128 for c in cuts) / len(cuts)
     assert 0.005 < frac < 0.02
     assert step_random_length(1, 17, 128, 0.0) == 128
-    assert step_random_length(1, 17, 128, 1.0) == step_random_length(1, 17, 128, 1.0) <= 128
+    obj = MaskedDiffusion(DiffusionConfig(random_length_prob=0.5), MASK, seed=5)
+    x = torch.randint(10, 50, (8, 32))
+    lengths = []
+    for step in range(200):
+        pos = torch.arange(step * 8, step * 8 + 8)
+        parts = [obj.make_batch(x[i:i + 2], pos[i:i + 2], step=step, global_batch_size=8) for i in range(0, 8, 2)]
+        got = {p.tokens_BS.shape[1] for p in parts} | {p.labels_BS.shape[1] for p in parts}
+        assert len(got) == 1, (step, got)  # the same cut for every micro-batch of the step
+        lengths.append(got.pop())
+        assert obj.make_batch(x[:2], pos[:2], step=step, global_batch_size=8, eval=True).tokens_BS.shape[1] == 32
+    cut = [n for n in lengths if n < 32]
+    assert 0.35 < len(cut) / len(lengths) < 0.6                      # about half the steps at prob 0.5
+    assert min(cut) <= 3 and max(cut) >= 29                          # uniform over [1, seq_len] ...
+    assert abs(sum(cut) / len(cut) - 16.5) < 2.5                     # ... with mean (1 + 32) / 2
+    assert len(set(lengths[:100])) > 10                              # and drawn anew each step

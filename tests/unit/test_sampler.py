@@ -400,3 +400,59 @@ def test_acceptance_profile_matches_linear_schedule() -> None:
     cfg = SamplerConfig(steps=4, gen_length=G, block_length=G)
     _, hist = generate(table_fn(random_table(P + G)), make_prompt(batch=1), MASK, cfg, return_history=True)
     assert commits_per_step(hist) == num_transfer_tokens(torch.tensor([G]), 4)[0].tolist() == [3, 3, 2, 2]
+
+
+def _committed_tokens_per_step(hist: list[Tensor]) -> list[Tensor]:
+    """Token committed at each step of a one-token-per-step run, per row: [B] per step."""
+    out = []
+    for a, b in zip(hist[:-1], hist[1:]):
+        new = (a == MASK) & (b != MASK)
+        assert bool((new.sum(dim=1) == 1).all())
+        out.append(b[new])
+    return out
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_temperature_schedule_runs_hot_early_and_cold_late(schedule: str) -> None:
+    """The sampler draws step i of a block at temperature_at(1 - i/K): the first commits are
+    sampled at T, the last ones almost greedily. Two candidate tokens with logits 2 and 0:
+    at T = 4 the better one wins ~62% of draws, near T = 0 ~100%. A reversed schedule
+    (greedy first, hot last) flips the two rates."""
+    G, B = 16, 400
+    table = torch.full((P + G, V), -30.0)
+    table[:, 5], table[:, 6] = 2.0, 0.0
+    cfg = SamplerConfig(steps=G, gen_length=G, block_length=G, temperature=4.0, temperature_schedule=schedule,
+                        remasking="random", seed=3)
+    _, hist = generate(table_fn(table), make_prompt(batch=B), MASK, cfg, return_history=True)
+    best = [float((tok == 5).double().mean()) for tok in _committed_tokens_per_step(hist)]
+    assert best[0] < 0.75, best      # hot: about sigmoid(2 / 4) = 0.62
+    assert best[-1] > 0.97, best     # cold: T/16 (linear) or ~0 (cosine)
+    assert sum(best[:4]) / 4 < sum(best[-4:]) / 4 - 0.2, best
+    const = SamplerConfig(**{**cfg.__dict__, "temperature_schedule": "constant"})
+    _, hist_c = generate(table_fn(table), make_prompt(batch=B), MASK, const, return_history=True)
+    best_c = [float((tok == 5).double().mean()) for tok in _committed_tokens_per_step(hist_c)]
+    assert max(best_c) < 0.75, best_c  # constant T: hot all the way
+
+
+def test_renoise_rate_is_renoise_prob() -> None:
+    """Each token committed earlier in the block is re-masked with probability renoise_prob
+    at the start of every later step (ReMDM's constant rate)."""
+    G, B, p_r = 16, 64, 0.3
+    seen: list[Tensor] = []
+    model = TinyDenoiser(P + G)
+
+    def fn(x: Tensor) -> Tensor:
+        seen.append(x.clone())
+        return model(x)
+
+    cfg = SamplerConfig(steps=G, gen_length=G, block_length=G, temperature=1.0, renoise_prob=p_r, seed=5)
+    out, hist = generate(fn, make_prompt(batch=B), MASK, cfg, return_history=True)
+    assert len(seen) == len(hist) - 1 == G
+    # Before step j the block holds hist[j]'s committed tokens; the denoiser's input seen[j]
+    # shows which of them were re-masked.
+    trials = sum(int((h[:, P:] != MASK).sum()) for h in hist[1:-1])
+    remasked = sum(int(((h[:, P:] != MASK) & (s[:, P:] == MASK)).sum()) for h, s in zip(hist[1:-1], seen[1:]))
+    assert trials > 3000
+    se = math.sqrt(p_r * (1 - p_r) / trials)
+    assert abs(remasked / trials - p_r) < 4 * se, (remasked / trials, p_r, se)
+    assert int(n_masked_gen(out).sum()) == 0

@@ -57,3 +57,29 @@ def test_prompt_never_masked_and_weights():
         resp = (L - P).float()
         ref = torch.stack([(nll[i][masked[i]] / b.t_B[i]).sum() / resp[i] for i in range(4)]).mean()
         assert torch.allclose(ours, ref, rtol=1e-5)
+
+
+def test_response_tokens_are_masked_at_rate_t():
+    """Each response token (EOT padding included) is masked with probability t: per sample
+    the masked fraction of the response tracks its t, across the whole range of t."""
+    obj = SFTMaskedDiffusion(SimpleNamespace(eps=1e-3, antithetic=False, random_length_prob=0.0), MASK, seed=3)
+    L, B = 64, 1024
+    g = torch.Generator().manual_seed(0)
+    P = torch.randint(1, 17, (B,), generator=g)
+    rows = [encode_example(list(range(2, 2 + int(p))), list(range(40, 40 + int(r))), L, EOT)
+            for p, r in zip(P, torch.randint(8, 40, (B,), generator=g))]
+    x = torch.from_numpy(np.stack(rows))
+    b = obj.make_batch(x, torch.arange(B), step=0, global_batch_size=B)
+    response = torch.arange(L)[None, :] >= x[:, -1:]
+    masked = (b.tokens_BS == MASK) & response
+    frac = masked.sum(1) / response.sum(1)
+    t = b.t_B.double()
+    assert t.min() < 0.1 and t.max() > 0.9  # the draw covers the range of t
+    # Binomial(n, t) / n around t: the mean deviation is 0 within a few standard errors ...
+    se = (t * (1 - t) / response.sum(1)).sum().sqrt() / B
+    assert abs((frac - t).mean()) < 4 * se, ((frac - t).mean(), se)
+    # ... and so is every fifth of the range (a rate of t/2, or of sqrt(t), shows here).
+    for lo in (0.0, 0.2, 0.4, 0.6, 0.8):
+        sel = (t >= lo) & (t < lo + 0.2)
+        assert abs((frac[sel] - t[sel]).mean()) < 0.03, (lo, frac[sel].mean(), t[sel].mean())
+    assert torch.equal(b.loss_weight_BS != 0, masked)  # the loss sees exactly the masked response tokens

@@ -199,3 +199,34 @@ def test_posterior_probs_match_bayes():
         ref = ms * Kz
         ref = ref / ref.sum()
         assert torch.allclose(p, ref[order], atol=1e-9)
+
+
+@pytest.mark.parametrize("objective", ["uniform", "hybrid"])
+def test_t_at_one_gives_a_finite_loss(objective, monkeypatch):
+    """t ~ U(eps, 1) is drawn in float64 but reaches the loss as float32, where a draw above
+    1 - 2^-25 is exactly 1.0 (alpha = 0). At t = 1 - 1e-9 and at t = 1 the loss and its
+    gradient must be finite, and near their t -> 1 limit (0), for the objective's batch, the
+    vocab-parallel path and fp32 logits."""
+    from types import SimpleNamespace
+
+    from dlm_megatron.diffusion.objectives import build_objective
+
+    V, mask_id, Lx = 50, 49, 6
+    dcfg = SimpleNamespace(objective=objective, eps=1e-3, antithetic=False, random_length_prob=0.0, p_uniform=0.3)
+    obj = build_objective(dcfg, mask_id, 0, vocab_size=V)
+    t_fixed = torch.tensor([1 - 1e-9, 1.0, 0.5], dtype=torch.float64)
+    monkeypatch.setattr(obj, "sample_t", lambda positions_B, **kw: t_fixed.clone())
+    x0 = torch.randint(0, mask_id, (3, Lx), generator=torch.Generator().manual_seed(1))
+    b = obj.make_batch(x0, torch.arange(3), step=0, global_batch_size=3)
+    assert b.t_B.dtype == torch.float32 and b.t_B[0].item() == 1.0  # the rounding this guards against
+    logits = torch.randn(3, Lx, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float32).requires_grad_(True)
+    per_pos = b.logits_loss(logits, b)
+    loss = per_pos.sum() / b.num_tokens
+    loss.backward()
+    assert torch.isfinite(per_pos).all() and torch.isfinite(logits.grad).all(), per_pos
+    rows = per_pos.sum(-1)
+    assert rows[:2].abs().max() < 1e-3 * rows[2], rows  # t -> 1: the integrand vanishes
+    f_vp = ud.interpolating_elbo_terms_vocab_parallel(logits.detach(), b.labels_BS, b.tokens_BS, b.t_B, mask_id=mask_id,
+                                                      num_clean=V - 1, p_uniform=obj.p_uniform, vocab_start=0, group=None)
+    assert torch.isfinite(f_vp).all()
+    torch.testing.assert_close(f_vp, per_pos.detach(), rtol=1e-4, atol=1e-6)
