@@ -23,7 +23,7 @@ import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -210,7 +210,7 @@ def write_shards(
     target_shard_tokens: int = DEFAULT_SHARD_TOKENS,
     *,
     overwrite: bool = False,
-    source: dict | None = None,
+    source: dict | Callable[[], dict] | None = None,
     resume_key: str | None = None,
 ) -> dict:
     """Write tokenized documents as shards + manifest.json into `out_dir`; return the manifest.
@@ -222,7 +222,9 @@ def write_shards(
         fmt: "megatron" (.bin/.idx) or "wds" (.tar).
         target_shard_tokens: start a new shard once a shard reaches this many tokens.
         overwrite: replace a non-empty `out_dir`.
-        source: optional JSON-able provenance stored as manifest["source"].
+        source: optional JSON-able provenance stored as manifest["source"], or a function
+            returning it, called once every document has been consumed (so it can report
+            what the reader skipped on the way).
         resume_key: make the write resumable: build in `.NAME.partial-KEY` (kept if the
             write is interrupted) and record finished shards in its `.progress.json`.
             The key must identify the input and every setting that changes the output
@@ -266,7 +268,7 @@ def write_shards(
         if not records:
             raise DataError(f"no documents to write to {out_dir}: the corpus is empty "
                             "(every input was empty or skipped); check the input paths")
-        manifest = _build_manifest(records, fmt, tokenizer, dtype, source)
+        manifest = _build_manifest(records, fmt, tokenizer, dtype, source() if callable(source) else source)
         (tmp_dir / PROGRESS_NAME).unlink(missing_ok=True)
         (tmp_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         _install(tmp_dir, out_dir)
