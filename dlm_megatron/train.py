@@ -189,29 +189,45 @@ class Trainer:
 
     # -- build ----------------------------------------------------------------------------
     def _build_data(self) -> None:
-        from .data.corpus import resolve_data_path
-        from .data.loader import PackedDataset, build_train_dataset
+        """Datasets and sample orders. Rank 0 opens them first (tokenizing builtin corpora and
+        building the index cache, data/index_cache.py); the others then map what it wrote."""
         from .data.tokenizer import load_tokenizer
         from .parallel import dist as pdist
 
-        cfg, rank0 = self.cfg, self.rank0
+        cfg = self.cfg
         self.tok = tok = load_tokenizer(cfg.data.tokenizer)
-        splits = [(s, p) for s, p in (("train", cfg.data.train_path), ("val", cfg.data.val_path)) if p is not None]
-        # Rank 0 tokenizes builtin corpora first; the others then find them ready.
-        paths = {s: resolve_data_path(p, cfg.data.cache_dir, tok) for s, p in splits} if rank0 else {}
+        if self.rank0:
+            self._open_datasets(build=True)
         pdist.barrier()
-        if not rank0:
-            paths = {s: resolve_data_path(p, cfg.data.cache_dir, tok) for s, p in splits}
-        self.train_ds = build_train_dataset(cfg, tok, cfg.data.cache_dir)  # PackedDataset, or BlendedDataset for "0.7:dirA,0.3:dirB"
-        self.val_ds = PackedDataset(paths["val"], cfg.data.seq_len, tok.eot_id, tokenizer_sha=tok.sha256) if "val" in paths else None
+        if not self.rank0:
+            self._open_datasets(build=False)
+        self.vocab = cfg.model.vocab_size or tok.vocab_size
+        if self.vocab < tok.vocab_size:
+            raise ConfigError(f"model.vocab_size={self.vocab} is smaller than the tokenizer's vocabulary ({tok.vocab_size})")
+
+    def _open_datasets(self, build: bool) -> None:
+        from .data.corpus import resolve_data_path
+        from .data.index_cache import IndexCache
+        from .data.loader import PackedDataset, SampleOrder, build_train_dataset
+
+        cfg, tok, t0 = self.cfg, self.tok, time.time()
+        cache = IndexCache(cfg.data.cache_dir, build=build)
+        val = resolve_data_path(cfg.data.val_path, cfg.data.cache_dir, tok) if cfg.data.val_path is not None else None
+        self.train_ds = build_train_dataset(cfg, tok, cfg.data.cache_dir, index_cache=cache)  # PackedDataset, or BlendedDataset for "0.7:dirA,0.3:dirB"
+        self.val_ds = PackedDataset(val, cfg.data.seq_len, tok.eot_id, tokenizer_sha=tok.sha256, index_cache=cache) if val else None
         if cfg.data.sft_path:  # SFT: prompt/response examples (data/sft.py) instead of packed text
             from .data.sft import SFTDataset
 
             self.train_ds = SFTDataset(cfg.data.sft_path, tok, cfg.data.seq_len, cfg.data.chat_template)
             self.val_ds = SFTDataset(cfg.data.sft_val_path, tok, cfg.data.seq_len, cfg.data.chat_template) if cfg.data.sft_val_path else None
-        self.vocab = cfg.model.vocab_size or tok.vocab_size
-        if self.vocab < tok.vocab_size:
-            raise ConfigError(f"model.vocab_size={self.vocab} is smaller than the tokenizer's vocabulary ({tok.vocab_size})")
+            cache = None  # a JSONL of examples held in memory: nothing to map
+        # the epochs this run reads are built now, so no rank waits for one mid-run
+        self.train_order = SampleOrder(len(self.train_ds), cfg.train.seed, cache, cfg.train.steps * self.G)
+        # validation: fixed samples (seed 0) whatever the run's seed
+        self.val_order = SampleOrder(len(self.val_ds), 0, cache, cfg.train.eval_batches * self.G) if self.val_ds is not None else None
+        if build and cache is not None and self.rank0:
+            print(f"data index: built {len(cache.built)}, mapped {len(cache.opened) - len(cache.built)} cached entries "
+                  f"in {cache.root} ({time.time() - t0:.1f}s)", flush=True)
 
     def _build_model(self, latest) -> None:
         """This rank's model on its device, initialised from (seed, name), or from a weights-only
@@ -321,10 +337,8 @@ class Trainer:
 
     def step_batches(self, step: int) -> list:
         """The micro-batches this rank trains on at ``step`` (only its own rows are read)."""
-        from .data.loader import sample_indices
-
         cfg, G, ds = self.cfg, self.G, self.train_ds
-        idx = sample_indices(step, G, len(ds), cfg.train.seed)
+        idx = self.train_order.indices(step, G)
         lo, per_rank = self.lay.dp_rank * self.per_rank, self.per_rank
         x = np.zeros((G, getattr(ds, "sample_width", cfg.data.seq_len)), dtype=np.int64)
         x[lo: lo + per_rank] = np.stack([ds[int(i)] for i in idx[lo: lo + per_rank]])
@@ -361,18 +375,15 @@ class Trainer:
         """Validation loss (and per-noise-level buckets) on fixed samples with fixed noise."""
         import torch
 
-        from .data.loader import sample_indices
-
         if self.val_ds is None:
             return None
         G, engine, loss_fn = self.G, self.engine, self.loss_fn
         engine.eval()
         total, count = 0.0, 0
         loss_fn.collect = []  # per-sequence losses and t, for the per-noise-level buckets
-        eval_seed = 0  # fixed: every run evaluates the same samples with the same noise
-        with torch.no_grad():
+        with torch.no_grad():  # val_order is seeded 0: every run evaluates the same samples with the same noise
             for k in range(self.cfg.train.eval_batches):
-                idx = sample_indices(k, G, len(self.val_ds), eval_seed)
+                idx = self.val_order.indices(k, G)
                 x = np.stack([self.val_ds[int(i)] for i in idx])
                 pos = np.arange(k * G, (k + 1) * G, dtype=np.int64)
                 # validation sees documents as training does: no attention across them

@@ -154,7 +154,7 @@ def test_corrupt_shard_and_wrong_tokenizer_are_one_line(tmp_path):
     shutil.copytree(data, bad)
     binf = next(bad.glob("*.bin"))
     binf.write_bytes(binf.read_bytes()[:-10])
-    one_line(train(bad), str(binf), "bytes but its index describes", "truncated or corrupt")
+    one_line(train(bad), str(binf), "bytes but manifest.json records", "truncated or corrupt")
     # index with a bad header (magic)
     bad = tmp_path / "copy2"
     shutil.copytree(data, bad)

@@ -284,8 +284,9 @@ def test_shard_dir_errors(tmp_path, tok, small_docs):
     data = bytearray(bin_file.read_bytes())
     data[10] ^= 1
     bin_file.write_bytes(bytes(data))
+    open_shards(tmp_path / "s")  # training-time checks: headers, sizes, counts (no content read)
     with pytest.raises(DataError) as e:
-        open_shards(tmp_path / "s")
+        open_shards(tmp_path / "s", verify=True)
     assert "sha256" in one_line_error(e)
     with pytest.raises(DataError) as e:
         write_shards([[], np.array([], dtype=np.uint16)], tmp_path / "empty", tok)
