@@ -121,21 +121,138 @@ def load_full_state_dict(ckpt: Path, progress=None) -> dict[str, torch.Tensor]:
     return full
 
 
-def local_state_from_full(full: dict[str, torch.Tensor], model: torch.nn.Module, cfg, *, tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:
-    """Slice a full state dict into this rank's local parameter dict (for load_state_dict)."""
+class ShardReader:
+    """Reads canonical tensors, or one tensor-parallel rank's slice of them, from a
+    checkpoint's model shards without loading anything else.
+
+    Files are opened with safetensors' ``safe_open`` (a memory map: only the header is read
+    on open) and tensors are cut with ``get_slice``, so a rank at TP=t, PP=p reads about
+    1/(t x p) of the weights whatever layout wrote them: for each slice it needs, only the
+    rows (or columns) of the source TP shards that overlap it. ``bytes_read`` counts the
+    tensor bytes actually read; ``total_bytes`` is the full model's.
+    """
+
+    def __init__(self, ckpt: Path, subdir: str = "model"):
+        meta = read_meta(ckpt)
+        self.ckpt, self.subdir = ckpt, subdir
+        self.tp, self.pp = meta["layout"]["tp"], meta["layout"]["pp"]
+        self.bytes_read = 0
+        self._handles: dict[tuple[int, int], object] = {}
+        self._stage: dict[str, int] = {}  # canonical name -> a pipeline stage whose shards hold it
+        self.total_bytes = 0
+        for p in range(self.pp):
+            fh = self._open(0, p)
+            for name in fh.keys():
+                if name not in self._stage:
+                    self._stage[name] = p
+                    sl = fh.get_slice(name)
+                    shape = sharding.full_shape(tuple(sl.get_shape()), name, self.tp)
+                    self.total_bytes += _numel(shape) * _DTYPE_BYTES[sl.get_dtype()]
+
+    def _open(self, t: int, p: int):
+        if (t, p) not in self._handles:
+            from safetensors import safe_open
+
+            f = self.ckpt / self.subdir / shard_filename(t, p)
+            if not f.is_file():
+                raise CheckpointError(f"{self.ckpt} is missing model shard {f.name} (expected TP={self.tp} x PP={self.pp} shards)")
+            try:
+                self._handles[(t, p)] = safe_open(str(f), framework="pt")
+            except Exception as e:  # safetensors raises several types on corrupt files
+                raise CheckpointError(f"model shard {f} is corrupt ({type(e).__name__}); restore it or use an older checkpoint") from None
+        return self._handles[(t, p)]
+
+    def names(self) -> list[str]:
+        return list(self._stage)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._stage
+
+    def read(self, name: str, tp_rank: int = 0, tp_size: int = 1) -> torch.Tensor:
+        """The part of canonical tensor ``name`` that TP rank ``tp_rank`` of ``tp_size``
+        holds (``sharding.shard`` of the full tensor), reading only what overlaps it."""
+        p = self._stage[name]
+        dim = sharding.partition_dim(name)
+        if dim is None:  # replicated: every source TP shard holds it whole
+            return self._take(self._open(0, p).get_slice(name), None, None, None)
+        n_src = self._open(0, p).get_slice(name).get_shape()[dim]
+        full = n_src * self.tp
+        parts = []
+        for lo, hi in _tp_intervals(name, full, tp_rank, tp_size):
+            for s in range(self.tp):
+                for s_lo, s_hi, local in _tp_pieces(name, full, s, self.tp):
+                    a, b = max(lo, s_lo), min(hi, s_hi)
+                    if a < b:
+                        parts.append(self._take(self._open(s, p).get_slice(name), dim, a - s_lo + local, b - s_lo + local))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+    def _take(self, sl, dim, lo, hi) -> torch.Tensor:
+        if dim is None:
+            t = sl[:]
+        elif dim == 0:
+            t = sl[lo:hi]
+        else:
+            t = sl[:, lo:hi]
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _tp_pieces(name: str, full: int, rank: int, size: int) -> list[tuple[int, int, int]]:
+    """(start, stop, local offset) in full coordinates along the partition dimension of
+    what TP rank ``rank`` of ``size`` holds, in its local order: one contiguous range, or for
+    SwiGLU's fused [gate; up] its gate rows then its up rows (see model/sharding.py)."""
+    if sharding.is_glu(name):
+        half, h = full // 2, full // 2 // size
+        return [(rank * h, (rank + 1) * h, 0), (half + rank * h, half + (rank + 1) * h, h)]
+    n = full // size
+    return [(rank * n, (rank + 1) * n, 0)]
+
+
+def _tp_intervals(name: str, full: int, rank: int, size: int) -> list[tuple[int, int]]:
+    return [(a, b) for a, b, _ in _tp_pieces(name, full, rank, size)]
+
+
+def load_local_state(ckpt: Path, model: torch.nn.Module, cfg, *, tp_rank: int, pp_rank: int) -> tuple[dict, ShardReader]:
+    """This rank's parameter dict (for load_state_dict) read straight from a checkpoint of
+    any layout, slice by slice; returns it with the reader (``bytes_read``, ``total_bytes``)."""
+    reader = ShardReader(ckpt)
+    return local_state(reader, model, cfg, tp_rank=tp_rank, pp_rank=pp_rank), reader
+
+
+def local_state(source, model: torch.nn.Module, cfg, *, tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:
+    """This rank's local parameter dict from ``source``: a ShardReader (reads only this
+    rank's slices) or a full state dict (canonical names, full tensors)."""
     from .model.denoiser import layer_offset
 
     off = layer_offset(cfg, pp_rank)
     out = {}
     for local_name, p in model.named_parameters():
         g = sharding.canonical_name(local_name, off, cfg.model.tie_embeddings)
-        if g not in full:
+        if g not in source:
             raise CheckpointError(f"checkpoint has no parameter '{g}' (was it trained with a different model config?)")
-        t = sharding.shard(full[g], g, tp_rank, cfg.parallel.tp)
+        if isinstance(source, ShardReader):
+            t = source.read(g, tp_rank, cfg.parallel.tp)
+        else:
+            t = sharding.shard(source[g], g, tp_rank, cfg.parallel.tp)
         if tuple(t.shape) != tuple(p.shape):
             raise CheckpointError(f"parameter '{g}' has shape {tuple(t.shape)} in the checkpoint but {tuple(p.shape)} in the model")
         out[local_name] = t
     return out
+
+
+def local_state_from_full(full: dict[str, torch.Tensor], model: torch.nn.Module, cfg, *, tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:
+    """Slice a full state dict into this rank's local parameter dict (for load_state_dict)."""
+    return local_state(full, model, cfg, tp_rank=tp_rank, pp_rank=pp_rank)
 
 
 def begin_save(output_dir: str | Path, step: int) -> Path:

@@ -247,10 +247,23 @@ class Trainer:
             self.weights_from = ckpt.resolve(cfg.train.init_from)
             check_init_from(cfg, ckpt.read_meta(self.weights_from), self.weights_from, warn=self.rank0)
         if self.weights_from is not None:
-            full = ckpt.load_full_state_dict(self.weights_from)
-            model.load_state_dict(ckpt.local_state_from_full(full, model, cfg, tp_rank=lay.tp_rank, pp_rank=lay.pp_rank), strict=False)
+            self._load_weights(model, self.weights_from)
             if self.rank0:
                 print(f"initialised weights from {self.weights_from} (fresh optimizer state)", flush=True)
+
+    def _load_weights(self, model, path) -> None:
+        """Load this rank's slice of the weights in checkpoint ``path`` (any layout), reading
+        only that slice, and report the most any rank read."""
+        from . import checkpoint as ckpt
+        from .parallel import comm
+
+        lay = self.lay
+        state, reader = ckpt.load_local_state(path, model, self.cfg, tp_rank=lay.tp_rank, pp_rank=lay.pp_rank)
+        model.load_state_dict(state, strict=False)
+        most = comm.max_host(float(reader.bytes_read))
+        if self.rank0:
+            print(f"weights: read at most {most / 2**20:.2f} MiB per rank of the model's {reader.total_bytes / 2**20:.2f} MiB "
+                  f"({most / reader.total_bytes:.2f}) from {path}", flush=True)
 
     def _build_objective(self) -> None:
         from megatron.core import parallel_state
@@ -290,9 +303,8 @@ class Trainer:
                               f"resume with parallel.zero_stage={saved.get('zero_stage')} and {saved.get('dp')} data-parallel ranks "
                               f"(ZeRO-0 and pipeline-engine checkpoints resume at any DP size)")
         if engine_name(cfg) == "megatron":
-            full = ckpt.load_full_state_dict(latest)
-            local = ckpt.local_state_from_full(full, engine.module, cfg, tp_rank=lay.tp_rank, pp_rank=lay.pp_rank)
-            engine.load(str(latest / "engine"), "engine", model_state=local)
+            self._load_weights(engine.module, latest)
+            engine.load(str(latest / "engine"), "engine")
         else:
             engine.load(str(latest / "engine"), "engine")
         if self.rank0:
