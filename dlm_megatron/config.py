@@ -109,6 +109,9 @@ class DataConfig:
     """Training sequence length in tokens."""
     cache_dir: str = ".cache/data"
     """Where builtin corpora are tokenized to (relative to the working directory)."""
+    prefetch: int = 2
+    """Steps of batches read and noised ahead in a background thread while the current step
+    runs (0: in the training loop). Batches depend only on the step, so resume is unchanged."""
     document_masks: bool = False
     """Block attention across <|endoftext|> boundaries inside a packed sequence (needs an
     arbitrary-mask attention; see docs/data.md)."""

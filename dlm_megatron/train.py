@@ -374,9 +374,10 @@ class Trainer:
         return comm.sum_host(x, self.dp_group) / self.lay.dp
 
     # -- the four things a run does -------------------------------------------------------
-    def train_step(self, step: int) -> tuple[list, float, bool, float, int]:
-        """One optimizer step: (losses, grad_norm, bad, lr, tokens this step over all DP ranks)."""
-        mbl = self.step_batches(step)
+    def train_step(self, step: int, mbl: list | None = None) -> tuple[list, float, bool, float, int]:
+        """One optimizer step on ``mbl`` (default: this step's batches, read now): (losses,
+        grad_norm, bad, lr, tokens this step over all DP ranks)."""
+        mbl = self.step_batches(step) if mbl is None else mbl
         lr = self.engine.set_lr(step)
         losses, grad_norm, bad = self.engine.train_step(mbl, self.loss_fn, seq_len=mbl[0].tokens_BS.shape[1],
                                                         micro_batch_size=self.mbs,
@@ -444,7 +445,21 @@ class Trainer:
         pdist.barrier()
 
     def fit(self) -> dict:
-        """The training loop; returns a summary dict (on every rank)."""
+        """The training loop, then ``finish``; returns a summary dict (on every rank)."""
+        from .data.prefetch import Prefetcher
+
+        cfg = self.cfg
+        # the next steps' batches are read and noised while this one runs
+        batches = Prefetcher(self.step_batches, self.start_step, cfg.train.steps, cfg.data.prefetch)
+        try:
+            last = self._loop(batches)
+        finally:
+            batches.close()
+        return self.finish(last)
+
+    def _loop(self, batches) -> dict:
+        """Steps start_step .. train.steps with their batches from ``batches``; returns the
+        last logged row."""
         import torch
 
         from .parallel import comm
@@ -454,7 +469,7 @@ class Trainer:
         self.engine.train()
         t_last, tokens_since = time.time(), 0
         for step in range(self.start_step, cfg.train.steps):
-            losses, grad_norm, bad, lr, tokens = self.train_step(step)
+            losses, grad_norm, bad, lr, tokens = self.train_step(step, batches.get(step))
             tokens_since += tokens
             if bad:
                 bad_in_a_row += 1
@@ -489,7 +504,7 @@ class Trainer:
                 raise Preempted(done)
             if cfg.train.save_interval and done % cfg.train.save_interval == 0 and done != cfg.train.steps:
                 self.save(done)
-        return self.finish(last)
+        return last
 
     def finish(self, last: dict) -> dict:
         """Final checkpoint, validation and (single-rank layouts) a generated sample."""
