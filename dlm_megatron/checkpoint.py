@@ -5,12 +5,17 @@ Layout of ``<output_dir>/checkpoints/``::
     step_000050/
         meta.json                 step, config, layout, tokenizer hash, format version
         model/tp{T}_pp{P}.safetensors   this (TP, PP) rank's weights under canonical names
-        engine/                   optimizer/engine state (DeepSpeed or megatron-core)
+        optim/tp{T}_pp{P}_dp{D}.safetensors   DeepSpeed engine: Adam's state per parameter
+                                  fragment (engine/zero_state.py), loadable at any DP size
+        engine/                   megatron engine: megatron-core's optimizer state (DP-gathered);
+                                  DeepSpeed's own format in checkpoints written before optim/
     latest                        text file naming the newest complete checkpoint
 
-A checkpoint is written into ``.tmp-step_XXXXXX`` by all ranks and renamed into place by
-rank 0 only after every rank finished (a crash mid-save leaves the previous checkpoint and
-``latest`` untouched); ``latest`` itself is replaced with an atomic ``os.replace``.
+A checkpoint is written into ``.tmp-step_XXXXXX`` by all ranks (in the background:
+saving.py) and renamed into place by rank 0 only after every rank's files are written and
+fsynced (a crash mid-save leaves the previous checkpoint and ``latest`` untouched; the next
+start removes the leftovers, ``clean_stale``); ``latest`` itself is replaced with an atomic
+``os.replace`` of a fsynced file.
 The model shards use canonical (global-layer, full-model) names, so tools can merge them to
 a full state dict (``load_full_state_dict``) for export, generation or a different layout.
 """
@@ -23,7 +28,7 @@ import zipfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .model import sharding
 
@@ -90,13 +95,6 @@ def read_meta(ckpt: Path) -> dict:
 
 def shard_filename(tp_rank: int, pp_rank: int) -> str:
     return f"tp{tp_rank}_pp{pp_rank}.safetensors"
-
-
-def save_model_shard(directory: Path, named_params, tp_rank: int, pp_rank: int) -> None:
-    """Write this rank's parameters (canonical name -> local tensor) as fp32 safetensors."""
-    (directory / "model").mkdir(parents=True, exist_ok=True)
-    tensors = {n: p.detach().float().contiguous().cpu().clone() for n, p in named_params}
-    save_file(tensors, str(directory / "model" / shard_filename(tp_rank, pp_rank)))
 
 
 def load_full_state_dict(ckpt: Path, progress=None) -> dict[str, torch.Tensor]:
@@ -272,7 +270,11 @@ def commit_save(output_dir: str | Path, tmp: Path, step: int, meta: dict, keep_l
     ``latest``, prune old checkpoints."""
     root = checkpoints_root(output_dir)
     meta = dict(meta, format_version=FORMAT_VERSION, step=step)
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    with open(tmp / "meta.json", "w") as f:
+        f.write(json.dumps(meta, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(tmp)
     final = root / step_dirname(step)
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
         trash = root / f".trash-{step_dirname(step)}"
@@ -283,15 +285,33 @@ def commit_save(output_dir: str | Path, tmp: Path, step: int, meta: dict, keep_l
         shutil.rmtree(trash)
     else:
         os.replace(tmp, final)
+    fsync_dir(root)
+    kill_point("renamed", step)
     ptr_tmp = root / ".latest.tmp"
-    ptr_tmp.write_text(final.name + "\n")
+    with open(ptr_tmp, "w") as f:
+        f.write(final.name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(ptr_tmp, root / "latest")
-    _fsync_dir(root)
+    fsync_dir(root)
     prune(root, keep_last)
     return final
 
 
-def _fsync_dir(path: Path) -> None:
+def kill_point(phase: str, step: int) -> None:
+    """Test hook: ``DLM_TEST_KILL_SAVE=PHASE@STEP`` (or ``PHASE@STEP@RANK``: that rank only)
+    kills this process with SIGKILL, as ``kill -9`` would, when the save of STEP reaches
+    PHASE: ``staged`` (copied to host, no file written), ``writing`` (this rank's first file
+    half written), ``written`` (every file of this rank written and fsynced, nothing
+    committed), ``renamed`` (rank 0: the folder in place, ``latest`` not moved yet)."""
+    want = os.environ.get("DLM_TEST_KILL_SAVE")
+    if want and want in (f"{phase}@{step}", f"{phase}@{step}@{os.environ.get('RANK', '0')}"):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
         try:

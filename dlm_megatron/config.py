@@ -160,6 +160,9 @@ class TrainConfig:
     """'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'."""
     save_interval: int = 50
     """Save a checkpoint every N steps (and at the end); 0 saves only at the end."""
+    async_save: bool = True
+    """Write checkpoints in a background thread while training continues (the step that saves
+    only copies state to host memory); false writes them before the next step."""
     keep_last: int = 3
     """Keep this many most recent checkpoints; older ones are deleted after a successful save."""
     eval_interval: int = 50

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import Config, ConfigError, describe, dump_yaml, load_config, to_dict
-from .engine import TrainingDiverged  # noqa: F401  (re-exported)
+from .engine import ZERO_STATE_FORMAT, TrainingDiverged  # noqa: F401  (TrainingDiverged: re-exported)
 from .logging import quiet_warnings  # noqa: F401  (re-exported: scripts import it from here)
 
 USAGE = """usage: python -m dlm_megatron.train CONFIG [section.key=value ...]
@@ -160,6 +160,9 @@ class Trainer:
             (self.out / "config.yaml").write_text(dump_yaml(cfg))
             for name in ckpt.clean_stale(self.out):  # before any rank can save (the barrier in _build_data)
                 print(f"cleaned up {name} left by an interrupted save", flush=True)
+        from .saving import AsyncSaver
+
+        self.saver = AsyncSaver(self.out, rank0=self.rank0, background=cfg.train.async_save, keep_last=cfg.train.keep_last)
         torch.manual_seed(cfg.train.seed)
         self.G, self.mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
         self.per_rank = self.G // lay.dp
@@ -250,6 +253,8 @@ class Trainer:
             self._load_weights(model, self.weights_from)
             if self.rank0:
                 print(f"initialised weights from {self.weights_from} (fresh optimizer state)", flush=True)
+        elif latest is not None and ckpt.read_meta(latest).get("optimizer") == ZERO_STATE_FORMAT:
+            self._load_weights(model, latest)  # the optimizer state follows once the engine exists (_resume)
 
     def _load_weights(self, model, path) -> None:
         """Load this rank's slice of the weights in checkpoint ``path`` (any layout), reading
@@ -297,19 +302,34 @@ class Trainer:
         if (saved.get("tp"), saved.get("pp")) != (lay.tp, lay.pp):
             raise ConfigError(f"{latest} was written at tp={saved.get('tp')} pp={saved.get('pp')} but this run uses tp={lay.tp} pp={lay.pp}; "
                               f"reshard it first: python tools/convert.py reshard --ckpt {latest} --output NEW_RUN --tp {lay.tp} --pp {lay.pp}")
-        if saved.get("zero_stage") != cfg.parallel.zero_stage or (
-                engine_name(cfg) == "deepspeed" and cfg.parallel.zero_stage >= 1 and saved.get("dp") != lay.dp):
-            raise ConfigError(f"{latest} holds DeepSpeed ZeRO-{saved.get('zero_stage')} optimizer state for dp={saved.get('dp')}; "
-                              f"resume with parallel.zero_stage={saved.get('zero_stage')} and {saved.get('dp')} data-parallel ranks "
-                              f"(ZeRO-0 and pipeline-engine checkpoints resume at any DP size)")
-        if engine_name(cfg) == "megatron":
+        if saved.get("zero_stage") != cfg.parallel.zero_stage:
+            raise ConfigError(f"{latest} holds ZeRO-{saved.get('zero_stage')} optimizer state but this run uses "
+                              f"parallel.zero_stage={cfg.parallel.zero_stage}; resume with parallel.zero_stage={saved.get('zero_stage')}")
+        if engine_name(cfg) == "megatron":  # its own state: resumes at any DP size (the distributed optimizer re-shards)
             self._load_weights(engine.module, latest)
             engine.load(str(latest / "engine"), "engine")
-        else:
+        elif meta.get("optimizer") == ZERO_STATE_FORMAT:  # weights were loaded before the engine (_build_model)
+            from .parallel import comm
+
+            read, total = engine.load_state(latest / "optim", self._named(), tp_rank=lay.tp_rank, pp_rank=lay.pp_rank, step=meta["step"])
+            most = comm.max_host(float(read))
+            if self.rank0:
+                print(f"optimizer state: read at most {most / 2**20:.2f} MiB per rank of its TP/PP slice's {total / 2**20:.2f} MiB "
+                      f"(dp={lay.dp}, saved at dp={saved.get('dp')})", flush=True)
+        else:  # a checkpoint in DeepSpeed's own format (written before ZERO_STATE_FORMAT): only at its DP size
+            if cfg.parallel.zero_stage >= 1 and saved.get("dp") != lay.dp:
+                raise ConfigError(f"{latest} holds DeepSpeed's own ZeRO-{saved.get('zero_stage')} state for dp={saved.get('dp')}; "
+                                  f"resume it with {saved.get('dp')} data-parallel ranks (checkpoints written since resume at any DP size)")
             engine.load(str(latest / "engine"), "engine")
         if self.rank0:
             print(f"resumed from {latest} at step {meta['step']}", flush=True)
         return meta["step"]
+
+    def _named(self) -> list:
+        """(canonical name, parameter) of this rank's parameters, each once."""
+        from .model.denoiser import canonical_params
+
+        return list(canonical_params(self.engine.module, self.cfg, self.lay.pp_rank, for_save=True))
 
     def describe(self) -> str:
         """The start-up line: size, device, precision, attention kernel, layout, data."""
@@ -415,34 +435,51 @@ class Trainer:
         return row
 
     def save(self, step: int) -> None:
-        """Atomic checkpoint: every rank writes into a temporary folder, rank 0 commits it."""
+        """Checkpoint ``step`` without stalling training (saving.py): await the previous save,
+        copy what this rank writes to host memory, and hand it to the background writer;
+        rank 0 commits it once every rank's files are written."""
         from . import checkpoint as ckpt
-        from .model.denoiser import canonical_params
         from .parallel import dist as pdist
 
-        cfg, lay, out = self.cfg, self.lay, self.out
-        tmp = ckpt.begin_save(out, step)
+        cfg, lay = self.cfg, self.lay
+        self.saver.wait()
+        tmp = ckpt.begin_save(self.out, step)
         if self.rank0:
             ckpt.prepare_tmp(tmp)
         pdist.barrier()
-        named = list(canonical_params(self.engine.module, cfg, lay.pp_rank, for_save=True))
+        staging = self.saver.staging
+        staging.begin()
+        files = self._stage_model(staging) + self.engine.stage_state(self._named(), staging, tp_rank=lay.tp_rank,
+                                                                     pp_rank=lay.pp_rank, dp_rank=lay.dp_rank)
+        meta = None
+        if self.rank0:
+            meta = {"config": to_dict(cfg), "layout": {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "zero_stage": cfg.parallel.zero_stage},
+                    "tokenizer_sha256": self.tok.sha256, "vocab_size": self.vocab, "consumed_samples": step * self.G,
+                    "engine": engine_name(cfg), "optimizer": getattr(self.engine, "state_format", None)}
+        self.saver.start(step, tmp, files, meta)
+
+    def _stage_model(self, staging) -> list:
+        """This (TP, PP) rank's weights (fp32) copied into ``staging``, on DP rank 0 (ZeRO-3
+        gathers them first: a collective over the DP group)."""
+        import torch
+
+        from . import checkpoint as ckpt
+        from .saving import StagedFile
+
+        cfg, lay, named = self.cfg, self.lay, self._named()
+
+        def staged() -> list:
+            if lay.dp_rank != 0:
+                return []
+            return [StagedFile(f"model/{ckpt.shard_filename(lay.tp_rank, lay.pp_rank)}",
+                               {n: staging.copy(f"model/{n}", p, torch.float32) for n, p in named})]
+
         if cfg.parallel.zero_stage == 3 and engine_name(cfg) == "deepspeed":
             import deepspeed
 
             with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-                if lay.dp_rank == 0:
-                    ckpt.save_model_shard(tmp, named, lay.tp_rank, lay.pp_rank)
-        elif lay.dp_rank == 0:
-            ckpt.save_model_shard(tmp, named, lay.tp_rank, lay.pp_rank)
-        self.engine.save(str(tmp / "engine"), "engine", {"step": step})
-        pdist.barrier()
-        if self.rank0:
-            meta = {"config": to_dict(cfg), "layout": {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "zero_stage": cfg.parallel.zero_stage},
-                    "tokenizer_sha256": self.tok.sha256, "vocab_size": self.vocab, "consumed_samples": step * self.G,
-                    "engine": engine_name(cfg)}
-            final = ckpt.commit_save(out, tmp, step, meta, cfg.train.keep_last)
-            print(f"saved checkpoint {final}", flush=True)
-        pdist.barrier()
+                return staged()
+        return staged()
 
     def fit(self) -> dict:
         """The training loop, then ``finish``; returns a summary dict (on every rank)."""
@@ -476,6 +513,7 @@ class Trainer:
                 if self.rank0:
                     print(f"warning: non-finite loss or gradient at step {step}; update skipped ({bad_in_a_row}/{cfg.train.max_bad_steps} in a row)", flush=True)
                 if bad_in_a_row >= cfg.train.max_bad_steps:
+                    self.saver.wait()  # a save of an earlier, good step may be in flight
                     logger.close()
                     raise TrainingDiverged(f"stopping: {bad_in_a_row} non-finite steps (loss or gradient) in a row (last good checkpoint "
                                            f"kept in {self.out / 'checkpoints'}); lower train.lr or check the data")
@@ -495,9 +533,13 @@ class Trainer:
                 if r:
                     logger.log(r)
             preempted = self.stop.signum is not None or done == self.stop_at
-            # one rank's signal stops all of them at the same step (one tiny all-reduce per step)
-            if comm.max_host(1.0 if preempted else 0.0) > 0:
+            # One tiny all-reduce per step: one rank's signal stops all of them at the same
+            # step, and a background save is committed once no rank is still writing it.
+            stop, busy, failed = comm.all_reduce_host([1.0 if preempted else 0.0, self.saver.busy(), self.saver.failed()], "max").tolist()
+            self.saver.poll(busy, failed)
+            if stop > 0:
                 self.save(done)
+                self.saver.wait()
                 if self.rank0:
                     print(f"received stop signal: checkpoint saved at step {done}, exiting for requeue", flush=True)
                 logger.close()
@@ -511,6 +553,7 @@ class Trainer:
         cfg, lay = self.cfg, self.lay
         if self.start_step < cfg.train.steps and cfg.train.save_at_end:
             self.save(cfg.train.steps)
+        self.saver.wait()
         val = self.validate(cfg.train.steps)
         if val:
             self.logger.log(val)

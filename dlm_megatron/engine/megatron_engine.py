@@ -155,21 +155,32 @@ class MegatronEngine:
         tag = f"tp{ps.get_tensor_model_parallel_rank()}_pp{ps.get_pipeline_model_parallel_rank()}"
         return f"optim_{tag}.pt", f"common_{tag}.pt"
 
-    def save(self, directory: str, tag: str, client_state: dict) -> None:
-        """Optimizer state per (TP, PP) rank, gathered to DP rank 0: a checkpoint written at
-        one DP size loads at any other (the distributed optimizer re-shards on load)."""
-        import os
+    state_format = None  # megatron-core's own (DP-gathered) optimizer state under engine/
 
+    def stage_state(self, named: list, staging, *, tp_rank: int, pp_rank: int, dp_rank: int) -> list:
+        """This (TP, PP) rank's optimizer state as host objects for the background writer,
+        on DP rank 0: the distributed optimizer's state gathered over the DP group (a
+        collective, run here in step with the other ranks; megatron-core gathers into host
+        buffers of its own) as ``engine/optim_tp{T}_pp{P}.pt``, and the common state as
+        ``engine/common_tp{T}_pp{P}.pt``. A checkpoint written at one DP size loads at any
+        other: the distributed optimizer re-shards on load."""
         from megatron.core import parallel_state as ps
 
-        os.makedirs(directory, exist_ok=True)
+        from ..saving import StagedFile, host_tree
+
         optim_name, common_name = self._names()
-        sharded = self.cfg.parallel.zero_stage == 1
-        if sharded:  # collective over the DP group
-            self.optimizer.save_parameter_state(os.path.join(directory, optim_name))
+        files = []
+        if self.cfg.parallel.zero_stage == 1:
+            # what save_parameter_state writes (one state, or a list for a ChainedOptimizer of
+            # several), gathered into CPU buffers of its own on DP rank 0
+            opts = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+            states = [o.get_parameter_state_dp_zero() for o in opts if hasattr(o, "get_parameter_state_dp_zero")]
+            if ps.get_data_parallel_rank() == 0:
+                files.append(StagedFile(f"engine/{optim_name}", obj=states[0] if len(opts) == 1 else states))
         if ps.get_data_parallel_rank() == 0:
-            torch.save({"optimizer": self.optimizer.state_dict(), "client": client_state, "adam_step": self._adam_step()},
-                       os.path.join(directory, common_name))
+            files.append(StagedFile(f"engine/{common_name}", obj=host_tree(
+                {"optimizer": self.optimizer.state_dict(), "client": {}, "adam_step": self._adam_step()})))
+        return files
 
     def _torch_optimizers(self):
         opts = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
