@@ -227,9 +227,7 @@ class Trainer:
         self.train_ds = build_train_dataset(cfg, tok, cfg.data.cache_dir)  # PackedDataset, or BlendedDataset for "0.7:dirA,0.3:dirB"
         self.val_ds = PackedDataset(paths["val"], cfg.data.seq_len, tok.eot_id, tokenizer_sha=tok.sha256) if "val" in paths else None
         if cfg.data.sft_path:  # SFT: prompt/response examples (data/sft.py) instead of packed text
-            from .data.sft import SFTDataset
-
-            from .data.sft import pad_multiple
+            from .data.sft import SFTDataset, pad_multiple
 
             # data.sft_padding=batch: each global batch is padded to its longest example (data/sft.py)
             pad = pad_multiple(cfg.diffusion.objective, cfg.diffusion.block_size) if cfg.data.sft_padding == "batch" else None
