@@ -330,3 +330,22 @@ def test_document_masks_reach_the_model_in_eval():
     causal = torch.triu(torch.ones(5, 5, dtype=torch.bool), 1)
     got = torch.cat([mk[:, 0] for mk in m.masks])
     assert torch.equal(got, torch.stack([(seg[i][:, None] != seg[i][None, :]) | causal for i in range(3)]))
+
+
+def test_eval_cli_passes_shift_and_choice_sample_count(monkeypatch, tmp_path):
+    """eval --choices hands score_candidates the checkpoint's diffusion.shift_logits and, without
+    --num-samples, 128 samples (LLaDA's count); --data keeps 8 by default."""
+    import dlm_megatron.generate as gen
+
+    ch = tmp_path / "mc.jsonl"
+    ch.write_text('{"prompt": "abc", "choices": ["d", "fg"], "answer": 1}\n')
+    calls = []
+    for shift in (True, False):
+        cfg = SimpleNamespace(diffusion=SimpleNamespace(objective="masked", eps=1e-3, p_uniform=0.1, shift_logits=shift))
+        monkeypatch.setattr(gen, "load_model", lambda *a, cfg=cfg: (FakeModel(), FakeTok(), cfg, {}))
+        monkeypatch.setattr(ev, "score_candidates", lambda *a, **k: calls.append((a, k)) or [0.0, 1.0])
+        for extra in ([], ["--num-samples", "16"]):
+            lines = ev.run(ev.build_parser().parse_args(["--ckpt", "x", "--choices", str(ch), *extra]))
+            assert lines[-1] == "accuracy 1.0000 (1/1)"
+    assert [(a[4], k["shift"]) for a, k in calls] == [(128, True), (16, True), (128, False), (16, False)]
+    assert ev.build_parser().parse_args(["--ckpt", "x"]).num_samples is None and ev.DATA_SAMPLES == 8
