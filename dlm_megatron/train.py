@@ -422,6 +422,7 @@ class Trainer:
         from .parallel import dist as pdist
 
         cfg, lay, out = self.cfg, self.lay, self.out
+        self.engine.sync_params()  # the megatron engine may still owe a parameter all-gather
         tmp = ckpt.begin_save(out, step)
         if self.rank0:
             ckpt.prepare_tmp(tmp)
@@ -502,6 +503,8 @@ class Trainer:
         if val:
             self.logger.log(val)
         summary = {"final": last, "val": val, "output_dir": str(self.out)}
+        if cfg.train.sample_at_end and lay.tp == 1 and lay.pp == 1:
+            self.engine.sync_params()  # a collective: every rank, before rank 0 samples
         if cfg.train.sample_at_end and self.rank0 and lay.tp == 1 and lay.pp == 1:
             from .generate import sample_text
 
