@@ -73,11 +73,13 @@ def runs(tmp_path_factory):
               *[f"{k}:{BLOCK},{v}" for k, v in BLOCK_LAYOUTS.items()],
               *[f"{k}:{TIED},{v}" for k, v in TIED_LAYOUTS.items()],
               *[f"{k}:{sft},{v}" for k, v in SFT_LAYOUTS.items()],
+              *[f"{k}:{sft},{v},@stop=2" for k, (v, _) in SFT_RESUME.items()],
               *[f"{k}:diffusion.objective={obj},{v}" for k, (obj, v, n) in VOCAB_LAYOUTS.items() if n == 2],
               *[f"{k}:{v},@stop=2" for k, (v, _) in RESUME.items()]]
     specs4 = [*[f"{k}:{v}" for k, v in WORLD4.items()],
               *[f"{k}:diffusion.objective={obj},{v}" for k, (obj, v, n) in VOCAB_LAYOUTS.items() if n == 4],
-              *[f"{k}:{v}" for k, (_, v) in RESUME.items()]]
+              *[f"{k}:{v}" for k, (_, v) in RESUME.items()],
+              *[f"{k}:{sft},{v}" for k, (_, v) in SFT_RESUME.items()]]
     torchrun(2, "tests/distributed/run_layouts.py", str(root), *[",".join((s, *COMPARE)) for s in specs2])
     torchrun(4, "tests/distributed/run_layouts.py", str(root), *[",".join((s, *COMPARE)) for s in specs4])
     return root
@@ -104,6 +106,9 @@ SFT_LAYOUTS = {
     "sft_tp2": "parallel.tp=2",
     "sft_dp2_zero1": "parallel.zero_stage=1",
 }
+# The padded length is a pure function of the step: stopped after step 2 at dp2 and resumed at
+# dp4, the run still equals the reference.
+SFT_RESUME = {"sft_resume_dp2_to_dp4": ("parallel.zero_stage=0", "parallel.zero_stage=0")}
 
 
 # The SFT loss is a mean over a few masked response tokens each weighted by L_b / (|response| t),
@@ -142,15 +147,15 @@ def _final_params(run_dir: Path) -> dict:
 
 
 @pytest.mark.parametrize("layout", list(WORLD2) + list(WORLD4) + list(RESUME) + list(BLOCK_LAYOUTS) + list(VOCAB_LAYOUTS)
-                         + list(TIED_LAYOUTS) + list(SFT_LAYOUTS))
+                         + list(TIED_LAYOUTS) + list(SFT_LAYOUTS) + list(SFT_RESUME))
 def test_layout_matches_plain_adamw(runs, layout):
     refname = ("reference_block" if layout in BLOCK_LAYOUTS else "reference_tied" if layout in TIED_LAYOUTS else
-               "reference_sft" if layout in SFT_LAYOUTS else
+               "reference_sft" if layout in SFT_LAYOUTS or layout in SFT_RESUME else
                f"reference_{VOCAB_LAYOUTS[layout][0]}" if layout in VOCAB_LAYOUTS else "reference")
     ref_losses = json.loads((runs / refname / "losses.json").read_text())
     losses = train_losses(runs / layout)
     assert len(losses) == len(ref_losses) == 4
-    tol = SFT_LOSS_TOL if layout in SFT_LAYOUTS else 2e-5
+    tol = SFT_LOSS_TOL if layout in SFT_LAYOUTS or layout in SFT_RESUME else 2e-5
     for step, (a, b) in enumerate(zip(losses, ref_losses), 1):
         assert a == pytest.approx(b, abs=tol), f"{layout}: step {step} loss {a} != reference {b}"
     ref = load_file(str(runs / refname / "params.safetensors"))
