@@ -14,7 +14,7 @@ loss. Too long examples are cut: the response keeps at least one token, the prom
 from the left.
 
 A sample is an int64 array of ``seq_len + 1``: the tokens, then the prompt length (the
-objective, ``SFTMaskedDiffusion``, splits it off). ``sample_width`` tells the trainer.
+objective, ``SFTMaskedDiffusion``, splits it off); ``sample_width`` is that width.
 
 Variable length (``data.sft_padding=batch``, the default): the trainer cuts every sample of a
 global batch to ``batch_length(indices)``, the batch's longest example (prompt + response +
