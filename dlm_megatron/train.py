@@ -596,7 +596,10 @@ class LossFn:
 
     def forward(self, model, b):
         labels = None if getattr(b, "logits_loss", None) is not None else self._dev(b.labels_BS)
-        extra = {k: self._dev(v) for k, v in (getattr(b, "model_kwargs", None) or {}).items()}
+        # model_kwargs (continuous diffusion's sigma and noise seeds) stay on the host: the
+        # model draws the noise and the time features there and copies them to the device;
+        # moving them first would cost a device-to-host read back per micro-batch.
+        extra = dict(getattr(b, "model_kwargs", None) or {})
         if labels is not None:
             extra["loss_index"] = self._dev(loss_index(b.loss_weight_BS))
         return model(self._dev(b.tokens_BS), self._dev(b.position_ids_BS), self._dev(b.attention_mask),
