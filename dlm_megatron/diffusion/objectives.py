@@ -144,10 +144,16 @@ class BlockDiffusion(Objective):
 
     name = "block"
 
-    def sample_t(self, positions_B: torch.Tensor, *, step: int, global_batch_size: int, stream: int, K: int) -> torch.Tensor:
-        """Block noise levels.  -> [B, K] float64"""
+    def sample_t(self, positions_B: torch.Tensor, *, step: int, global_batch_size: int, stream: int, K: int,
+                 eval: bool = False) -> torch.Tensor:
+        """Block noise levels.  -> [B, K] float64
+
+        Training draws from the clipped schedule U[t_min, t_max]; evaluation (``eval``: the
+        in-training validation and ``python -m dlm_megatron.eval``) always from U(eps, 1):
+        only the full range integrates the ELBO (BD3-LM computes its NELBO so; the average
+        over a clipped range is a biased number, not a bound)."""
         d = self.dcfg
-        lo, hi = bd.noise_range(d.eps, d.t_min, d.t_max)
+        lo, hi = bd.eval_noise_range(d.eps) if eval else bd.noise_range(d.eps, d.t_min, d.t_max)
         if d.antithetic:
             off_K = torch.rand(K, generator=generator(self.seed, stream + 100, step), dtype=torch.float64)
             j_B = (positions_B - step * global_batch_size).to(torch.float64)
@@ -169,7 +175,7 @@ class BlockDiffusion(Objective):
         batch, L = x0_BL.shape
         bs = self.dcfg.block_size
         K = bd.num_blocks(L, bs)
-        t_BK = self.sample_t(positions_B, step=step, global_batch_size=global_batch_size, stream=stream, K=K)
+        t_BK = self.sample_t(positions_B, step=step, global_batch_size=global_batch_size, stream=stream, K=K, eval=eval)
         u_BL = self.token_uniforms(positions_B, L, K, stream)
         xt_BL, is_masked_BL = bd.mask_blocks(x0_BL, t_BK, u_BL, self.mask_id, bs)
         tokens, labels, weights = bd.two_half_inputs(x0_BL, xt_BL, bd.loss_weights(is_masked_BL, t_BK, bs))
