@@ -414,6 +414,9 @@ def validate(cfg: Config) -> None:
     _choice("data.sft_padding", da.sft_padding, ("batch", "seq_len"))
     if da.sft_path is not None and d.objective != "masked":
         raise ConfigError(f"data.sft_path (SFT) trains the masked objective only, got diffusion.objective={d.objective}")
+    if da.sft_path is not None and d.anneal_steps:
+        raise ConfigError("diffusion.anneal_steps (causal -> full attention) is for adaptation pretraining, not SFT: "
+                          "fine-tune the adapted checkpoint with diffusion.anneal_steps=0 (shift_logits carries over)")
     if not 0 < d.p_uniform <= 1:
         raise ConfigError(f"diffusion.p_uniform must be in (0, 1], got {d.p_uniform}")
     _positive("data.seq_len", da.seq_len)

@@ -285,7 +285,22 @@ class SFTMaskedDiffusion(MaskedDiffusion):
         resp_len_B = response_BL.sum(1).clamp_min(1).to(torch.float32)
         # weighted_token_loss divides by B*L: scale by L / |response| to get LLaDA's per-sample normalisation.
         w_BL = md.masked_loss_weights(is_masked_BL, t_B) * (L / resp_len_B)[:, None]
-        return Batch(tokens_BS=xt_BL, labels_BS=x0_BL, loss_weight_BS=w_BL, t_B=t_B.float())
+        b = Batch(tokens_BS=xt_BL, labels_BS=x0_BL, loss_weight_BS=w_BL, t_B=t_B.float())
+        # An AR-adapted (shifted) model keeps its convention when fine-tuned: output i-1
+        # predicts response token i (the prompt is clean, so token 0 already is).
+        return shift_batch(b) if getattr(self.dcfg, "shift_logits", False) else b
+
+
+def shift_batch(b: Batch) -> Batch:
+    """Re-index a masked-diffusion batch for shifted logits: token 0 clean with no loss,
+    labels and weights moved to the output position before their token."""
+    from . import adaptation as ad
+
+    xt, w = ad.keep_first(b.tokens_BS, b.labels_BS, b.loss_weight_BS)
+    labels, w = ad.shift_targets(b.labels_BS, w)
+    b.num_clean_tokens = b.num_tokens
+    b.tokens_BS, b.labels_BS, b.loss_weight_BS = xt, labels, w
+    return b
 
 
 def build_objective(dcfg, mask_id: int, seed: int, *, vocab_size: int | None = None, tp_group=None, tp_rank: int = 0,
@@ -328,10 +343,7 @@ class AdaptedMaskedDiffusion(MaskedDiffusion):
 
         b = super().make_batch(x0_BL, positions_B, step=step, global_batch_size=global_batch_size, eval=eval)
         if self.dcfg.shift_logits:
-            xt, w = ad.keep_first(b.tokens_BS, b.labels_BS, b.loss_weight_BS)
-            labels, w = ad.shift_targets(b.labels_BS, w)
-            b.num_clean_tokens = b.num_tokens
-            b.tokens_BS, b.labels_BS, b.loss_weight_BS = xt, labels, w
+            b = shift_batch(b)
         if self.dcfg.anneal_steps > 0:
             frac = 1.0 if eval else ad.anneal_fraction(step, self.dcfg.anneal_steps)
             b.attention_mask = ad.annealed_mask(b.tokens_BS.shape[1], frac, self.seed, step)

@@ -137,3 +137,27 @@ def test_sft_padding_key_is_validated():
     assert load_config("configs/tiny.yaml", []).data.sft_padding == "batch"
     with pytest.raises(ConfigError, match="data.sft_padding='longest' is not one of batch, seq_len"):
         load_config("configs/tiny.yaml", ["data.sft_padding=longest"])
+
+
+def test_shifted_model_fine_tunes_with_shifted_targets():
+    """diffusion.shift_logits with SFT (an AR-adapted model): output i-1 carries token i's
+    label and weight, the same noise as the unshifted SFT batch, prompt still clean."""
+    dc = dict(eps=1e-3, antithetic=False, random_length_prob=0.0)
+    plain = SFTMaskedDiffusion(SimpleNamespace(**dc), MASK, seed=5)
+    shifted = SFTMaskedDiffusion(SimpleNamespace(**dc, shift_logits=True), MASK, seed=5)
+    L = 16
+    rows = [encode_example(list(range(2, 2 + p)), list(range(40, 40 + r)), L, EOT) for p, r in ((3, 5), (10, 2), (1, 14))]
+    x = torch.from_numpy(np.stack(rows))
+    a = plain.make_batch(x, torch.arange(3), step=0, global_batch_size=3)
+    b = shifted.make_batch(x, torch.arange(3), step=0, global_batch_size=3)
+    assert torch.equal(b.tokens_BS, a.tokens_BS)                       # same noise; token 0 is prompt
+    assert torch.equal(b.labels_BS[:, :-1], a.labels_BS[:, 1:])
+    assert torch.equal(b.loss_weight_BS[:, :-1], a.loss_weight_BS[:, 1:]) and (b.loss_weight_BS[:, -1] == 0).all()
+    assert a.loss_weight_BS.sum() > 0
+
+
+def test_sft_refuses_annealing():
+    from dlm_megatron.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="anneal_steps=0"):
+        load_config("configs/tiny.yaml", ["data.sft_path=x.jsonl", "diffusion.anneal_steps=10"])
