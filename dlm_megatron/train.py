@@ -117,6 +117,23 @@ def memory_gib(device) -> dict:
         return {}
 
 
+def check_dense_attention_fits(cfg: Config, model, *, gpus: int, vocab: int, device_bytes: int) -> None:
+    """Refuse, in one line, a model whose attention runs the dense kernel (megatron-core's
+    unfused attention: the s x s scores of every head in memory) when the planner says the
+    layout does not fit the device. Fused kernels (sdpa, flex, TE) are never refused here."""
+    from .model.attention import CoreAttention
+    from .planner import GIB, plan
+
+    if not any(isinstance(m, CoreAttention) and m.backend == "dense" for m in model.modules()):
+        return
+    p = plan(cfg, gpus=gpus, gpu_mem_gib=device_bytes / GIB, vocab_size=vocab, on_gpu=True)
+    mem = p["memory"]
+    if not mem["fits"]:
+        raise ConfigError(f"model.attention_backend=dense keeps the s x s attention scores: the planner puts this layout at "
+                          f"{mem['total'] / GIB:.1f} GiB per GPU, more than the {device_bytes / GIB:.1f} GiB here; "
+                          f"use model.attention_backend=sdpa (flex for block diffusion) or a smaller train.micro_batch_size")
+
+
 # Model fields whose mismatch with a train.init_from source would silently drop or misuse
 # weights (shape mismatches are caught when slicing the state dict).
 _INIT_FROM_STRUCTURAL = ("add_qkv_bias", "tie_embeddings")
@@ -170,6 +187,11 @@ class Trainer:
         self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and lay.device.type == "cuda")
         latest = ckpt.latest_checkpoint(self.out)
         self._build_model(latest)
+        if lay.device.type == "cuda":
+            import torch
+
+            check_dense_attention_fits(cfg, self.model, gpus=lay.world_size, vocab=self.vocab,
+                                       device_bytes=torch.cuda.get_device_properties(lay.device).total_memory)
         self.engine = build_engine(self.model, cfg, lay, self.bf16)
         self._build_objective()
         self.start_step = self._resume(latest)
@@ -181,6 +203,7 @@ class Trainer:
         self.loss_fn = LossFn(lay.device)
         self.logger = MetricsLogger(cfg, self.out, is_rank0=self.rank0, config_dict=to_dict(cfg))
         self.fpt = flops_per_token(cfg, self.vocab, cfg.data.seq_len, on_gpu=lay.device.type == "cuda")
+        self._fpt_at: dict[int, float] = {}
         self.peak = peak_flops(lay.device, self.bf16)
         # Test hooks: poison the loss, or only its gradient, at given steps; behave as if
         # preempted after a given step.
@@ -219,10 +242,12 @@ class Trainer:
         self.train_ds = build_train_dataset(cfg, tok, cfg.data.cache_dir, index_cache=cache)  # PackedDataset, or BlendedDataset for "0.7:dirA,0.3:dirB"
         self.val_ds = PackedDataset(val, cfg.data.seq_len, tok.eot_id, tokenizer_sha=tok.sha256, index_cache=cache) if val else None
         if cfg.data.sft_path:  # SFT: prompt/response examples (data/sft.py) instead of packed text
-            from .data.sft import SFTDataset
+            from .data.sft import SFTDataset, pad_multiple
 
-            self.train_ds = SFTDataset(cfg.data.sft_path, tok, cfg.data.seq_len, cfg.data.chat_template)
-            self.val_ds = SFTDataset(cfg.data.sft_val_path, tok, cfg.data.seq_len, cfg.data.chat_template) if cfg.data.sft_val_path else None
+            # data.sft_padding=batch: each global batch is padded to its longest example (data/sft.py)
+            pad = pad_multiple(cfg.diffusion.objective, cfg.diffusion.block_size) if cfg.data.sft_padding == "batch" else None
+            self.train_ds = SFTDataset(cfg.data.sft_path, tok, cfg.data.seq_len, cfg.data.chat_template, pad)
+            self.val_ds = SFTDataset(cfg.data.sft_val_path, tok, cfg.data.seq_len, cfg.data.chat_template, pad) if cfg.data.sft_val_path else None
             cache = None  # a JSONL of examples held in memory: nothing to map
         # the epochs this run reads are built now, so no rank waits for one mid-run
         self.train_order = SampleOrder(len(self.train_ds), cfg.train.seed, cache, cfg.train.steps * self.G)
@@ -372,8 +397,9 @@ class Trainer:
         cfg, G, ds = self.cfg, self.G, self.train_ds
         idx = self.train_order.indices(step, G)
         lo, per_rank = self.lay.dp_rank * self.per_rank, self.per_rank
-        x = np.zeros((G, getattr(ds, "sample_width", cfg.data.seq_len)), dtype=np.int64)
-        x[lo: lo + per_rank] = np.stack([ds[int(i)] for i in idx[lo: lo + per_rank]])
+        rows = fit_to_batch(ds, idx, np.stack([ds[int(i)] for i in idx[lo: lo + per_rank]]))
+        x = np.zeros((G, rows.shape[1]), dtype=np.int64)
+        x[lo: lo + per_rank] = rows
         positions = np.arange(step * G, (step + 1) * G, dtype=np.int64)
         seg = None
         if cfg.data.document_masks:
@@ -394,15 +420,26 @@ class Trainer:
         return comm.sum_host(x, self.dp_group) / self.lay.dp
 
     # -- the four things a run does -------------------------------------------------------
-    def train_step(self, step: int, mbl: list | None = None) -> tuple[list, float, bool, float, int]:
+    def train_step(self, step: int, mbl: list | None = None) -> tuple[list, float, bool, float, int, float]:
         """One optimizer step on ``mbl`` (default: this step's batches, read now): (losses,
-        grad_norm, bad, lr, tokens this step over all DP ranks)."""
+        grad_norm, bad, lr, tokens and model FLOPs this step over all DP ranks)."""
         mbl = self.step_batches(step) if mbl is None else mbl
         lr = self.engine.set_lr(step)
         losses, grad_norm, bad = self.engine.train_step(mbl, self.loss_fn, seq_len=mbl[0].tokens_BS.shape[1],
                                                         micro_batch_size=self.mbs,
                                                         poison="loss" if step in self.inject_nan else "grad" if step in self.inject_nan_grad else None)
-        return losses, grad_norm, bad, lr, sum(b.num_tokens for b in mbl) * self.lay.dp
+        tokens = sum(b.num_tokens for b in mbl) * self.lay.dp
+        return losses, grad_norm, bad, lr, tokens, tokens * self.flops_per_token(mbl[0])
+
+    def flops_per_token(self, b) -> float:
+        """Model FLOPs per token at this batch's length: variable-length SFT batches are
+        shorter than data.seq_len, and attention's share of the FLOPs scales with length."""
+        if not self.cfg.data.sft_path:
+            return self.fpt
+        width = b.labels_BS.shape[1]
+        if width not in self._fpt_at:
+            self._fpt_at[width] = flops_per_token(self.cfg, self.vocab, width, on_gpu=self.lay.device.type == "cuda")
+        return self._fpt_at[width]
 
     def validate(self, step: int) -> dict | None:
         """Validation loss (and per-noise-level buckets) on fixed samples with fixed noise."""
@@ -417,7 +454,7 @@ class Trainer:
         with torch.no_grad():  # val_order is seeded 0: every run evaluates the same samples with the same noise
             for k in range(self.cfg.train.eval_batches):
                 idx = self.val_order.indices(k, G)
-                x = np.stack([self.val_ds[int(i)] for i in idx])
+                x = fit_to_batch(self.val_ds, idx, np.stack([self.val_ds[int(i)] for i in idx]))
                 pos = np.arange(k * G, (k + 1) * G, dtype=np.int64)
                 # validation sees documents as training does: no attention across them
                 seg = np.stack([self.val_ds.segment_ids(int(i)) for i in idx]) if self.cfg.data.document_masks else None
@@ -443,6 +480,7 @@ class Trainer:
 
         cfg, lay = self.cfg, self.lay
         self.saver.wait()
+        self.engine.sync_params()  # the megatron engine may still owe a parameter all-gather
         tmp = ckpt.begin_save(self.out, step)
         if self.rank0:
             ckpt.prepare_tmp(tmp)
@@ -504,10 +542,11 @@ class Trainer:
         cfg, lay, logger = self.cfg, self.lay, self.logger
         bad_in_a_row, last = 0, {}
         self.engine.train()
-        t_last, tokens_since = time.time(), 0
+        t_last, tokens_since, flops_since = time.time(), 0, 0.0
         for step in range(self.start_step, cfg.train.steps):
-            losses, grad_norm, bad, lr, tokens = self.train_step(step, batches.get(step))
+            losses, grad_norm, bad, lr, tokens, flops = self.train_step(step, batches.get(step))
             tokens_since += tokens
+            flops_since += flops
             if bad:
                 bad_in_a_row += 1
                 if self.rank0:
@@ -522,12 +561,13 @@ class Trainer:
             done = step + 1
             if done % cfg.logging.log_interval == 0 or done == cfg.train.steps:
                 loss_v = self.dp_mean(self.pp_share(torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in losses]).mean().item()))
-                tps = tokens_since / max(time.time() - t_last, 1e-9)
+                dt = max(time.time() - t_last, 1e-9)
+                tps = tokens_since / dt
                 row = {"step": done, "loss": loss_v, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tps,
-                       **({"mfu": tps * self.fpt / (self.peak * lay.world_size)} if self.peak else {}), **memory_gib(lay.device)}
+                       **({"mfu": flops_since / dt / (self.peak * lay.world_size)} if self.peak else {}), **memory_gib(lay.device)}
                 logger.log(row)
                 last = row
-                t_last, tokens_since = time.time(), 0
+                t_last, tokens_since, flops_since = time.time(), 0, 0.0
             if cfg.train.eval_interval and done % cfg.train.eval_interval == 0 and done != cfg.train.steps:
                 r = self.validate(done)
                 if r:
@@ -558,6 +598,8 @@ class Trainer:
         if val:
             self.logger.log(val)
         summary = {"final": last, "val": val, "output_dir": str(self.out)}
+        if cfg.train.sample_at_end and lay.tp == 1 and lay.pp == 1:
+            self.engine.sync_params()  # a collective: every rank, before rank 0 samples
         if cfg.train.sample_at_end and self.rank0 and lay.tp == 1 and lay.pp == 1:
             from .generate import sample_text
 
@@ -566,6 +608,17 @@ class Trainer:
             summary["sample"] = text
         self.logger.close()
         return summary
+
+
+def fit_to_batch(ds, indices_G: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Rows of the global batch ``indices_G`` at the batch's one length: SFT datasets with
+    variable length (data.sft_padding=batch) cut them to ``ds.batch_length`` of the whole
+    global batch, so every rank, reading only its own rows, agrees; other data unchanged."""
+    if getattr(ds, "pad_to_batch", None) is None:
+        return rows
+    from .data.sft import cut_to_length
+
+    return cut_to_length(rows, ds.batch_length(indices_G))
 
 
 def run(cfg: Config) -> dict:
@@ -638,7 +691,10 @@ class LossFn:
 
     def forward(self, model, b):
         labels = None if getattr(b, "logits_loss", None) is not None else self._dev(b.labels_BS)
-        extra = {k: self._dev(v) for k, v in (getattr(b, "model_kwargs", None) or {}).items()}
+        # model_kwargs (continuous diffusion's sigma and noise seeds) stay on the host: the
+        # model draws the noise and the time features there and copies them to the device;
+        # moving them first would cost a device-to-host read back per micro-batch.
+        extra = dict(getattr(b, "model_kwargs", None) or {})
         if labels is not None:
             extra["loss_index"] = self._dev(loss_index(b.loss_weight_BS))
         return model(self._dev(b.tokens_BS), self._dev(b.position_ids_BS), self._dev(b.attention_mask),
