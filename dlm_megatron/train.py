@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import Config, ConfigError, describe, dump_yaml, load_config, to_dict
-from .engine import ZERO_STATE_FORMAT, TrainingDiverged  # noqa: F401  (TrainingDiverged: re-exported)
+from .engine import ZERO_STATE_FORMAT, TrainingDiverged  # TrainingDiverged: also re-exported
 from .logging import quiet_warnings  # noqa: F401  (re-exported: scripts import it from here)
 
 USAGE = """usage: python -m dlm_megatron.train CONFIG [section.key=value ...]
@@ -528,6 +528,11 @@ class Trainer:
         batches = Prefetcher(self.step_batches, self.start_step, cfg.train.steps, cfg.data.prefetch)
         try:
             last = self._loop(batches)
+        except TrainingDiverged:
+            # every rank stops at the same step (the engines agree on the flag): keep the
+            # last good checkpoint, which may still be being written
+            self.saver.wait()
+            raise
         finally:
             batches.close()
         return self.finish(last)
@@ -552,7 +557,6 @@ class Trainer:
                 if self.rank0:
                     print(f"warning: non-finite loss or gradient at step {step}; update skipped ({bad_in_a_row}/{cfg.train.max_bad_steps} in a row)", flush=True)
                 if bad_in_a_row >= cfg.train.max_bad_steps:
-                    self.saver.wait()  # a save of an earlier, good step may be in flight
                     logger.close()
                     raise TrainingDiverged(f"stopping: {bad_in_a_row} non-finite steps (loss or gradient) in a row (last good checkpoint "
                                            f"kept in {self.out / 'checkpoints'}); lower train.lr or check the data")

@@ -8,7 +8,8 @@ and final weights must match plain single-process AdamW (tests/distributed/refer
 which every uninterrupted layout matches (test_layouts.py). bf16 runs resumed at the same
 DP size must continue bit for bit (fp32 masters, not the bf16 weights, are restored).
 Reads are counted too: a TP2 rank resuming, and a TP2 x PP2 rank starting from
-train.init_from, read at most 0.6 of the model's weights.
+train.init_from, read at most 0.6 of the model's weights; a rank resuming at dp=2 reads
+about half of the optimizer state.
 """
 import re
 
@@ -35,10 +36,10 @@ def runs(tmp_path_factory):
     run([PY, "tests/distributed/reference.py", str(root / "reference"), *COMPARE])
     out = {}
     _launch(1, root, [f"zero{s}_dp1_to_dp2:parallel.zero_stage={s},@stop=2" for s in STAGES])
-    _launch(2, root, [*[f"zero{s}_dp1_to_dp2:parallel.zero_stage={s}" for s in STAGES],
+    out["w2_dp"] = _launch(2, root, [*[f"zero{s}_dp1_to_dp2:parallel.zero_stage={s}" for s in STAGES],
                       *[f"zero{s}_dp2_to_dp1:parallel.zero_stage={s},@stop=2" for s in STAGES],
                       *[f"{k}_ref:{v}" for k, v in BF16.items()],
-                      *[f"{k}:{v},@stop=2" for k, v in BF16.items()], *[f"{k}:{v}" for k, v in BF16.items()]])
+                      *[f"{k}:{v},@stop=2" for k, v in BF16.items()], *[f"{k}:{v}" for k, v in BF16.items()]]).stdout
     out["w4"] = _launch(4, root, [*[f"{k}:{v},@stop=2" for k, v in TP2.items()],
                                   f"tp2_pp2_init_from:parallel.tp=2,parallel.pp=2,parallel.zero_stage=1,train.steps=1,"
                                   f"train.init_from={root}/zero1_dp1_to_dp2"]).stdout
@@ -83,3 +84,14 @@ def test_tp2_ranks_read_at_most_0_6_of_the_weights(runs):
             fractions[(launch, m.group(2))] = float(m.group(1))
     assert len(fractions) == 1 + len(TP2), fractions  # one init_from (w4), the TP2 resumes (w2)
     assert all(0.2 < f <= 0.6 for f in fractions.values()), fractions
+
+
+def test_each_dp_rank_reads_only_its_partition_of_the_optimizer_state(runs):
+    """Resuming ZeRO 1/2/3 state saved at dp=1 on 2 ranks: the most any rank read of the
+    optimizer state (counted by zero_state.FragmentReader) is about half of it."""
+    _, out = runs
+    found = re.findall(r"optimizer state: read at most ([\d.]+) MiB per rank of its TP/PP slice's ([\d.]+) MiB "
+                       r"\(dp=2, saved at dp=1\)", out["w2_dp"])
+    assert len(found) == len(STAGES), found
+    for most, total in found:
+        assert 0.4 < float(most) / float(total) <= 0.6, found
