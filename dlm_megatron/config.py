@@ -93,6 +93,8 @@ class DiffusionConfig:
     """Continuous (CDCD): largest noise std sigma (training schedule and sampler start); embeddings have norm sqrt(hidden_size)."""
     time_embed_features: int = 64
     """Continuous: number of Fourier features of log(sigma) fed to the learned time embedding (must be even)."""
+    prompt_dropout: float = 0.0
+    """SFT (data.sft_path): probability that a training example has its whole prompt masked, so the model also learns the unconditional p(response) that classifier-free guidance (generate --cfg-scale) subtracts; validation never drops. 0 = off."""
 
 
 @dataclass(kw_only=True)
@@ -435,6 +437,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("parallel.sequence_parallel is not supported with diffusion.objective=continuous yet")
     if da.sft_path is not None and d.objective != "masked":
         raise ConfigError(f"data.sft_path (SFT) trains the masked objective only, got diffusion.objective={d.objective}")
+    if not 0 <= d.prompt_dropout < 1:
+        raise ConfigError(f"diffusion.prompt_dropout must be in [0, 1), got {d.prompt_dropout}")
+    if d.prompt_dropout > 0 and da.sft_path is None:
+        raise ConfigError("diffusion.prompt_dropout masks SFT prompts: set data.sft_path too, or diffusion.prompt_dropout=0")
     if not 0 < d.p_uniform <= 1:
         raise ConfigError(f"diffusion.p_uniform must be in (0, 1], got {d.p_uniform}")
     _positive("data.seq_len", da.seq_len)
