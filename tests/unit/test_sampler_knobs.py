@@ -314,3 +314,83 @@ def test_cache_needs_a_model_backed_logits_function():
     with pytest.raises(ValueError, match="model_logits_fn"):
         generate(table_fn(random_table(P + 4)), make_prompt(), MASK, SamplerConfig(steps=4, gen_length=4, block_length=4,
                                                                                    cache="dual"))
+
+
+# --------------------------------------------------------------------------- on a real megatron-core model
+
+
+def _real_prompt(B=2, P=6):
+    return torch.randint(3, 60, (B, P), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("objective", ["masked", "block"])
+def test_acceptance_profile_counts_inside_real_generation(objective, monkeypatch):
+    """On a megatron-core denoiser, through the masked sampler and the block sampler (one block
+    of M = 16 positions, K = 8 steps): after step n, ceil(M F(n/K)) positions are committed,
+    cosine F(u) = 1 - cos(pi u / 2) and linear F(u) = u. The block sampler is observed through
+    the commits its steps return."""
+    from test_fast_dllm import build_model_for
+
+    from dlm_megatron.sampling import block as block_mod
+    from dlm_megatron.sampling import generate_blocks, model_logits_fn
+
+    model = build_model_for(objective)
+    M, K = 16, 8
+    for profile in ("linear", "cosine"):
+        cfg = SamplerConfig(steps=K, gen_length=M, block_length=M, acceptance_profile=profile, temperature=0.5)
+        if objective == "masked":
+            _, hist = generate(model_logits_fn(model, 64), _real_prompt(), 63, cfg, return_history=True)
+            done = [int((x[0, 6:] != 63).sum()) for x in hist]
+        else:
+            done, real_step = [0], block_mod.denoise_step
+
+            def spy(*a, **kw):
+                x0, commit = real_step(*a, **kw)
+                done.append(done[-1] + int(commit[0].sum()))
+                return x0, commit
+
+            monkeypatch.setattr(block_mod, "denoise_step", spy)
+            generate_blocks(model, _real_prompt(P=16), 63, cfg, vocab_size=64)  # block [16, 32) on the grid
+            monkeypatch.setattr(block_mod, "denoise_step", real_step)
+        F = (lambda u: u) if profile == "linear" else (lambda u: 1 - math.cos(math.pi * u / 2))
+        want = [math.ceil(M * F(n / K) - 1e-9) for n in range(K + 1)]
+        assert done == want, (objective, profile, done, want)
+        assert profile == "linear" or want != [2 * n for n in range(K + 1)]  # the profiles differ here
+
+
+def test_cfg_logits_follow_the_formula_against_two_separate_forwards(monkeypatch):
+    """On a megatron-core denoiser: the logits every guided step works on equal
+    u + (1 + W)(c - u) with c = a forward of the sequence and u = a separate forward of the
+    sequence with its prompt masked (1e-5: float32 logits of order 10, the batched forward
+    differs from the single one by rounding only); W = 0 is plain sampling bit for bit."""
+    from test_fast_dllm import build_model_for
+
+    from dlm_megatron.sampling import masked as masked_mod
+    from dlm_megatron.sampling import model_logits_fn
+
+    model = build_model_for("masked")
+    fn = model_logits_fn(model, 64)
+    P, W = 6, 1.5
+    steps = []
+    real_step = masked_mod.denoise_step
+
+    def spy(logits_BLV, masked_BL, i, k, cfg, *a, **kw):
+        steps.append(logits_BLV.clone())
+        return real_step(logits_BLV, masked_BL, i, k, cfg, *a, **kw)
+
+    monkeypatch.setattr(masked_mod, "denoise_step", spy)
+    cfg = SamplerConfig(steps=8, gen_length=8, block_length=4, cfg_scale=W, temperature=0.8, seed=1)
+    _, hist = generate(fn, _real_prompt(), 63, cfg, return_history=True)
+    assert len(steps) == len(hist) - 1 == 8
+    for j, (x, got) in enumerate(zip(hist[:-1], steps)):
+        lo = P + (j // 4) * 4
+        c = fn(x)[:, lo:lo + 4]
+        u = fn(x.index_fill(1, torch.arange(P), 63))[:, lo:lo + 4]
+        assert (got - (u + (1 + W) * (c - u))).abs().max() < 1e-5, j
+        assert (c - u).abs().max() > 0.1  # the prompt matters: guidance is not a no-op here
+    monkeypatch.setattr(masked_mod, "denoise_step", real_step)
+    plain = SamplerConfig(steps=8, gen_length=8, block_length=4, temperature=0.8, seed=1)
+    zero = SamplerConfig(steps=8, gen_length=8, block_length=4, temperature=0.8, seed=1, cfg_scale=0.0)
+    assert torch.equal(generate(fn, _real_prompt(), 63, zero), legacy.generate(fn, _real_prompt(), 63, legacy.SamplerConfig(
+        steps=8, gen_length=8, block_length=4, temperature=0.8, seed=1)))
+    assert torch.equal(generate(fn, _real_prompt(), 63, zero), generate(fn, _real_prompt(), 63, plain))
