@@ -117,6 +117,23 @@ def memory_gib(device) -> dict:
         return {}
 
 
+def check_dense_attention_fits(cfg: Config, model, *, gpus: int, vocab: int, device_bytes: int) -> None:
+    """Refuse, in one line, a model whose attention runs the dense kernel (megatron-core's
+    unfused attention: the s x s scores of every head in memory) when the planner says the
+    layout does not fit the device. Fused kernels (sdpa, flex, TE) are never refused here."""
+    from .model.attention import CoreAttention
+    from .planner import GIB, plan
+
+    if not any(isinstance(m, CoreAttention) and m.backend == "dense" for m in model.modules()):
+        return
+    p = plan(cfg, gpus=gpus, gpu_mem_gib=device_bytes / GIB, vocab_size=vocab, on_gpu=True)
+    mem = p["memory"]
+    if not mem["fits"]:
+        raise ConfigError(f"model.attention_backend=dense keeps the s x s attention scores: the planner puts this layout at "
+                          f"{mem['total'] / GIB:.1f} GiB per GPU, more than the {device_bytes / GIB:.1f} GiB here; "
+                          f"use model.attention_backend=sdpa (flex for block diffusion) or a smaller train.micro_batch_size")
+
+
 # Model fields whose mismatch with a train.init_from source would silently drop or misuse
 # weights (shape mismatches are caught when slicing the state dict).
 _INIT_FROM_STRUCTURAL = ("add_qkv_bias", "tie_embeddings")
@@ -167,6 +184,11 @@ class Trainer:
         self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and lay.device.type == "cuda")
         latest = ckpt.latest_checkpoint(self.out)
         self._build_model(latest)
+        if lay.device.type == "cuda":
+            import torch
+
+            check_dense_attention_fits(cfg, self.model, gpus=lay.world_size, vocab=self.vocab,
+                                       device_bytes=torch.cuda.get_device_properties(lay.device).total_memory)
         self.engine = build_engine(self.model, cfg, lay, self.bf16)
         self._build_objective()
         self.start_step = self._resume(latest)
@@ -397,6 +419,7 @@ class Trainer:
         from .parallel import dist as pdist
 
         cfg, lay, out = self.cfg, self.lay, self.out
+        self.engine.sync_params()  # the megatron engine may still owe a parameter all-gather
         tmp = ckpt.begin_save(out, step)
         if self.rank0:
             ckpt.prepare_tmp(tmp)
@@ -477,6 +500,8 @@ class Trainer:
         if val:
             self.logger.log(val)
         summary = {"final": last, "val": val, "output_dir": str(self.out)}
+        if cfg.train.sample_at_end and lay.tp == 1 and lay.pp == 1:
+            self.engine.sync_params()  # a collective: every rank, before rank 0 samples
         if cfg.train.sample_at_end and self.rank0 and lay.tp == 1 and lay.pp == 1:
             from .generate import sample_text
 
@@ -557,7 +582,10 @@ class LossFn:
 
     def forward(self, model, b):
         labels = None if getattr(b, "logits_loss", None) is not None else self._dev(b.labels_BS)
-        extra = {k: self._dev(v) for k, v in (getattr(b, "model_kwargs", None) or {}).items()}
+        # model_kwargs (continuous diffusion's sigma and noise seeds) stay on the host: the
+        # model draws the noise and the time features there and copies them to the device;
+        # moving them first would cost a device-to-host read back per micro-batch.
+        extra = dict(getattr(b, "model_kwargs", None) or {})
         if labels is not None:
             extra["loss_index"] = self._dev(loss_index(b.loss_weight_BS))
         return model(self._dev(b.tokens_BS), self._dev(b.position_ids_BS), self._dev(b.attention_mask),

@@ -80,6 +80,9 @@ if [ -n "${NODES:-}" ] && [ "${NODES}" != "${SLURM_JOB_NUM_NODES:-}" ]; then
 fi
 # megatron-core's tensor-parallel layers (async grad all-reduce) want one CUDA work queue.
 export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
+# On an H200 the 8B slices reserved ~10 GiB more than they allocated (docs/BENCHMARKS.md):
+# expandable segments let the caching allocator grow blocks instead of splitting new ones.
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 CONFIG="$CONFIG_8B"
 [ -f "$CONFIG" ] || CONFIG="$DLM_REPO/$CONFIG_8B"
 # shellcheck disable=SC2086

@@ -95,7 +95,9 @@ fi
 # ---- 3. 8B slices vs the planner --------------------------------------------------------
 if want 3; then
   if [ "$DRY" = 1 ]; then stage 3 slices 120 "$PY" benchmarks/gpu_slices.py --dry-run
-  else stage 3 slices 100 "$PY" benchmarks/gpu_slices.py --steps 3 --out "$OUT/slices.json"; fi
+  # as launch/slurm_8b.sh runs: the first check (without it) reserved ~10 GiB over allocated
+  else PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}" \
+         stage 3 slices 100 "$PY" benchmarks/gpu_slices.py --steps 3 --out "$OUT/slices.json"; fi
 fi
 
 # ---- 4. MFU through the real trainer ----------------------------------------------------

@@ -179,6 +179,9 @@ class DeepSpeedEngine:
     def _zero_from_params(self) -> torch.Tensor:
         return sum(p.sum() for p in self.module.parameters() if p.requires_grad).float() * 0.0
 
+    def sync_params(self) -> None:
+        """Weights are complete after every step here (ZeRO-3 gathers on access)."""
+
     def forward_only(self, micro_batches: list, loss_fn, **_) -> list:
         return [loss_fn.reduce(b, loss_fn.forward(self.engine, b))[0].detach() for b in micro_batches]
 

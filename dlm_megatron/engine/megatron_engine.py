@@ -36,9 +36,13 @@ class MegatronEngine:
         # zero_stage 1: Adam states sharded over DP (megatron's distributed optimizer);
         # zero_stage 0: every DP rank keeps full optimizer states.
         distributed = cfg.parallel.zero_stage == 1
+        # overlap_param_gather: after the distributed optimizer's step each rank holds only
+        # its own updated shard; megatron's forward pre-hooks gather the rest bucket by
+        # bucket during the next forward (each waits for its bucket and starts the next),
+        # hiding the all-gather behind compute. Reads without a forward on every rank call sync_params() first.
         ddp_cfg = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=True, use_distributed_optimizer=distributed,
-            average_in_collective=False,
+            overlap_param_gather=distributed, average_in_collective=False,
         )
         self.ddp = DistributedDataParallel(config=tcfg, ddp_config=ddp_cfg, module=model)
         # The schedule calls these hooks: DP gradient reduction (and tied-embedding sync
@@ -135,6 +139,15 @@ class MegatronEngine:
         if not ok:  # megatron-core skipped the update itself (fp16 loss-scale overflow)
             return vals, float("nan"), True
         return vals, float(grad_norm) if grad_norm is not None else float("nan"), False
+
+    def sync_params(self) -> None:
+        """Complete the parameter all-gather that overlap_param_gather defers to the next
+        forward. A forward (training, validation) waits for it in megatron's pre-hooks; a
+        read of the weights without a forward (saves) would see this rank's updated shard
+        next to the other ranks' stale ones, and a forward on one rank only (rank 0's
+        sample) would start the gather alone and hang. A collective over DP: every rank."""
+        if self.ddp.use_forward_hook:
+            self.ddp.start_param_sync(force_sync=True)
 
     def forward_only(self, micro_batches: list, loss_fn, *, seq_len: int, micro_batch_size: int) -> list:
         from megatron.core.pipeline_parallel import get_forward_backward_func

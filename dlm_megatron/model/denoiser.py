@@ -176,7 +176,10 @@ class Denoiser(GPTModel):
 
     def continuous_input(self, input_ids_BS, sigma_B, noise_seed_B=None, noisy_x_BSH=None) -> torch.Tensor:
         """decoder_input [S, B, H] = c_in(sigma) * x + time_embedding(sigma), with
-        x = normalised e(x0) + sigma * n (noise from per-sample seeds) or the sampler's x."""
+        x = normalised e(x0) + sigma * n (noise from per-sample seeds) or the sampler's x.
+
+        ``sigma_B`` and ``noise_seed_B`` are host (CPU) tensors in training: the noise and the
+        Fourier features are made on the host and copied to the device (no device sync)."""
         from ..diffusion import continuous as cd
 
         sig = sigma_B.float()

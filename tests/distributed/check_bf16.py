@@ -70,13 +70,16 @@ def precision_setup(tr) -> dict:
         opts = getattr(eng.optimizer, "chained_optimizers", [eng.optimizer])
         mains = [p for o in opts for g in (getattr(o, "shard_fp32_from_float16_groups", None) or
                                            getattr(o, "fp32_from_float16_groups", None) or []) for p in g]
+        dc = eng.ddp.ddp_config
         return {"optimizer": sorted({type(o).__name__ for o in opts}), "grad_buffers": sorted({str(b.grad_dtype) for b in eng.ddp.buffers}),
-                "master": sorted({str(p.dtype) for p in mains})}
+                "master": sorted({str(p.dtype) for p in mains}),
+                "overlap": {"grad_reduce": dc.overlap_grad_reduce, "param_gather": dc.overlap_param_gather,
+                            "forward_hooks": eng.ddp.use_forward_hook}}
     ds = eng.engine
     opt = ds.optimizer
     return {"optimizer": type(opt).__name__, "communication": str(ds.communication_data_type),
             "grad_accum": str(getattr(opt, "gradient_accumulation_dtype", ds.get_data_types()[1])),
-            "autocast": bool(ds.torch_autocast_enabled())}
+            "autocast": bool(ds.torch_autocast_enabled()), "overlap_comm": bool(ds.zero_overlap_comm())}
 
 
 def main():

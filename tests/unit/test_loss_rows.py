@@ -80,3 +80,25 @@ def test_loss_index_is_never_empty():
     assert loss_index(torch.zeros(2, 4)).tolist() == [0]
     w = torch.tensor([[0.0, 2.0], [1.0, 0.0]])  # [B=2, S=2] -> flat s * B + b
     assert loss_index(w).tolist() == [1, 2]
+
+
+def test_inputs_go_to_the_device_and_host_inputs_stay_on_the_host():
+    """LossFn.forward moves tokens, labels and loss rows to the compute device ('meta' here
+    stands for CUDA) but hands continuous diffusion's sigma and noise seeds over on the host:
+    the model draws the noise there, so a device copy would be read back every micro-batch."""
+    from types import SimpleNamespace
+
+    from dlm_megatron.train import LossFn
+
+    seen = {}
+
+    def model(tokens, positions, mask, labels=None, **kw):
+        seen.update({"tokens": tokens.device.type, "labels": labels.device.type,
+                     **{k: v.device.type for k, v in kw.items() if isinstance(v, torch.Tensor)}})
+
+    w = torch.tensor([[1.0, 0.0, 1.0]])
+    b = SimpleNamespace(tokens_BS=torch.zeros(1, 3, dtype=torch.long), position_ids_BS=None, attention_mask=None,
+                        labels_BS=torch.zeros(1, 3, dtype=torch.long), loss_weight_BS=w,
+                        model_kwargs={"sigma_B": torch.ones(1), "noise_seed_B": torch.zeros(1, dtype=torch.long)})
+    LossFn(torch.device("meta")).forward(model, b)
+    assert seen == {"tokens": "meta", "labels": "meta", "loss_index": "meta", "sigma_B": "cpu", "noise_seed_B": "cpu"}

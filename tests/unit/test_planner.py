@@ -412,3 +412,44 @@ def test_cli_errors_are_one_line_exit_2(args, needle):
     assert p.stdout == ""
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("plan.py: error:") and needle in lines[0], p.stderr
+
+
+def test_dense_attention_that_does_not_fit_is_refused():
+    """On a GPU the trainer refuses megatron's unfused s x s attention when the planner says
+    the layout does not fit the card (check_dense_attention_fits); fused kernels pass."""
+    from dlm_megatron.config import ConfigError
+    from dlm_megatron.model.denoiser import build_model
+    from dlm_megatron.parallel import dist as pdist
+    from dlm_megatron.train import check_dense_attention_fits
+
+    small = ["model.num_layers=1", "model.hidden_size=64", "model.num_attention_heads=4", "data.seq_len=4096",
+             "train.micro_batch_size=8", "train.global_batch_size=8"]
+    for backend in ("dense", "sdpa"):
+        cfg = _cfg("configs/tiny.yaml", *small, f"model.attention_backend={backend}")
+        pdist.init_distributed(cfg)
+        model = build_model(cfg, 8192, pre_process=True, post_process=True)
+        need = plan(cfg, gpus=1, gpu_mem_gib=1000.0, vocab_size=8192, on_gpu=True)["memory"]["total"]
+        check_dense_attention_fits(cfg, model, gpus=1, vocab=8192, device_bytes=int(2 * need))  # fits: fine
+        if backend == "dense":
+            with pytest.raises(ConfigError, match="model.attention_backend=dense keeps the s x s attention scores"):
+                check_dense_attention_fits(cfg, model, gpus=1, vocab=8192, device_bytes=int(0.5 * need))
+        else:  # a fused kernel is never refused by this check
+            check_dense_attention_fits(cfg, model, gpus=1, vocab=8192, device_bytes=1)
+
+
+def test_mfu_peak_per_card_and_none_on_cpu(monkeypatch):
+    import torch
+
+    from dlm_megatron.train import peak_flops
+
+    monkeypatch.delenv("DLM_PEAK_TFLOPS", raising=False)
+    assert peak_flops(torch.device("cpu")) is None  # no defensible CPU peak: no MFU
+    cards = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12, "NVIDIA H200": 989e12,
+             "NVIDIA H200 NVL": 835e12, "NVIDIA A100-SXM4-80GB": 312e12, "Some Future GPU": None}
+    for name, want in cards.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None, n=name: n)
+        assert peak_flops(torch.device("cuda", 0)) == want, name
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 80GB HBM3")
+    assert peak_flops(torch.device("cuda", 0), bf16=False) == 67e12
+    monkeypatch.setenv("DLM_PEAK_TFLOPS", "736")
+    assert peak_flops(torch.device("cuda", 0)) == 736e12
