@@ -398,11 +398,20 @@ def test_hf_generate_equals_the_framework_for_every_knob(ckpts, tmp_path):
 
     tok = load_tokenizer("builtin")
     prompt = torch.tensor([tok.encode("ROMEO: But soft")[:5], tok.encode("JULIET: Ay me, ")[:5]])
-    positions = _check_knobs(_exports(ckpts["masked"], tmp_path, "masked"), prompt, MASKED_KNOBS, block=False)
+    pairs = _exports(ckpts["masked"], tmp_path, "masked")
+    positions = _check_knobs(pairs, prompt, MASKED_KNOBS, block=False)
     # Fast-dLLM's cache: per block one refresh over all 21 positions, then 7 steps over the
     # block (dual) or the block and everything after it (prefix); 2 rows
     assert positions[str(dict(cache="dual", temperature=0.7))] == 2 * (2 * 21 + 2 * 7 * 8)
     assert positions[str(dict(cache="prefix"))] == 2 * (2 * 21 + 7 * 16 + 7 * 8)
+    # bad knobs: a ValueError naming the keyword, as SamplerConfig does
+    hf = pairs["plain"][1]
+    for bad, name in ((dict(acceptance_profile="square"), "acceptance_profile"), (dict(renoise_eta=1.5), "renoise_eta"),
+                      (dict(renoise_t_on=0.1, renoise_t_off=0.3), "renoise_t_off"), (dict(cache="full"), "cache"),
+                      (dict(parallel_threshold=2.0), "parallel_threshold"), (dict(cfg_scale=-1.0), "cfg_scale"),
+                      (dict(parallel_threshold=0.5, renoise_prob=0.1), "parallel_threshold")):
+        with pytest.raises(ValueError, match=name):
+            hf.generate(prompt, gen_length=8, steps=8, **bad)
 
 
 BLOCK_KNOBS = [

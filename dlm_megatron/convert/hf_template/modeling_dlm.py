@@ -444,8 +444,15 @@ class DLMModelLM(DLMPreTrainedModel):
             raise ValueError("cache is the masked sampler's Fast-dLLM cache; block checkpoints cache finished blocks (use_cache)")
         if parallel_threshold is not None and (renoise_profile != "none" or confidence_threshold is not None):
             raise ValueError("parallel_threshold ignores the step schedule: use it without renoising or confidence_threshold")
-        if cfg_scale < 0:
-            raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
+        if not (cfg_scale >= 0 and math.isfinite(cfg_scale)):
+            raise ValueError(f"cfg_scale must be a finite value >= 0, got {cfg_scale}")
+        if not 0.0 <= renoise_eta < 1.0:
+            raise ValueError(f"renoise_eta must be in [0, 1), got {renoise_eta}")
+        if not (0.0 <= renoise_t_off < renoise_t_on <= 1.0) or not (0.0 < renoise_alpha_on < 1.0):
+            raise ValueError("loop needs 0 <= renoise_t_off < renoise_t_on <= 1 and 0 < renoise_alpha_on < 1, got "
+                             f"{renoise_t_off}, {renoise_t_on}, {renoise_alpha_on}")
+        if parallel_threshold is not None and not (0.0 <= parallel_threshold <= 1.0):
+            raise ValueError(f"parallel_threshold must be in [0, 1], got {parallel_threshold}")
         steps_per_block = steps // num_blocks
         eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
         if stop_at_eos and eos is None:
