@@ -121,6 +121,10 @@ class DataConfig:
     """SFT validation JSONL (same format); used instead of val_path when sft_path is set (null: no validation)."""
     chat_template: str = "<|{role}|>\n{content}\n"
     """SFT: format string rendering each {"role","content"} message of a "messages" example."""
+    sft_padding: str = "batch"
+    """SFT: 'batch' pads each global batch with EOT to its longest example rounded up to a multiple
+    of 8 (at most seq_len; one length for every rank and micro-batch of the step), 'seq_len' pads
+    every example to data.seq_len. The EOT padding is part of the response either way (LLaDA)."""
 
 
 @dataclass(kw_only=True)
@@ -435,12 +439,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"diffusion.anneal_steps/shift_logits apply to diffusion.objective=masked only, not {d.objective!r}")
     if d.objective == "continuous" and p.sequence_parallel:
         raise ConfigError("parallel.sequence_parallel is not supported with diffusion.objective=continuous yet")
+    _choice("data.sft_padding", da.sft_padding, ("batch", "seq_len"))
     if da.sft_path is not None and d.objective != "masked":
         raise ConfigError(f"data.sft_path (SFT) trains the masked objective only, got diffusion.objective={d.objective}")
     if not 0 <= d.prompt_dropout < 1:
         raise ConfigError(f"diffusion.prompt_dropout must be in [0, 1), got {d.prompt_dropout}")
     if d.prompt_dropout > 0 and da.sft_path is None:
         raise ConfigError("diffusion.prompt_dropout masks SFT prompts: set data.sft_path too, or diffusion.prompt_dropout=0")
+    if da.sft_path is not None and d.anneal_steps:
+        raise ConfigError("diffusion.anneal_steps (causal -> full attention) is for adaptation pretraining, not SFT: "
+                          "fine-tune the adapted checkpoint with diffusion.anneal_steps=0 (shift_logits carries over)")
     if not 0 < d.p_uniform <= 1:
         raise ConfigError(f"diffusion.p_uniform must be in (0, 1], got {d.p_uniform}")
     _positive("data.seq_len", da.seq_len)

@@ -13,10 +13,13 @@ validation stream, keyed by (--seed, sequence index, sample index): deterministi
 ``ar`` checkpoints: the exact perplexity, exp(mean next-token NLL) over non-overlapping windows.
 
 Multiple-choice scoring (``--choices FILE.jsonl``, lines {"prompt", "choices", "answer"}):
-each candidate answer a is scored by a Monte Carlo estimate of the conditional log-likelihood
-bound log p(a | prompt) >= E_t [ (1/t) sum_{i masked} log p_theta(a_i | prompt, a_t) ] where
-only answer tokens are masked, each with probability t (LLaDA, Nie et al. 2025, conditional
-likelihood evaluation, with the 1/t weight of its pretraining bound); AR checkpoints use the exact log-likelihood. The
+masked checkpoints score each candidate answer a (L tokens) with LLaDA's lower-variance
+estimator of the conditional bound (Nie et al. 2025, Eq. 6):
+log p(a | prompt) >= E_{l ~ U{1..L}} [ (L/l) sum_{i masked} log p_theta(a_i | prompt, a_l) ]
+where exactly l answer tokens (a uniformly random subset) are masked and the prompt stays
+clean; ``--num-samples`` samples (default 128 for --choices) per candidate. A model trained
+with diffusion.shift_logits reads token i from output i-1. Uniform and hybrid checkpoints use
+their ELBO integrand at stratified t, AR checkpoints the exact log-likelihood. The
 highest-scoring candidate is the prediction; accuracy is printed last.
 
 The last line of the output is ``perplexity_bound X`` (diffusion), ``perplexity X`` (ar)
@@ -37,6 +40,8 @@ import torch
 from .data.jsonl import jsonl_records
 
 NUM_BUCKETS = 10
+DATA_SAMPLES = 8      # --num-samples default for --data: samples of t per window
+CHOICE_SAMPLES = 128  # --num-samples default for --choices: LLaDA's Monte Carlo count per answer
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,73 +228,120 @@ def ar_nll(model, x_NL: torch.Tensor, *, batch_size: int, device="cpu", segment_
 # Conditional likelihood of candidate answers
 
 
+def answer_log_probs(model, xs_KN: torch.Tensor, x_N: torch.Tensor, P: int, A: int, *, vocab_size: int, shift: bool = False,
+                     device="cpu", batch_size: int | None = None) -> torch.Tensor:
+    """log p_theta(a_i | prompt, noised answer) of every answer token, per noised row.  -> [K, A] float64
+
+    ``xs_KN``: K noised copies of prompt + answer (N = P + A); ``x_N`` the clean sequence.
+    Token P + i is read at output P + i (plain masked models) or at output P + i - 1 for
+    ``shift`` (diffusion.shift_logits: output i-1 predicts token i, as the model was trained).
+    The one place where the model's logits for scoring are formed: a guided score
+    (--cfg-scale, uncond + (1 + w)(cond - uncond)) would combine its two passes here.
+    ``batch_size``: rows per forward pass (default: all K at once)."""
+    K = xs_KN.shape[0]
+    step = batch_size or K
+    out = []
+    for lo in range(0, K, step):
+        logits = model(xs_KN[lo: lo + step].to(device), None, None).float()
+        rows = logits[:, P - 1: P + A - 1] if shift else logits[:, P: P + A]
+        logp = torch.log_softmax(rows[..., :vocab_size], -1)
+        tgt = x_N[P: P + A].to(device)[None, :, None].expand(logp.shape[0], A, 1)
+        out.append(logp.gather(-1, tgt)[..., 0].cpu().double())
+    return torch.cat(out)
+
+
+def llada_terms(model, x_N: torch.Tensor, P: int, is_masked_KA: torch.Tensor, weight_K: torch.Tensor, *, mask_id: int,
+                vocab_size: int, shift: bool = False, device="cpu", batch_size: int | None = None) -> torch.Tensor:
+    """Per-sample values of LLaDA's estimator, weight_k * sum_{i in S_k} log p(a_i | prompt, a_{-S_k}), for
+    the answer x_N[P:] with the masks ``is_masked_KA`` (S_k = row k) and weights L / |S_k|.  -> [K] float64"""
+    K, A = is_masked_KA.shape
+    xs = x_N[None].expand(K, -1).clone()
+    xs[:, P:] = torch.where(is_masked_KA, torch.full_like(xs[:, P:], mask_id), xs[:, P:])
+    ll = answer_log_probs(model, xs, x_N, P, A, vocab_size=vocab_size, shift=shift, device=device, batch_size=batch_size)
+    return weight_K * torch.where(is_masked_KA, ll, torch.zeros_like(ll)).sum(1)
+
+
 @torch.no_grad()
-def score_candidates(model, tok, prompt: str, candidates: list[str], num_samples: int = 32, seed: int = 0, *,
-                     objective: str = "masked", eps: float = 1e-3, p_uniform: float = 0.1, device="cpu") -> list[float]:
+def score_candidates(model, tok, prompt: str, candidates: list[str], num_samples: int = 128, seed: int = 0, *,
+                     objective: str = "masked", eps: float = 1e-3, p_uniform: float = 0.1, shift: bool = False,
+                     device="cpu", batch_size: int | None = None, return_terms: bool = False) -> list:
     """Log-likelihood scores (higher = more likely) of each candidate answer given the prompt.
 
-    masked: LLaDA's conditional Monte Carlo bound (Nie et al. 2025), with 1/t weights:
-    the prompt stays clean, each answer token is masked with probability t, and
-    score = -E_t[(1/t) sum_{masked} -log p(a_i | prompt, a_t)], with ``num_samples`` stratified
-    t. uniform/hybrid: the same with their ELBO integrand (diffusion/uniform.py) on answer
-    tokens. ar: the exact log p(answer | prompt). The noise is a function of (seed, sample
-    index) only, shared by all candidates (common random numbers: differences between
-    candidates are much less noisy than the scores). Deterministic under ``seed``.
+    masked: LLaDA's lower-variance estimator (Nie et al. 2025, Eq. 6, diffusion/masked.py):
+    per sample l ~ U{1..L} (L answer tokens), exactly l answer tokens masked (a uniformly random
+    l-subset), the prompt clean, value (L/l) sum_{masked} log p(a_i | prompt, a_t); the score is
+    the mean over ``num_samples`` samples, whose l are stratified ((o + k/K) mod 1 mapped to
+    {1..L}: each l_k is still uniform). ``shift`` (diffusion.shift_logits): token i is scored
+    from output i-1. uniform/hybrid: their ELBO integrand (diffusion/uniform.py) on answer
+    tokens at K stratified t. ar: the exact log p(answer | prompt). The noise is a function of
+    (seed, sample index) only, shared by all candidates (common random numbers: differences
+    between candidates are much less noisy than the scores). Deterministic under ``seed``.
+    ``batch_size``: rows per forward pass (masked). ``return_terms``: per candidate the [K]
+    per-sample values instead of their mean.
     """
     from .diffusion import masked as md
-    from .diffusion import uniform as ud
     from .diffusion.noise import TAG_EVAL, generator
 
     p_ids = tok.encode(prompt)
-    scores = []
+    if objective not in ("masked", "uniform", "hybrid", "ar"):
+        raise ValueError(f"score_candidates supports masked, uniform, hybrid and ar checkpoints, not {objective!r}")
+    if shift and not p_ids:
+        raise EvalDataError("a diffusion.shift_logits model scores answer token i from output i-1: give every item a non-empty prompt")
     K = num_samples
     g = generator(seed, TAG_EVAL + 200, 0)
-    off = torch.rand((), generator=g, dtype=torch.float64).item()
-    t_K = md.t_from_uniform(md.stratified_uniform(off, K), eps)
+    u_K = md.stratified_uniform(torch.rand((), generator=g, dtype=torch.float64).item(), K)
     enc = [tok.encode(c) for c in candidates]
     A_max = max([len(a) for a in enc] + [1])
+    # Per-sample token uniforms (three vectors) from (seed, k): common across candidates.
+    U = torch.stack([torch.rand(3, A_max, generator=generator(seed, TAG_EVAL + 200, k + 1), dtype=torch.float64)
+                     for k in range(K)]) if objective != "ar" else None
+    scores = []
     for a_ids in enc:
         if not a_ids:
-            scores.append(float("-inf"))
+            scores.append(torch.full((K,), float("-inf"), dtype=torch.float64) if return_terms else float("-inf"))
             continue
         x = torch.tensor(p_ids + a_ids, dtype=torch.long)
         P, A = len(p_ids), len(a_ids)
         if objective == "ar":
-            logits = model(x[None].to(device), None, None).float()[0]
-            logp = torch.log_softmax(logits[:, : tok.vocab_size], -1)
-            tgt = x[P:].to(device)
-            scores.append(logp[P - 1: P + A - 1].gather(-1, tgt[:, None]).sum().item() if P > 0 else
-                          logp[: A - 1].gather(-1, tgt[1:, None]).sum().item())
+            v = _ar_answer_log_prob(model, x, P, A, tok.vocab_size, device)
+            scores.append(torch.full((1,), v, dtype=torch.float64) if return_terms else v)
             continue
-        if objective not in ("masked", "uniform", "hybrid"):
-            raise ValueError(f"score_candidates supports masked, uniform, hybrid and ar checkpoints, not {objective!r}")
-        # Per-sample token uniforms (three vectors) from (seed, k): common across candidates.
-        U = []
-        for k in range(K):
-            gk = generator(seed, TAG_EVAL + 200, k + 1)
-            U.append(torch.rand(3, A_max, generator=gk, dtype=torch.float64)[:, :A])
-        U = torch.stack(U)  # [K, 3, A]
-        xs = x[None].expand(K, -1).clone()
-        region = torch.zeros(K, P + A, dtype=torch.bool)
-        region[:, P:] = True
         if objective == "masked":
-            xt_a, is_m = md.mask_tokens(xs[:, P:], t_K, U[:, 0], tok.mask_id)
-            xs[:, P:] = xt_a
-            logits = model(xs.to(device), None, None).float()
-            logp = torch.log_softmax(logits[..., : tok.vocab_size], -1)[:, P:]
-            ll = logp.gather(-1, x[P:].to(device)[None, :, None].expand(K, A, 1))[..., 0].cpu().double()
-            per = (torch.where(is_m, ll, torch.zeros_like(ll)).sum(1) / t_K)
+            l_K = md.num_masked_from_uniform(u_K, A)
+            terms = llada_terms(model, x, P, md.mask_exactly(U[:, 0, :A], l_K), md.exact_count_weights(l_K, A),
+                                mask_id=tok.mask_id, vocab_size=tok.vocab_size, shift=shift, device=device, batch_size=batch_size)
         else:
-            pu = 1.0 if objective == "uniform" else p_uniform
-            xs[:, P:] = ud.noise_tokens(xs[:, P:], t_K, U[:, 0], U[:, 1], U[:, 2], num_clean=tok.vocab_size - 1,
-                                        mask_id=tok.mask_id, p_uniform=pu)
-            logits = model(xs.to(device), None, None).float()
-            f = ud.interpolating_loss_contributions(logits, x[None].expand(K, -1).to(device), xs.to(device), t_K.float().to(device),
-                                                    region.float().to(device), mask_id=tok.mask_id,
-                                                    num_clean=tok.vocab_size - 1, p_uniform=pu)
-            per = -f.sum(1).cpu().double()
-        scores.append(per.mean().item())
+            terms = _interpolating_terms(model, tok, x, P, A, md.t_from_uniform(u_K, eps), U[:, :, :A],
+                                         p_uniform=1.0 if objective == "uniform" else p_uniform, device=device)
+        scores.append(terms if return_terms else terms.mean().item())
     return scores
+
+
+def _ar_answer_log_prob(model, x: torch.Tensor, P: int, A: int, vocab_size: int, device) -> float:
+    """Exact log p(answer | prompt) of a causal model (without a prompt, the first token is given)."""
+    logits = model(x[None].to(device), None, None).float()[0]
+    logp = torch.log_softmax(logits[:, :vocab_size], -1)
+    tgt = x[P:].to(device)
+    return (logp[P - 1: P + A - 1].gather(-1, tgt[:, None]).sum().item() if P > 0 else
+            logp[: A - 1].gather(-1, tgt[1:, None]).sum().item())
+
+
+def _interpolating_terms(model, tok, x: torch.Tensor, P: int, A: int, t_K: torch.Tensor, U_K3A: torch.Tensor, *,
+                         p_uniform: float, device) -> torch.Tensor:
+    """Uniform / hybrid noise: minus the ELBO integrand summed over the answer, per sample t_k.  -> [K] float64"""
+    from .diffusion import uniform as ud
+
+    K = t_K.shape[0]
+    xs = x[None].expand(K, -1).clone()
+    region = torch.zeros(K, P + A, dtype=torch.bool)
+    region[:, P:] = True
+    xs[:, P:] = ud.noise_tokens(xs[:, P:], t_K, U_K3A[:, 0], U_K3A[:, 1], U_K3A[:, 2], num_clean=tok.vocab_size - 1,
+                                mask_id=tok.mask_id, p_uniform=p_uniform)
+    logits = model(xs.to(device), None, None).float()
+    f = ud.interpolating_loss_contributions(logits, x[None].expand(K, -1).to(device), xs.to(device), t_K.float().to(device),
+                                            region.float().to(device), mask_id=tok.mask_id,
+                                            num_clean=tok.vocab_size - 1, p_uniform=p_uniform)
+    return -f.sum(1).cpu().double()
 
 
 def read_choices(path: str) -> list[dict]:
@@ -318,7 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", default=None, help="evaluation text: a plain-text file (one document) or JSONL (one document per line)")
     ap.add_argument("--field", default="text", help="JSONL field holding the document text")
     ap.add_argument("--choices", default=None, help="multiple-choice JSONL ({\"prompt\", \"choices\", \"answer\"}): print accuracy")
-    ap.add_argument("--num-samples", type=int, default=8, help="Monte Carlo samples K of the noise level per sequence (diffusion) or per candidate (--choices)")
+    ap.add_argument("--num-samples", type=int, default=None,
+                    help=f"Monte Carlo samples K per window (--data; default {DATA_SAMPLES}) or per candidate answer "
+                         f"(--choices; default {CHOICE_SAMPLES}, LLaDA's count)")
     ap.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
     ap.add_argument("--seq-len", type=int, default=None, help="window length in tokens (default: the checkpoint's data.seq_len)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo noise (results are deterministic given it)")
@@ -336,7 +390,7 @@ def run(args) -> list[str]:
     if args.data is None and args.choices is None:
         raise EvalDataError("pass --data FILE (likelihood) and/or --choices FILE.jsonl (multiple choice)")
     for name in ("num_samples", "batch_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise EvalDataError(f"--{name.replace('_', '-')} must be >= 1")
     docs = read_documents(args.data, args.field) if args.data else None
     items = read_choices(args.choices) if args.choices else None
@@ -366,7 +420,8 @@ def run(args) -> list[str]:
             dcfg = copy.deepcopy(cfg.diffusion)
             dcfg.antithetic = True
             objective = build_objective(dcfg, tok.mask_id, args.seed, vocab_size=tok.vocab_size)
-            r = diffusion_bound(model, objective, x, num_samples=args.num_samples, batch_size=args.batch_size, device=args.device,
+            K = args.num_samples or DATA_SAMPLES
+            r = diffusion_bound(model, objective, x, num_samples=K, batch_size=args.batch_size, device=args.device,
                                 segment_ids_NL=seg)
             s = summarize_bound(r["loss"], r["t"], args.buckets if args.buckets > 0 else 1)
             if args.buckets > 0 and bool(((r["t"] >= 0) & (r["t"] <= 1)).all()):  # (continuous: t_B is sigma, no table)
@@ -377,13 +432,15 @@ def run(args) -> list[str]:
                 lines.append("note: the continuous (CDCD) objective's loss is its denoising cross-entropy averaged over sigma, "
                              "not an ELBO: the number below is not a likelihood bound")
             lines.append(f"nll bound (nats/token): {s['nll']:.4f} +- {s['se']:.4f} (Monte Carlo standard error; "
-                         f"K={args.num_samples} stratified samples per window, seed {args.seed})")
+                         f"K={K} stratified samples per window, seed {args.seed})")
             lines.append(f"perplexity_bound {math.exp(min(s['nll'], 50.0)):.4f}")
     if items is not None:
         correct = 0
         for it in items:
-            sc = score_candidates(model, tok, it["prompt"], [str(c) for c in it["choices"]], args.num_samples, args.seed,
-                                  objective=obj, eps=cfg.diffusion.eps, p_uniform=cfg.diffusion.p_uniform, device=args.device)
+            sc = score_candidates(model, tok, it["prompt"], [str(c) for c in it["choices"]], args.num_samples or CHOICE_SAMPLES,
+                                  args.seed, objective=obj, eps=cfg.diffusion.eps, p_uniform=cfg.diffusion.p_uniform,
+                                  shift=bool(getattr(cfg.diffusion, "shift_logits", False)), device=args.device,
+                                  batch_size=args.batch_size)
             correct += int(max(range(len(sc)), key=lambda j: sc[j]) == it["answer"])
         lines.append(f"accuracy {correct / len(items):.4f} ({correct}/{len(items)})")
     return lines

@@ -227,10 +227,12 @@ class Trainer:
         self.train_ds = build_train_dataset(cfg, tok, cfg.data.cache_dir)  # PackedDataset, or BlendedDataset for "0.7:dirA,0.3:dirB"
         self.val_ds = PackedDataset(paths["val"], cfg.data.seq_len, tok.eot_id, tokenizer_sha=tok.sha256) if "val" in paths else None
         if cfg.data.sft_path:  # SFT: prompt/response examples (data/sft.py) instead of packed text
-            from .data.sft import SFTDataset
+            from .data.sft import SFTDataset, pad_multiple
 
-            self.train_ds = SFTDataset(cfg.data.sft_path, tok, cfg.data.seq_len, cfg.data.chat_template)
-            self.val_ds = SFTDataset(cfg.data.sft_val_path, tok, cfg.data.seq_len, cfg.data.chat_template) if cfg.data.sft_val_path else None
+            # data.sft_padding=batch: each global batch is padded to its longest example (data/sft.py)
+            pad = pad_multiple(cfg.diffusion.objective, cfg.diffusion.block_size) if cfg.data.sft_padding == "batch" else None
+            self.train_ds = SFTDataset(cfg.data.sft_path, tok, cfg.data.seq_len, cfg.data.chat_template, pad)
+            self.val_ds = SFTDataset(cfg.data.sft_val_path, tok, cfg.data.seq_len, cfg.data.chat_template, pad) if cfg.data.sft_val_path else None
         self.vocab = cfg.model.vocab_size or tok.vocab_size
         if self.vocab < tok.vocab_size:
             raise ConfigError(f"model.vocab_size={self.vocab} is smaller than the tokenizer's vocabulary ({tok.vocab_size})")
@@ -348,8 +350,9 @@ class Trainer:
         cfg, G, ds = self.cfg, self.G, self.train_ds
         idx = sample_indices(step, G, len(ds), cfg.train.seed)
         lo, per_rank = self.lay.dp_rank * self.per_rank, self.per_rank
-        x = np.zeros((G, getattr(ds, "sample_width", cfg.data.seq_len)), dtype=np.int64)
-        x[lo: lo + per_rank] = np.stack([ds[int(i)] for i in idx[lo: lo + per_rank]])
+        rows = fit_to_batch(ds, idx, np.stack([ds[int(i)] for i in idx[lo: lo + per_rank]]))
+        x = np.zeros((G, rows.shape[1]), dtype=np.int64)
+        x[lo: lo + per_rank] = rows
         positions = np.arange(step * G, (step + 1) * G, dtype=np.int64)
         seg = None
         if cfg.data.document_masks:
@@ -395,7 +398,7 @@ class Trainer:
         with torch.no_grad():
             for k in range(self.cfg.train.eval_batches):
                 idx = sample_indices(k, G, len(self.val_ds), eval_seed)
-                x = np.stack([self.val_ds[int(i)] for i in idx])
+                x = fit_to_batch(self.val_ds, idx, np.stack([self.val_ds[int(i)] for i in idx]))
                 pos = np.arange(k * G, (k + 1) * G, dtype=np.int64)
                 # validation sees documents as training does: no attention across them
                 seg = np.stack([self.val_ds.segment_ids(int(i)) for i in idx]) if self.cfg.data.document_masks else None
@@ -510,6 +513,17 @@ class Trainer:
             summary["sample"] = text
         self.logger.close()
         return summary
+
+
+def fit_to_batch(ds, indices_G: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Rows of the global batch ``indices_G`` at the batch's one length: SFT datasets with
+    variable length (data.sft_padding=batch) cut them to ``ds.batch_length`` of the whole
+    global batch, so every rank, reading only its own rows, agrees; other data unchanged."""
+    if getattr(ds, "pad_to_batch", None) is None:
+        return rows
+    from .data.sft import cut_to_length
+
+    return cut_to_length(rows, ds.batch_length(indices_G))
 
 
 def run(cfg: Config) -> dict:

@@ -14,10 +14,19 @@ loss. Too long examples are cut: the response keeps at least one token, the prom
 from the left.
 
 A sample is an int64 array of ``seq_len + 1``: the tokens, then the prompt length (the
-objective, ``SFTMaskedDiffusion``, splits it off). ``sample_width`` tells the trainer.
+objective, ``SFTMaskedDiffusion``, splits it off); ``sample_width`` is that width.
+
+Variable length (``data.sft_padding=batch``, the default): the trainer cuts every sample of a
+global batch to ``batch_length(indices)``, the batch's longest example (prompt + response +
+one EOT) rounded up to a multiple of 8 and at most ``seq_len``. Cutting a sample padded to
+``seq_len`` at that length is the same as padding it only that far, so the EOT padding
+still belongs to the response, up to the batch's length. The length depends on the whole
+global batch (every rank computes it from the step's sample indices), so all ranks and
+micro-batches of a step share one length and the layouts stay equal.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +49,34 @@ def render_messages(messages: list, template: str) -> tuple[str, str]:
     return prompt, str(last["content"])
 
 
+PAD_MULTIPLE = 8
+"""Padded SFT batch lengths are multiples of this (friendly to tensor cores and kernels)."""
+
+
+def pad_multiple(objective: str = "masked", block_size: int = 1) -> int:
+    """What a padded batch length is a multiple of: 8, and for block diffusion also the block
+    size (its blocks must tile the sequence).  -> int"""
+    return math.lcm(PAD_MULTIPLE, block_size) if objective == "block" else PAD_MULTIPLE
+
+
+def content_length(prompt_len: int, response_len: int, seq_len: int) -> int:
+    """Tokens of prompt + response + one EOT as ``encode_example`` keeps them (at most seq_len)."""
+    return min(seq_len, min(prompt_len, seq_len - 1) + response_len + 1)
+
+
+def batch_length(lengths, multiple: int, seq_len: int) -> int:
+    """The length a batch of examples with content ``lengths`` is padded to: the longest
+    rounded up to a multiple of ``multiple``, at most ``seq_len``."""
+    longest = int(np.max(lengths))
+    return min(seq_len, -(-longest // multiple) * multiple)
+
+
+def cut_to_length(x_BW: np.ndarray, length: int) -> np.ndarray:
+    """Samples padded to seq_len ([B, seq_len + 1]) as samples padded to ``length`` (>= each
+    one's content length): the first ``length`` tokens, then the prompt length.  -> [B, length + 1]"""
+    return np.concatenate([x_BW[:, :length], x_BW[:, -1:]], axis=1)
+
+
 def encode_example(prompt_ids: list[int], response_ids: list[int], seq_len: int, eot_id: int) -> np.ndarray:
     """[seq_len + 1]: prompt + response + EOT padding (cut to fit), then the prompt length."""
     if seq_len < 2:
@@ -57,7 +94,10 @@ def encode_example(prompt_ids: list[int], response_ids: list[int], seq_len: int,
 class SFTDataset:
     """All examples of a JSONL file, tokenized once (kept in memory)."""
 
-    def __init__(self, path: str | Path, tokenizer, seq_len: int, chat_template: str = DEFAULT_CHAT_TEMPLATE):
+    def __init__(self, path: str | Path, tokenizer, seq_len: int, chat_template: str = DEFAULT_CHAT_TEMPLATE,
+                 pad_to_batch: int | None = None):
+        """``pad_to_batch``: the multiple a global batch's length is rounded up to
+        (``batch_length``); None pads every example to ``seq_len``."""
         p = Path(path)
         if not p.is_file():
             raise DataError(f"data.sft_path '{path}' does not exist")
@@ -75,8 +115,17 @@ class SFTDataset:
             raise DataError(f"data.sft_path '{path}' holds no examples")
         pi, ri = tokenizer.encode_batch(prompts), tokenizer.encode_batch(responses)
         self.samples = np.stack([encode_example(a, b, seq_len, tokenizer.eot_id) for a, b in zip(pi, ri)])
+        self.lengths = np.array([content_length(len(a), len(b), seq_len) for a, b in zip(pi, ri)], dtype=np.int64)
         self.seq_len = seq_len
         self.sample_width = seq_len + 1
+        self.pad_to_batch = pad_to_batch
+
+    def batch_length(self, indices) -> int:
+        """Tokens per sample of the global batch ``indices``: its longest example rounded up to
+        a multiple of ``pad_to_batch`` (at most seq_len), or seq_len when that is None."""
+        if self.pad_to_batch is None:
+            return self.seq_len
+        return batch_length(self.lengths[np.asarray(indices, dtype=np.int64)], self.pad_to_batch, self.seq_len)
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -50,6 +50,13 @@ def noise_range(eps: float, t_min: float, t_max: float) -> tuple[float, float]:
     return lo, t_max
 
 
+def eval_noise_range(eps: float) -> tuple[float, float]:
+    """The interval t is drawn from when the loss is evaluated as a bound: (eps, 1), whatever
+    the training schedule's clipping. The NELBO is an integral over all of t in (0, 1]; a
+    clipped [t_min, t_max] averages only part of the integrand and is no bound."""
+    return noise_range(eps, 0.0, 1.0)
+
+
 def t_from_uniform(u: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     """t = lo + (hi - lo) u, any shape. With (lo, hi) = (eps, 1) this is masked diffusion's map."""
     return lo + (hi - lo) * u

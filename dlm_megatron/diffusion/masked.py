@@ -55,3 +55,32 @@ def weighted_token_loss(token_nll_BL: torch.Tensor, weight_BL: torch.Tensor, num
     """
     contrib = torch.where(weight_BL != 0, token_nll_BL.float() * weight_BL, torch.zeros_like(weight_BL))
     return contrib.sum() / (token_nll_BL.numel() if num_tokens is None else num_tokens)
+
+
+# ---------------------------------------------------------------------------------------
+# LLaDA's lower-variance likelihood estimator (conditional scoring of an answer)
+#
+# log p(a | c) >= E_{l ~ U{1..L}} E_{S ~ U(l-subsets)} [ (L / l) sum_{i in S} log p(a_i | c, a_{-S}) ]
+# with a the L answer tokens and a_{-S} the answer with the positions S masked (Nie et al.
+# 2025, Eq. 6). Its expectation is that of the 1/t form E_t[(1/t) sum_{masked} ...]: the
+# 1/t form gives each l-subset S the weight int_0^1 (1/t) t^l (1 - t)^(L-l) dt = B(l, L-l+1)
+# = 1 / (l C(L, l)); the l-form gives it P(l) P(S | l) (L / l) = (1/L) (1/C(L, l)) (L/l), the
+# same. Fixing the count l removes the binomial spread of the number of masked tokens (and
+# the 1/t blow-up at small t), hence the lower variance.
+
+
+def num_masked_from_uniform(u_K: torch.Tensor, L: int) -> torch.Tensor:
+    """l = 1 + floor(L u), uniform on {1, ..., L} for u ~ U[0, 1).  [K] -> [K] long"""
+    return (1 + torch.floor(u_K.to(torch.float64) * L).long()).clamp(1, L)
+
+
+def mask_exactly(u_KL: torch.Tensor, l_K: torch.Tensor) -> torch.Tensor:
+    """True at the l_k positions of row k with the smallest uniforms: for i.i.d. u, a uniformly
+    random subset of exactly l_k positions (every order of the u is equally likely).  -> [K, L] bool"""
+    rank_KL = u_KL.argsort(dim=1).argsort(dim=1)  # rank of each position's uniform within its row
+    return rank_KL < l_K[:, None]
+
+
+def exact_count_weights(l_K: torch.Tensor, L: int) -> torch.Tensor:
+    """The estimator's weight L / l of a sample with l of L tokens masked.  [K] -> [K] float64"""
+    return L / l_K.to(torch.float64)

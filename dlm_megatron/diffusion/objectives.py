@@ -144,10 +144,16 @@ class BlockDiffusion(Objective):
 
     name = "block"
 
-    def sample_t(self, positions_B: torch.Tensor, *, step: int, global_batch_size: int, stream: int, K: int) -> torch.Tensor:
-        """Block noise levels.  -> [B, K] float64"""
+    def sample_t(self, positions_B: torch.Tensor, *, step: int, global_batch_size: int, stream: int, K: int,
+                 eval: bool = False) -> torch.Tensor:
+        """Block noise levels.  -> [B, K] float64
+
+        Training draws from the clipped schedule U[t_min, t_max]; evaluation (``eval``: the
+        in-training validation and ``python -m dlm_megatron.eval``) always from U(eps, 1):
+        only the full range integrates the ELBO (BD3-LM computes its NELBO so; the average
+        over a clipped range is a biased number, not a bound)."""
         d = self.dcfg
-        lo, hi = bd.noise_range(d.eps, d.t_min, d.t_max)
+        lo, hi = bd.eval_noise_range(d.eps) if eval else bd.noise_range(d.eps, d.t_min, d.t_max)
         if d.antithetic:
             off_K = torch.rand(K, generator=generator(self.seed, stream + 100, step), dtype=torch.float64)
             j_B = (positions_B - step * global_batch_size).to(torch.float64)
@@ -169,7 +175,7 @@ class BlockDiffusion(Objective):
         batch, L = x0_BL.shape
         bs = self.dcfg.block_size
         K = bd.num_blocks(L, bs)
-        t_BK = self.sample_t(positions_B, step=step, global_batch_size=global_batch_size, stream=stream, K=K)
+        t_BK = self.sample_t(positions_B, step=step, global_batch_size=global_batch_size, stream=stream, K=K, eval=eval)
         u_BL = self.token_uniforms(positions_B, L, K, stream)
         xt_BL, is_masked_BL = bd.mask_blocks(x0_BL, t_BK, u_BL, self.mask_id, bs)
         tokens, labels, weights = bd.two_half_inputs(x0_BL, xt_BL, bd.loss_weights(is_masked_BL, t_BK, bs))
@@ -295,7 +301,22 @@ class SFTMaskedDiffusion(MaskedDiffusion):
         resp_len_B = response_BL.sum(1).clamp_min(1).to(torch.float32)
         # weighted_token_loss divides by B*L: scale by L / |response| to get LLaDA's per-sample normalisation.
         w_BL = md.masked_loss_weights(is_masked_BL, t_B) * (L / resp_len_B)[:, None]
-        return Batch(tokens_BS=xt_BL, labels_BS=x0_BL, loss_weight_BS=w_BL, t_B=t_B.float())
+        b = Batch(tokens_BS=xt_BL, labels_BS=x0_BL, loss_weight_BS=w_BL, t_B=t_B.float())
+        # An AR-adapted (shifted) model keeps its convention when fine-tuned: output i-1
+        # predicts response token i (the prompt is clean, so token 0 already is).
+        return shift_batch(b) if getattr(self.dcfg, "shift_logits", False) else b
+
+
+def shift_batch(b: Batch) -> Batch:
+    """Re-index a masked-diffusion batch for shifted logits: token 0 clean with no loss,
+    labels and weights moved to the output position before their token."""
+    from . import adaptation as ad
+
+    xt, w = ad.keep_first(b.tokens_BS, b.labels_BS, b.loss_weight_BS)
+    labels, w = ad.shift_targets(b.labels_BS, w)
+    b.num_clean_tokens = b.num_tokens
+    b.tokens_BS, b.labels_BS, b.loss_weight_BS = xt, labels, w
+    return b
 
 
 def build_objective(dcfg, mask_id: int, seed: int, *, vocab_size: int | None = None, tp_group=None, tp_rank: int = 0,
@@ -338,10 +359,7 @@ class AdaptedMaskedDiffusion(MaskedDiffusion):
 
         b = super().make_batch(x0_BL, positions_B, step=step, global_batch_size=global_batch_size, eval=eval)
         if self.dcfg.shift_logits:
-            xt, w = ad.keep_first(b.tokens_BS, b.labels_BS, b.loss_weight_BS)
-            labels, w = ad.shift_targets(b.labels_BS, w)
-            b.num_clean_tokens = b.num_tokens
-            b.tokens_BS, b.labels_BS, b.loss_weight_BS = xt, labels, w
+            b = shift_batch(b)
         if self.dcfg.anneal_steps > 0:
             frac = 1.0 if eval else ad.anneal_fraction(step, self.dcfg.anneal_steps)
             b.attention_mask = ad.annealed_mask(b.tokens_BS.shape[1], frac, self.seed, step)

@@ -6,6 +6,13 @@ compare every DeepSpeed / TP / PP run against it.
 
 usage: python tests/distributed/reference.py OUT_DIR [key=value ...]
 Writes OUT_DIR/losses.json and OUT_DIR/params.safetensors (canonical names, full tensors).
+
+With data.sft_path (prompt/response JSONL) it is an independent SFT reference: its own
+encoding and padding (each global batch padded with EOT to its longest prompt + response +
+EOT, rounded up to a multiple of 8) and LLaDA's SFT loss written out (masked response tokens'
+NLL / t, divided by the response length up to the padded length, mean over samples), with
+the noise of MaskedDiffusion (t, then token uniforms per global sample position). It also
+writes OUT_DIR/lengths.json, the padded length of each step.
 """
 import json
 import os
@@ -38,7 +45,8 @@ def main():
     cfg = load_config(os.path.join(REPO, "configs/tiny.yaml"), list(COMMON_OVERRIDES) + overrides)
     pdist.init_distributed(cfg)
     tok = load_tokenizer(cfg.data.tokenizer)
-    ds = PackedDataset(resolve_data_path(cfg.data.train_path, cfg.data.cache_dir, tok), cfg.data.seq_len, tok.eot_id)
+    sft = sft_examples(cfg, tok) if cfg.data.sft_path else None
+    ds = sft or PackedDataset(resolve_data_path(cfg.data.train_path, cfg.data.cache_dir, tok), cfg.data.seq_len, tok.eot_id)
     model = build_model(cfg, tok.vocab_size, pre_process=True, post_process=True)
     init_weights(model, cfg, tp_rank=0, pp_rank=0)
     t = cfg.train
@@ -46,10 +54,14 @@ def main():
     obj = build_objective(cfg.diffusion, tok.mask_id, t.seed, vocab_size=tok.vocab_size)
     G, mbs = t.global_batch_size, t.micro_batch_size
     gas = G // mbs
-    losses = []
+    losses, lengths = [], []
     for step in range(t.steps):
         idx = sample_indices(step, G, len(ds), t.seed)
-        x = torch.from_numpy(np.stack([ds[int(i)] for i in idx]))
+        if sft is not None:
+            x, P = sft_batch(sft, idx, tok.eot_id, cfg.data.seq_len)
+            lengths.append(x.shape[1])
+        else:
+            x = torch.from_numpy(np.stack([ds[int(i)] for i in idx]))
         pos = torch.arange(step * G, (step + 1) * G)
         lr = lr_at(step, schedule=t.lr_schedule, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps,
                    total_steps=t.steps, decay_fraction=t.decay_fraction)
@@ -58,6 +70,11 @@ def main():
         opt.zero_grad()
         step_losses = []
         for i in range(0, G, mbs):
+            if sft is not None:
+                loss = sft_loss(model, obj, x[i:i + mbs], P[i:i + mbs], pos[i:i + mbs], step, G, tok.mask_id)
+                (loss / gas).backward()
+                step_losses.append(loss.item())
+                continue
             b = obj.make_batch(x[i:i + mbs], pos[i:i + mbs], step=step, global_batch_size=G)
             nll = model(b.tokens_BS, b.position_ids_BS, b.attention_mask, labels=None if b.logits_loss else b.labels_BS,
                         explicit_positions=b.position_ids_BS is not None)
@@ -74,8 +91,51 @@ def main():
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "losses.json"), "w") as f:
         json.dump(losses, f)
+    with open(os.path.join(out, "lengths.json"), "w") as f:
+        json.dump(lengths, f)
     save_file({n: p.detach().contiguous() for n, p in canonical_params(model, cfg, 0)}, os.path.join(out, "params.safetensors"))
     pdist.destroy()
+
+
+def sft_examples(cfg, tok) -> list:
+    """(prompt ids, response ids + EOT) of each JSONL line; the test data fit in data.seq_len."""
+    rows = []
+    with open(cfg.data.sft_path) as f:
+        for line in f:
+            if line.strip():
+                ex = json.loads(line)
+                p, r = tok.encode(ex["prompt"]), tok.encode(ex["response"]) + [tok.eot_id]
+                assert len(p) + len(r) <= cfg.data.seq_len, "reference.py does not cut long SFT examples"
+                rows.append((p, r))
+    return rows
+
+
+def sft_batch(examples, idx, eot: int, seq_len: int):
+    """Tokens [G, Lb] padded with EOT to the batch's longest example rounded up to 8, and P [G]."""
+    import torch
+
+    longest = max(len(examples[i][0]) + len(examples[i][1]) for i in idx)
+    Lb = min(seq_len, (longest + 7) // 8 * 8)
+    x = torch.full((len(idx), Lb), eot, dtype=torch.long)
+    for row, i in enumerate(idx):
+        ids = examples[i][0] + examples[i][1]
+        x[row, :len(ids)] = torch.tensor(ids)
+    return x, torch.tensor([len(examples[i][0]) for i in idx])
+
+
+def sft_loss(model, obj, x, P, pos, step: int, G: int, mask_id: int):
+    """mean_b sum_{masked response tokens} nll / t_b / (Lb - P_b) with MaskedDiffusion's noise."""
+    import torch
+
+    from dlm_megatron.diffusion.noise import TAG_SAMPLE
+
+    B, Lb = x.shape
+    t = obj.sample_t(pos, step=step, global_batch_size=G, stream=TAG_SAMPLE)
+    u = obj.token_uniforms(pos, Lb, TAG_SAMPLE)
+    masked = (u < t[:, None]) & (torch.arange(Lb)[None, :] >= P[:, None])
+    nll = model(torch.where(masked, torch.full_like(x, mask_id), x), None, None, labels=x)
+    per = [(nll[b][masked[b]].double() / t[b]).sum() / (Lb - P[b]) for b in range(B)]
+    return torch.stack(per).mean().float()
 
 
 if __name__ == "__main__":

@@ -65,16 +65,21 @@ def runs(tmp_path_factory):
     run([PY, "tests/distributed/reference.py", str(root / "reference_tied"), TIED, *COMPARE])
     for obj in ("uniform", "hybrid"):
         run([PY, "tests/distributed/reference.py", str(root / f"reference_{obj}"), f"diffusion.objective={obj}", *COMPARE])
+    sft = f"data.sft_path={write_sft_data(root / 'sft.jsonl')}"
+    run([PY, "tests/distributed/reference.py", str(root / "reference_sft"), sft, *COMPARE])
     # The RESUME runs stop after step 2 at one DP size and are finished by the next launch
     # at another DP size.
     specs2 = [*[f"{k}:{v}" for k, v in WORLD2.items()],
               *[f"{k}:{BLOCK},{v}" for k, v in BLOCK_LAYOUTS.items()],
               *[f"{k}:{TIED},{v}" for k, v in TIED_LAYOUTS.items()],
+              *[f"{k}:{sft},{v}" for k, v in SFT_LAYOUTS.items()],
+              *[f"{k}:{sft},{v},@stop=2" for k, (v, _) in SFT_RESUME.items()],
               *[f"{k}:diffusion.objective={obj},{v}" for k, (obj, v, n) in VOCAB_LAYOUTS.items() if n == 2],
               *[f"{k}:{v},@stop=2" for k, (v, _) in RESUME.items()]]
     specs4 = [*[f"{k}:{v}" for k, v in WORLD4.items()],
               *[f"{k}:diffusion.objective={obj},{v}" for k, (obj, v, n) in VOCAB_LAYOUTS.items() if n == 4],
-              *[f"{k}:{v}" for k, (_, v) in RESUME.items()]]
+              *[f"{k}:{v}" for k, (_, v) in RESUME.items()],
+              *[f"{k}:{sft},{v}" for k, (_, v) in SFT_RESUME.items()]]
     torchrun(2, "tests/distributed/run_layouts.py", str(root), *[",".join((s, *COMPARE)) for s in specs2])
     torchrun(4, "tests/distributed/run_layouts.py", str(root), *[",".join((s, *COMPARE)) for s in specs4])
     return root
@@ -95,6 +100,40 @@ VOCAB_LAYOUTS = {
     "hybrid_tp2_dp2_zero1": ("hybrid", "parallel.tp=2,parallel.zero_stage=1", 4),
 }
 
+# SFT with variable length (data.sft_padding=batch): each global batch padded to its longest
+# example. dp2 is the case where a rank's own rows are shorter than the batch's longest.
+SFT_LAYOUTS = {
+    "sft_tp2": "parallel.tp=2",
+    "sft_dp2_zero1": "parallel.zero_stage=1",
+}
+# The padded length is a pure function of the step: stopped after step 2 at dp2 and resumed at
+# dp4, the run still equals the reference.
+SFT_RESUME = {"sft_resume_dp2_to_dp4": ("parallel.zero_stage=0", "parallel.zero_stage=0")}
+
+
+# The SFT loss is a mean over a few masked response tokens each weighted by L_b / (|response| t),
+# several times the pretraining weight 1/t, so the layouts' fp32 differences in the weights
+# (1.5e-5 at most after 4 steps, within TOL below) move it more: measured 1.6e-5 (tp2) and
+# 3.0e-5 (dp2) at step 4, step 1 equal to every printed digit. A wrong padding length moves it
+# by 0.1 or more (per-rank instead of global length at dp2: 0.79 at step 3; seq_len instead of
+# the batch's length doubles the normaliser), so 1e-4 still separates them.
+SFT_LOSS_TOL = 1e-4
+
+
+def write_sft_data(path: Path) -> Path:
+    """48 prompt/response pairs, most a few tokens long and one in eight about 20, so the
+    global batches (8 samples) pad to different lengths, most below data.seq_len=32."""
+    import random
+
+    r = random.Random(0)
+    words = "king queen sword crown night love death rose".split()
+    with path.open("w") as f:
+        for i in range(48):
+            n = 8 if i % 8 == 0 else r.randint(1, 3)
+            f.write(json.dumps({"prompt": f"Say {r.choice(words)}:", "response": " ".join(r.choice(words) for _ in range(n))}) + "\n")
+    return path
+
+
 # name: (layout of the first 2 steps on 2 processes, layout of the last 2 on 4 processes)
 RESUME = {
     "resume_deepspeed_dp2_to_dp4": ("parallel.zero_stage=0", "parallel.zero_stage=0"),
@@ -108,15 +147,17 @@ def _final_params(run_dir: Path) -> dict:
 
 
 @pytest.mark.parametrize("layout", list(WORLD2) + list(WORLD4) + list(RESUME) + list(BLOCK_LAYOUTS) + list(VOCAB_LAYOUTS)
-                         + list(TIED_LAYOUTS))
+                         + list(TIED_LAYOUTS) + list(SFT_LAYOUTS) + list(SFT_RESUME))
 def test_layout_matches_plain_adamw(runs, layout):
     refname = ("reference_block" if layout in BLOCK_LAYOUTS else "reference_tied" if layout in TIED_LAYOUTS else
+               "reference_sft" if layout in SFT_LAYOUTS or layout in SFT_RESUME else
                f"reference_{VOCAB_LAYOUTS[layout][0]}" if layout in VOCAB_LAYOUTS else "reference")
     ref_losses = json.loads((runs / refname / "losses.json").read_text())
     losses = train_losses(runs / layout)
     assert len(losses) == len(ref_losses) == 4
+    tol = SFT_LOSS_TOL if layout in SFT_LAYOUTS or layout in SFT_RESUME else 2e-5
     for step, (a, b) in enumerate(zip(losses, ref_losses), 1):
-        assert a == pytest.approx(b, abs=2e-5), f"{layout}: step {step} loss {a} != reference {b}"
+        assert a == pytest.approx(b, abs=tol), f"{layout}: step {step} loss {a} != reference {b}"
     ref = load_file(str(runs / refname / "params.safetensors"))
     got = _final_params(runs / layout)
     assert set(got) == set(ref)
@@ -161,6 +202,14 @@ def test_weight_tolerance_is_tight():
         one_off[name][3, 1] = 3e-4
         with pytest.raises(AssertionError, match=f"{name}: 1 coordinates"):
             assert_weights_match("x", one_off, ref)
+
+
+def test_sft_batches_are_shorter_than_seq_len(runs):
+    """The SFT reference (hence, by the equal losses above, every SFT layout) pads each step to
+    its own batch's longest example: here to fewer than data.seq_len=32 tokens on some steps,
+    so fewer tokens are processed, and not to one fixed length."""
+    lengths = json.loads((runs / "reference_sft" / "lengths.json").read_text())
+    assert len(lengths) == 4 and min(lengths) < 32 and len(set(lengths)) > 1 and all(n % 8 == 0 for n in lengths), lengths
 
 
 def test_reference_weights_moved(runs):

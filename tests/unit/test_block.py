@@ -274,3 +274,62 @@ def test_generate_dispatches_block_checkpoints(build, monkeypatch):
     gen = out[2:]
     gen = gen[: gen.index(0)] if 0 in gen else gen  # cut at EOT as sample_text does
     assert text == " ".join(map(str, out[:2] + gen)) and text.startswith(" ".join(map(str, Tok().encode("ab"))))
+
+
+# --------------------------------------------------------------------------- the bound's range of t
+
+
+def test_eval_noise_ignores_the_clipped_training_range():
+    """Training draws block levels from [t_min, t_max]; evaluation (make_batch(eval=True),
+    which validation and dlm_megatron.eval use) from (eps, 1) whatever the clipping, and
+    identically for a clipped and an unclipped config."""
+    x0, pos = _x0(64, seed=2), torch.arange(64)
+    clipped, full = _objective(8, t_min=0.3, t_max=0.8), _objective(8)
+    t_train = clipped.sample_t(pos, step=0, global_batch_size=64, stream=1, K=4)
+    assert t_train.min() >= 0.3 and t_train.max() <= 0.8
+    ev_clip = clipped.make_batch(x0, pos, step=0, global_batch_size=64, eval=True)
+    ev_full = full.make_batch(x0, pos, step=0, global_batch_size=64, eval=True)
+    assert torch.equal(ev_clip.tokens_BS, ev_full.tokens_BS) and torch.equal(ev_clip.loss_weight_BS, ev_full.loss_weight_BS)
+    t_eval = 1 / ev_clip.loss_weight_BS[ev_clip.loss_weight_BS != 0]
+    assert t_eval.min() < 0.3 and t_eval.max() > 0.8  # levels outside the training range are evaluated
+
+
+def test_clipped_checkpoint_reports_the_unclipped_bound(tmp_path):
+    """A block-diffusion run trained with t in [0.3, 0.8] reports, in its in-training
+    validation and through dlm_megatron.eval, the same bound as the same weights with the
+    config at [0, 1] (bit for bit: the evaluation noise does not read t_min / t_max)."""
+    import json
+    import shutil
+
+    from common import COMMON_OVERRIDES
+
+    from dlm_megatron import eval as ev
+    from dlm_megatron.config import load_config
+    from dlm_megatron.train import Trainer, quiet_warnings
+
+    quiet_warnings()
+    run_dir = tmp_path / "run"
+    base = list(COMMON_OVERRIDES) + ["diffusion.block_size=8", "train.steps=2", f"train.output_dir={run_dir}"]
+    clipped = Trainer(load_config("configs/tiny_block.yaml", base + ["diffusion.t_min=0.3", "diffusion.t_max=0.8"]))
+    t_train = torch.cat([b.t_B for b in clipped.step_batches(0)])
+    assert t_train.min() >= 0.3 and t_train.max() <= 0.8  # the run really trains on the clipped range
+    val_clipped = clipped.fit()["val"]
+    # The same weights (resumed from the final checkpoint, nothing left to train) at [0, 1].
+    val_full = Trainer(load_config("configs/tiny_block.yaml", base)).fit()["val"]
+    assert val_full["step"] == val_clipped["step"] == 2
+    assert val_full["loss"] == val_clipped["loss"], (val_full, val_clipped)
+
+    ckpt = run_dir / "checkpoints" / "step_000002"
+    unclipped = tmp_path / "unclipped_step_000002"
+    shutil.copytree(ckpt, unclipped)
+    meta = json.loads((unclipped / "meta.json").read_text())
+    assert (meta["config"]["diffusion"]["t_min"], meta["config"]["diffusion"]["t_max"]) == (0.3, 0.8)
+    meta["config"]["diffusion"].update(t_min=0.0, t_max=1.0)
+    (unclipped / "meta.json").write_text(json.dumps(meta))
+    data = tmp_path / "text.txt"
+    data.write_text("ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun. " * 4)
+    lines = {}
+    for name, path in (("clipped", ckpt), ("unclipped", unclipped)):
+        args = ev.build_parser().parse_args(["--ckpt", str(path), "--data", str(data), "--num-samples", "4", "--device", "cpu"])
+        lines[name] = [ln for ln in ev.run(args) if ln.startswith(("nll bound", "perplexity_bound"))]
+    assert len(lines["clipped"]) == 2 and lines["clipped"] == lines["unclipped"], lines

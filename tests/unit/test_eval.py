@@ -131,6 +131,126 @@ def test_score_candidates_deterministic_and_sane():
     assert ev.score_candidates(m, tok, prompt, ["", "de"], 4)[0] == float("-inf")  # nothing to score
 
 
+# ------------------------------------------------------------- LLaDA's estimator for --choices
+
+def _subsets(L):
+    import itertools
+
+    return [S for n in range(1, L + 1) for S in itertools.combinations(range(L), n)]
+
+
+def _exact_bound(m, x, P, L, shift=False):
+    """The conditional bound computed independently of dlm_megatron.eval: every nonempty set S
+    of masked answer positions, f(S) = sum_{i in S} log p(a_i | prompt, a_{-S}) read off the
+    model, weighted by its continuous-time weight int_0^1 (1/t) t^|S| (1-t)^(L-|S|) dt =
+    B(|S|, L-|S|+1). Also returns {S: f(S)}.  (float64 sums of float32 log-probabilities)"""
+    total, f = 0.0, {}
+    for S in _subsets(L):
+        xs = x.clone()
+        xs[[P + i for i in S]] = MASK
+        logp = torch.log_softmax(m(xs[None], None, None)[0, :, :V].double(), -1)
+        f[S] = sum(logp[P + i - (1 if shift else 0), x[P + i]].item() for i in S)
+        n = len(S)
+        total += math.exp(math.lgamma(n) + math.lgamma(L - n + 1) - math.lgamma(L + 1)) * f[S]
+    return total, f
+
+
+def test_llada_estimator_expectation_equals_exact_bound():
+    """Exact: the estimator's expectation, enumerated through its own sampler (l from each of
+    the L equally likely strata of u, the mask from each of the L! equally likely orders of
+    the token uniforms) and its own per-sample values, equals the bound enumerated over all
+    2^L - 1 masks with Beta weights (a context-dependent toy model, so f is not additive and
+    the per-count weights matter). Its per-sample variance is below the 1/t estimator's."""
+    import itertools
+
+    from dlm_megatron.diffusion import masked as md
+
+    m, tok = FakeModel(), FakeTok()
+    p_ids, a_ids = tok.encode("abc"), tok.encode("dfgh")
+    x, P, L = torch.tensor(p_ids + a_ids), len(p_ids), len(a_ids)
+    exact, f = _exact_bound(m, x, P, L)
+    perms = torch.tensor(list(itertools.permutations(range(L))), dtype=torch.float64) / L  # every order of L uniforms
+    u = (torch.arange(L, dtype=torch.float64) + 0.5) / L                                # one u per stratum of l
+    l_K = md.num_masked_from_uniform(u.repeat_interleave(len(perms)), L)
+    assert l_K.tolist() == [l for l in range(1, L + 1) for _ in perms]
+    masks = md.mask_exactly(perms.repeat(L, 1), l_K)
+    assert torch.equal(masks.sum(1), l_K)
+    terms = ev.llada_terms(m, x, P, masks, md.exact_count_weights(l_K, L), mask_id=MASK, vocab_size=V)
+    assert terms.mean().item() == pytest.approx(exact, abs=1e-5), (terms.mean().item(), exact)
+    # every l-subset equally often given l (uniform subsets), each value (L/l) f(S)
+    for l in range(1, L + 1):
+        rows = [tuple(torch.nonzero(r).flatten().tolist()) for r in masks[l_K == l]]
+        assert sorted(set(rows)) == [S for S in _subsets(L) if len(S) == l]
+        assert len({rows.count(S) for S in set(rows)}) == 1
+    for r, v in zip(masks, terms):
+        S = tuple(torch.nonzero(r).flatten().tolist())
+        assert v.item() == pytest.approx(L / len(S) * f[S], abs=1e-5)
+    # Per-sample variance, both exact: LLaDA's E[v^2] - exact^2 against the 1/t form's
+    # sum_S f(S)^2 int_eps^1 t^(|S|-2) (1-t)^(L-|S|) dt / (1 - eps) - mean^2 (log-spaced quadrature).
+    var_llada = (terms ** 2).mean().item() - terms.mean().item() ** 2
+    t = torch.logspace(-3, 0, 200001, dtype=torch.float64)
+    second = sum(f[S] ** 2 * torch.trapezoid(t ** (len(S) - 2) * (1 - t) ** (L - len(S)), t).item() for S in f) / (1 - 1e-3)
+    var_t = second - exact ** 2
+    print(f"per-sample variance: LLaDA {var_llada:.3f}, 1/t {var_t:.3f} (exact bound {exact:.4f})")
+    assert var_llada < 0.5 * var_t, (var_llada, var_t)
+
+
+def test_llada_estimator_monte_carlo_within_standard_error():
+    """score_candidates end to end (sampler, masks, weights, stratified l): the mean score over
+    400 seeds is within 4 standard errors (the spread of the 400 scores / sqrt(400)) of the
+    exact bound; each sample masks exactly l answer tokens, with K = 8 samples covering
+    l = 1..4 twice (stratified)."""
+    m, tok = FakeModel(), FakeTok()
+    p_ids, a_ids = tok.encode("abc"), tok.encode("dfgh")
+    x, P, L = torch.tensor(p_ids + a_ids), len(p_ids), len(a_ids)
+    exact, f = _exact_bound(m, x, P, L)
+    scores = torch.tensor([ev.score_candidates(m, tok, "abc", ["dfgh"], 8, seed=r)[0] for r in range(400)], dtype=torch.float64)
+    se = scores.std().item() / 20
+    assert abs(scores.mean().item() - exact) < 4 * se, (scores.mean().item(), exact, se)
+    assert se < 0.05 * abs(exact)  # the check is not vacuous
+    seen = []
+
+    class Recorder(FakeModel):
+        def forward(self, tokens, *a, **k):
+            seen.append(tokens.clone())
+            return super().forward(tokens, *a, **k)
+
+    ev.score_candidates(Recorder(), tok, "abc", ["dfgh"], 8, seed=0)
+    counts = (seen[0][:, P:] == MASK).sum(1)
+    assert sorted(counts.tolist()) == [1, 1, 2, 2, 3, 3, 4, 4] and not (seen[0][:, :P] == MASK).any()
+
+
+def test_shifted_model_scores_equal_hand_computation():
+    """diffusion.shift_logits: answer token i is read at output i-1. One-token answers are
+    deterministic (l = 1, weight 1): log p(a | prompt, MASK) at the last prompt position. A
+    two-token answer's per-sample values are, by hand, 2 log p(a_0 | [M, a_1]) (output P-1),
+    2 log p(a_1 | [a_0, M]) (output P), or log p(a_0 | [M, M]) + log p(a_1 | [M, M])."""
+    m, tok = FakeModel(), FakeTok()
+    prompt = "abc"
+    p_ids = tok.encode(prompt)
+    P = len(p_ids)
+
+    def logp(seq, out_pos, target):
+        return torch.log_softmax(m(torch.tensor(seq)[None], None, None)[0, out_pos, :V].double(), -1)[target].item()
+
+    for c in ("d", "g"):
+        a = tok.encode(c)[0]
+        hand = logp(p_ids + [MASK], P - 1, a)
+        got = ev.score_candidates(m, tok, prompt, [c], 16, seed=3, shift=True)[0]
+        assert got == pytest.approx(hand, abs=1e-5)
+        assert abs(ev.score_candidates(m, tok, prompt, [c], 16, seed=3)[0] - got) > 1e-3  # unshifted reads output P
+    a0, a1 = tok.encode("dh")
+    one = {0: 2 * logp(p_ids + [MASK, a1], P - 1, a0), 1: 2 * logp(p_ids + [a0, MASK], P, a1)}
+    both = logp(p_ids + [MASK, MASK], P - 1, a0) + logp(p_ids + [MASK, MASK], P, a1)
+    terms = ev.score_candidates(m, tok, prompt, ["dh"], 8, seed=5, shift=True, return_terms=True)[0]
+    assert sum(any(abs(v - h) < 1e-5 for h in one.values()) for v in terms.tolist()) == 4
+    assert sum(abs(v - both) < 1e-5 for v in terms.tolist()) == 4
+    exact, _ = _exact_bound(m, torch.tensor(p_ids + [a0, a1]), P, 2, shift=True)
+    assert exact == pytest.approx(0.25 * (one[0] + one[1]) + 0.5 * both, abs=1e-9)
+    with pytest.raises(ev.EvalDataError, match="non-empty prompt"):
+        ev.score_candidates(m, tok, "", ["dh"], 8, shift=True)
+
+
 def test_generate_uniform_deterministic_and_keeps_prompt():
     m = FakeModel()
     fn = lambda x: m(x, None, None)
@@ -210,3 +330,22 @@ def test_document_masks_reach_the_model_in_eval():
     causal = torch.triu(torch.ones(5, 5, dtype=torch.bool), 1)
     got = torch.cat([mk[:, 0] for mk in m.masks])
     assert torch.equal(got, torch.stack([(seg[i][:, None] != seg[i][None, :]) | causal for i in range(3)]))
+
+
+def test_eval_cli_passes_shift_and_choice_sample_count(monkeypatch, tmp_path):
+    """eval --choices hands score_candidates the checkpoint's diffusion.shift_logits and, without
+    --num-samples, 128 samples (LLaDA's count); --data keeps 8 by default."""
+    import dlm_megatron.generate as gen
+
+    ch = tmp_path / "mc.jsonl"
+    ch.write_text('{"prompt": "abc", "choices": ["d", "fg"], "answer": 1}\n')
+    calls = []
+    for shift in (True, False):
+        cfg = SimpleNamespace(diffusion=SimpleNamespace(objective="masked", eps=1e-3, p_uniform=0.1, shift_logits=shift))
+        monkeypatch.setattr(gen, "load_model", lambda *a, cfg=cfg: (FakeModel(), FakeTok(), cfg, {}))
+        monkeypatch.setattr(ev, "score_candidates", lambda *a, **k: calls.append((a, k)) or [0.0, 1.0])
+        for extra in ([], ["--num-samples", "16"]):
+            lines = ev.run(ev.build_parser().parse_args(["--ckpt", "x", "--choices", str(ch), *extra]))
+            assert lines[-1] == "accuracy 1.0000 (1/1)"
+    assert [(a[4], k["shift"]) for a, k in calls] == [(128, True), (16, True), (128, False), (16, False)]
+    assert ev.build_parser().parse_args(["--ckpt", "x"]).num_samples is None and ev.DATA_SAMPLES == 8

@@ -123,3 +123,81 @@ def test_prompt_dropout_config_errors(overrides, msg):
 
     with pytest.raises(ConfigError, match=msg):
         load_config("configs/tiny.yaml", overrides)
+
+
+# --------------------------------------------------------------------------- variable length
+
+
+def _tok():
+    return SimpleNamespace(eot_id=EOT, encode_batch=lambda xs: [[2 + (ord(c) % 50) for c in x] for x in xs])
+
+
+def test_global_batch_is_padded_to_its_longest_example(tmp_path):
+    """data.sft_padding=batch: a global batch is cut to its longest example (prompt + response
+    + EOT) rounded up to a multiple of 8, at most seq_len, the same length for every rank's
+    rows; a sample cut so is exactly the example encoded at that length (EOT padding up to
+    it); the trainer's batch is that long, not seq_len."""
+    from dlm_megatron.data.sft import batch_length, cut_to_length, pad_multiple
+    from dlm_megatron.train import fit_to_batch
+
+    pairs = [("ab", "cd"), ("abcdefg", "hijklmnop"), ("a", "b"), ("abc", "d" * 70)]  # contents 5, 17, 3, 64 (cut)
+    f = tmp_path / "sft.jsonl"
+    f.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs))
+    seq_len = 64
+    ds = SFTDataset(f, _tok(), seq_len, pad_to_batch=8)
+    assert ds.lengths.tolist() == [5, 17, 3, 64]
+    assert [ds.batch_length(i) for i in ([0], [0, 2], [0, 1], [2, 1, 0], [3, 0])] == [8, 8, 24, 24, 64]
+    assert SFTDataset(f, _tok(), seq_len).batch_length([0]) == seq_len  # sft_padding=seq_len: today's padding
+    assert batch_length([9], 8, 12) == 12 and pad_multiple() == 8 and pad_multiple("block", 12) == 24
+    tok = _tok()
+    for idx in ([0, 2], [0, 1, 2]):
+        L = ds.batch_length(idx)
+        cut = cut_to_length(np.stack([ds[i] for i in idx]), L)
+        want = np.stack([encode_example(*tok.encode_batch(pairs[i]), L, EOT) for i in idx])
+        assert np.array_equal(cut, want), (idx, cut, want)
+    # One rank of two holds rows 2 and 0 (contents 3, 5) of the global batch [1, 0, 2, 0]: it
+    # pads to the global longest (17 -> 24), as the rank holding row 1 does.
+    g = np.array([1, 0, 2, 0])
+    mine = fit_to_batch(ds, g, np.stack([ds[2], ds[0]]))
+    assert mine.shape == (2, 25) and np.array_equal(mine[:, -1], [1, 2])
+    # The objective then sees 24 tokens per sample and normalises by the response up to 24.
+    obj = SFTMaskedDiffusion(SimpleNamespace(eps=1e-3, antithetic=False, random_length_prob=0.0), MASK, seed=0)
+    b = obj.make_batch(torch.from_numpy(mine), torch.arange(2), step=0, global_batch_size=4)
+    assert b.tokens_BS.shape == (2, 24) and b.num_tokens == 2 * 24
+    nll = torch.rand(2, 24, generator=torch.Generator().manual_seed(0))
+    masked = b.loss_weight_BS != 0
+    ref = torch.stack([(nll[i][masked[i]] / b.t_B[i]).sum() / (24 - [1, 2][i]) for i in range(2)]).mean()
+    assert torch.allclose((b.loss_weight_BS * nll).sum() / b.num_tokens, ref, rtol=1e-5)
+    assert np.array_equal(fit_to_batch(SFTDataset(f, _tok(), seq_len), g, np.stack([ds[2]])), np.stack([ds[2]]))
+
+
+def test_sft_padding_key_is_validated():
+    from dlm_megatron.config import ConfigError, load_config
+
+    assert load_config("configs/tiny.yaml", []).data.sft_padding == "batch"
+    with pytest.raises(ConfigError, match="data.sft_padding='longest' is not one of batch, seq_len"):
+        load_config("configs/tiny.yaml", ["data.sft_padding=longest"])
+
+
+def test_shifted_model_fine_tunes_with_shifted_targets():
+    """diffusion.shift_logits with SFT (an AR-adapted model): output i-1 carries token i's
+    label and weight, the same noise as the unshifted SFT batch, prompt still clean."""
+    dc = dict(eps=1e-3, antithetic=False, random_length_prob=0.0)
+    plain = SFTMaskedDiffusion(SimpleNamespace(**dc), MASK, seed=5)
+    shifted = SFTMaskedDiffusion(SimpleNamespace(**dc, shift_logits=True), MASK, seed=5)
+    L = 16
+    rows = [encode_example(list(range(2, 2 + p)), list(range(40, 40 + r)), L, EOT) for p, r in ((3, 5), (10, 2), (1, 14))]
+    x = torch.from_numpy(np.stack(rows))
+    a = plain.make_batch(x, torch.arange(3), step=0, global_batch_size=3)
+    b = shifted.make_batch(x, torch.arange(3), step=0, global_batch_size=3)
+    assert torch.equal(b.tokens_BS, a.tokens_BS)                       # same noise; token 0 is prompt
+    assert torch.equal(b.labels_BS[:, :-1], a.labels_BS[:, 1:])
+    assert torch.equal(b.loss_weight_BS[:, :-1], a.loss_weight_BS[:, 1:]) and (b.loss_weight_BS[:, -1] == 0).all()
+    assert a.loss_weight_BS.sum() > 0
+
+
+def test_sft_refuses_annealing():
+    from dlm_megatron.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="anneal_steps=0"):
+        load_config("configs/tiny.yaml", ["data.sft_path=x.jsonl", "diffusion.anneal_steps=10"])
