@@ -27,13 +27,13 @@ C cached (clean) tokens, V vocabulary.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from ..diffusion.block import block_causal_mask
+from .hooks import _attention_modules, attached
 from .masked import SamplerConfig, block_steps, denoise_step, fill_after_eos, guided_logits, remask_committed, renoise_rate
 
 __all__ = ["CachedDenoiser", "KVCache", "RecomputeDenoiser", "generate_blocks", "prefix_block_mask"]
@@ -66,28 +66,6 @@ class KVCache:
         if self.append:
             self._kv[module] = (key, value)
         return key, value
-
-
-def _attention_modules(model: torch.nn.Module) -> list:
-    from ..model.attention import CoreAttention
-
-    mods = [m for m in model.modules() if isinstance(m, CoreAttention)]
-    if not mods:
-        raise ValueError("the model has no CoreAttention layers (the KV-cache hook): build it with model.transformer_impl=local")
-    return mods
-
-
-@contextlib.contextmanager
-def attached(model: torch.nn.Module, cache: KVCache):
-    """Route the model's attention through ``cache`` for the duration of the block."""
-    mods = _attention_modules(model)
-    for m in mods:
-        m.kv_cache = cache
-    try:
-        yield
-    finally:
-        for m in mods:
-            m.kv_cache = None
 
 
 def _logits(model, tokens_BN: Tensor, start: int, mask, vocab_size: int) -> Tensor:

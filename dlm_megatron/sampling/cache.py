@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .block import attached
+from .hooks import _attention_modules, attached
 
 __all__ = ["FastDLLMCache"]
 
@@ -57,8 +57,6 @@ class FastDLLMCache:
     def __init__(self, model: torch.nn.Module, vocab_size: int, mode: str, *, shift: bool = False) -> None:
         if mode not in ("prefix", "dual"):
             raise ValueError(f"cache mode must be prefix or dual, got {mode!r}")
-        from .block import _attention_modules
-
         _attention_modules(model)  # fail early on a model without the hook
         self.model, self.vocab_size, self.mode, self.shift = model, vocab_size, mode, shift
         self.hook = _SpliceKV()
