@@ -200,6 +200,7 @@ class Trainer:
         self.loss_fn = LossFn(lay.device)
         self.logger = MetricsLogger(cfg, self.out, is_rank0=self.rank0, config_dict=to_dict(cfg))
         self.fpt = flops_per_token(cfg, self.vocab, cfg.data.seq_len, on_gpu=lay.device.type == "cuda")
+        self._fpt_at: dict[int, float] = {}
         self.peak = peak_flops(lay.device, self.bf16)
         # Test hooks: poison the loss, or only its gradient, at given steps; behave as if
         # preempted after a given step.
@@ -373,14 +374,26 @@ class Trainer:
         return comm.sum_host(x, self.dp_group) / self.lay.dp
 
     # -- the four things a run does -------------------------------------------------------
-    def train_step(self, step: int) -> tuple[list, float, bool, float, int]:
-        """One optimizer step: (losses, grad_norm, bad, lr, tokens this step over all DP ranks)."""
+    def train_step(self, step: int) -> tuple[list, float, bool, float, int, float]:
+        """One optimizer step: (losses, grad_norm, bad, lr, tokens and model FLOPs this step
+        over all DP ranks)."""
         mbl = self.step_batches(step)
         lr = self.engine.set_lr(step)
         losses, grad_norm, bad = self.engine.train_step(mbl, self.loss_fn, seq_len=mbl[0].tokens_BS.shape[1],
                                                         micro_batch_size=self.mbs,
                                                         poison="loss" if step in self.inject_nan else "grad" if step in self.inject_nan_grad else None)
-        return losses, grad_norm, bad, lr, sum(b.num_tokens for b in mbl) * self.lay.dp
+        tokens = sum(b.num_tokens for b in mbl) * self.lay.dp
+        return losses, grad_norm, bad, lr, tokens, tokens * self.flops_per_token(mbl[0])
+
+    def flops_per_token(self, b) -> float:
+        """Model FLOPs per token at this batch's length: variable-length SFT batches are
+        shorter than data.seq_len, and attention's share of the FLOPs scales with length."""
+        if not self.cfg.data.sft_path:
+            return self.fpt
+        width = b.labels_BS.shape[1]
+        if width not in self._fpt_at:
+            self._fpt_at[width] = flops_per_token(self.cfg, self.vocab, width, on_gpu=self.lay.device.type == "cuda")
+        return self._fpt_at[width]
 
     def validate(self, step: int) -> dict | None:
         """Validation loss (and per-noise-level buckets) on fixed samples with fixed noise."""
@@ -455,10 +468,11 @@ class Trainer:
         cfg, lay, logger = self.cfg, self.lay, self.logger
         bad_in_a_row, last = 0, {}
         self.engine.train()
-        t_last, tokens_since = time.time(), 0
+        t_last, tokens_since, flops_since = time.time(), 0, 0.0
         for step in range(self.start_step, cfg.train.steps):
-            losses, grad_norm, bad, lr, tokens = self.train_step(step)
+            losses, grad_norm, bad, lr, tokens, flops = self.train_step(step)
             tokens_since += tokens
+            flops_since += flops
             if bad:
                 bad_in_a_row += 1
                 if self.rank0:
@@ -472,12 +486,13 @@ class Trainer:
             done = step + 1
             if done % cfg.logging.log_interval == 0 or done == cfg.train.steps:
                 loss_v = self.dp_mean(self.pp_share(torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in losses]).mean().item()))
-                tps = tokens_since / max(time.time() - t_last, 1e-9)
+                dt = max(time.time() - t_last, 1e-9)
+                tps = tokens_since / dt
                 row = {"step": done, "loss": loss_v, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tps,
-                       **({"mfu": tps * self.fpt / (self.peak * lay.world_size)} if self.peak else {}), **memory_gib(lay.device)}
+                       **({"mfu": flops_since / dt / (self.peak * lay.world_size)} if self.peak else {}), **memory_gib(lay.device)}
                 logger.log(row)
                 last = row
-                t_last, tokens_since = time.time(), 0
+                t_last, tokens_since, flops_since = time.time(), 0, 0.0
             if cfg.train.eval_interval and done % cfg.train.eval_interval == 0 and done != cfg.train.steps:
                 r = self.validate(done)
                 if r:
