@@ -93,6 +93,8 @@ class DiffusionConfig:
     """Continuous (CDCD): largest noise std sigma (training schedule and sampler start); embeddings have norm sqrt(hidden_size)."""
     time_embed_features: int = 64
     """Continuous: number of Fourier features of log(sigma) fed to the learned time embedding (must be even)."""
+    prompt_dropout: float = 0.0
+    """SFT (data.sft_path): probability that a training example has its whole prompt masked, so the model also learns the unconditional p(response) that classifier-free guidance (generate --cfg-scale) subtracts; validation never drops. 0 = off."""
 
 
 @dataclass(kw_only=True)
@@ -216,9 +218,35 @@ class GenerateConfig:
     block_length: int = 32
     """Semi-autoregressive block length (divides gen_length)."""
     temperature: float = 0.0
-    """Sampling temperature; 0 is greedy."""
+    """Sampling temperature T0; 0 is greedy."""
+    temperature_schedule: str = "constant"
+    """Temperature at noise level t: constant T0, linear T0 * t, cosine T0 * (1 - cos(pi t)) / 2."""
     remasking: str = "low_confidence"
     """Which predictions to commit first: low_confidence, random, margin or entropy."""
+    acceptance_profile: str = "linear"
+    """Fraction of a block's masked positions committed after step n of K: linear n/K (LLaDA) or cosine 1 - cos(pi/2 n/K) (MaskGIT)."""
+    renoise_profile: str = "none"
+    """ReMDM remasking of committed tokens per step: none, constant (eta), cap (min(eta, (1-a_s)/a_t)), rescale (eta * min(1, (1-a_s)/a_t)) or loop (eta for t_off < t <= t_on)."""
+    renoise_eta: float = 0.02
+    """eta of generate.renoise_profile (constant/loop: per-step probability; cap: the cap; rescale: the factor)."""
+    renoise_t_on: float = 0.55
+    """renoise_profile=loop: noise level where the remasking loop starts (ReMDM t_on)."""
+    renoise_t_off: float = 0.05
+    """renoise_profile=loop: noise level where the remasking loop ends (ReMDM t_off)."""
+    renoise_alpha_on: float = 0.9
+    """renoise_profile=loop: committed fraction reached at t_on and held during the loop (ReMDM alpha_on)."""
+    renoise_prob: float = 0.0
+    """Alias: p > 0 means renoise_profile=constant with renoise_eta=p."""
+    confidence_threshold: float | None = None
+    """Also commit every position at least this confident, within the step schedule (null: off)."""
+    parallel_threshold: float | None = None
+    """Fast-dLLM: commit every position at least this confident and at least one, ignoring the step schedule (null: off)."""
+    cache: str = "none"
+    """Fast-dLLM KV cache for masked checkpoints, refreshed when a block starts: none, prefix or dual."""
+    cfg_scale: float = 0.0
+    """Classifier-free guidance W: logits = u + (1 + W)(c - u), u with the prompt masked; 0 = off."""
+    stop_at_eos: bool = False
+    """A committed EOS also fills the rest of its block with EOS (changes tokens; fewer steps)."""
     seed: int = 0
     """Sampling seed."""
 
@@ -414,6 +442,10 @@ def validate(cfg: Config) -> None:
     _choice("data.sft_padding", da.sft_padding, ("batch", "seq_len"))
     if da.sft_path is not None and d.objective != "masked":
         raise ConfigError(f"data.sft_path (SFT) trains the masked objective only, got diffusion.objective={d.objective}")
+    if not 0 <= d.prompt_dropout < 1:
+        raise ConfigError(f"diffusion.prompt_dropout must be in [0, 1), got {d.prompt_dropout}")
+    if d.prompt_dropout > 0 and da.sft_path is None:
+        raise ConfigError("diffusion.prompt_dropout masks SFT prompts: set data.sft_path too, or diffusion.prompt_dropout=0")
     if da.sft_path is not None and d.anneal_steps:
         raise ConfigError("diffusion.anneal_steps (causal -> full attention) is for adaptation pretraining, not SFT: "
                           "fine-tune the adapted checkpoint with diffusion.anneal_steps=0 (shift_logits carries over)")
@@ -453,10 +485,20 @@ def validate(cfg: Config) -> None:
     _positive("logging.log_interval", cfg.logging.log_interval)
     g = cfg.generate
     _choice("generate.remasking", g.remasking, ("low_confidence", "random", "margin", "entropy"))
+    _choice("generate.temperature_schedule", g.temperature_schedule, ("constant", "linear", "cosine"))
+    _choice("generate.acceptance_profile", g.acceptance_profile, ("linear", "cosine"))
+    _choice("generate.renoise_profile", g.renoise_profile, ("none", "constant", "cap", "rescale", "loop"))
+    _choice("generate.cache", g.cache, ("none", "prefix", "dual"))
     if g.gen_length % g.block_length:
         raise ConfigError(f"generate.block_length={g.block_length} must divide generate.gen_length={g.gen_length}")
     if g.steps % (g.gen_length // g.block_length):
         raise ConfigError(f"generate.steps={g.steps} must be a multiple of the number of blocks ({g.gen_length // g.block_length})")
+    from .sampling.masked import SamplerConfig  # the sampler's own range checks, phrased with the key
+
+    try:
+        SamplerConfig(**{f.name: getattr(g, f.name) for f in dataclasses.fields(SamplerConfig) if hasattr(g, f.name)})
+    except ValueError as e:
+        raise ConfigError(f"generate.{e}") from None
 
 
 def resolved_engine(p: ParallelConfig) -> str:
