@@ -573,11 +573,15 @@ def generate(
             raise ValueError(f"cache={cfg.cache} needs the model: pass a logits function made by model_logits_fn")
         runner = FastDLLMCache(logits_fn.model, logits_fn.vocab_size, cfg.cache, shift=logits_fn.shift)
 
+    # A shifted model never sees token 0 masked (it cannot predict it; training keeps it
+    # clean even when prompt_dropout drops the prompt), so its unconditional row keeps it.
+    uncond_from = 1 if getattr(logits_fn, "shift", False) else 0
+
     def rows(x: Tensor) -> Tensor:
         """The model's input rows: x, and with guidance also x with the prompt masked."""
         if not guided:
             return x
-        return torch.cat([x, x.index_fill(1, torch.arange(prompt_len, device=x.device), mask_id)])
+        return torch.cat([x, x.index_fill(1, torch.arange(uncond_from, prompt_len, device=x.device), mask_id)])
 
     def combine(logits: Tensor) -> Tensor:
         return guided_logits(logits[:batch], logits[batch:], cfg.cfg_scale) if guided else logits

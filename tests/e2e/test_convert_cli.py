@@ -508,6 +508,11 @@ def test_shift_logits_flag_reaches_hf_and_gguf(ckpts, tmp_path):
         want = generate(logits_fn_for(model, tok.vocab_size, shift=True), prompt, tok.mask_id, scfg, eos_id=tok.eot_id,
                         suppress_ids=(tok.pad_id,))
         assert torch.equal(_load_hf(out).generate(prompt, gen_length=8, steps=8, block_length=4, cache=cache), want), cache
+    # guidance: the unconditional row keeps token 0 (a shifted model never sees it masked)
+    scfg = SamplerConfig(steps=8, gen_length=8, block_length=8, temperature=0.0, cfg_scale=1.0)
+    want = generate(logits_fn_for(model, tok.vocab_size, shift=True), prompt, tok.mask_id, scfg, eos_id=tok.eot_id,
+                    suppress_ids=(tok.pad_id,))
+    assert torch.equal(_load_hf(out).generate(prompt, gen_length=8, steps=8, cfg_scale=1.0), want)
 
 
 # ---------------------------------------------------------------------------------------

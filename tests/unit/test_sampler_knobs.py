@@ -240,6 +240,25 @@ def test_parallel_threshold_is_fast_dllms_policy():
 # --------------------------------------------------------------------------- guidance, EOS, config
 
 
+def test_cfg_unconditional_row_of_a_shifted_model_keeps_token_0():
+    """Shifted models train with token 0 clean (even under prompt_dropout): guidance masks
+    the rest of the prompt only."""
+    model = TinyDenoiser(P + 4)
+    seen = []
+
+    def fn(x):
+        seen.append(x.clone())
+        return model(x)
+
+    for shift in (False, True):
+        fn.shift = shift
+        seen.clear()
+        generate(fn, make_prompt(), MASK, SamplerConfig(steps=4, gen_length=4, block_length=4, cfg_scale=1.0))
+        unc = seen[0][2:, :P]
+        assert torch.equal(unc[:, 1:], torch.full_like(unc[:, 1:], MASK))
+        assert torch.equal(unc[:, 0], make_prompt()[:, 0] if shift else torch.full_like(unc[:, 0], MASK)), shift
+
+
 def test_cfg_scale_zero_is_plain_sampling_and_positive_follows_the_formula():
     G = 8
     model = TinyDenoiser(P + G)

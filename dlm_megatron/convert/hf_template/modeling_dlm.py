@@ -501,8 +501,8 @@ class DLMModelLM(DLMPreTrainedModel):
         W, thr = knobs["cfg_scale"], knobs["parallel_threshold"]
         shift = 1 if self.config.shift_logits else 0
 
-        def rows(x):
-            return torch.cat([x, x.index_fill(1, torch.arange(P, device=x.device), mask_id)]) if W > 0 else x
+        def rows(x):  # a shifted model's token 0 stays clean in the unconditional row, as in training
+            return torch.cat([x, x.index_fill(1, torch.arange(shift, P, device=x.device), mask_id)]) if W > 0 else x
 
         for b in range(num_blocks):
             lo, hi = P + b * block_length, P + (b + 1) * block_length
