@@ -35,6 +35,11 @@ class RouterLoad:
     the last ``reset`` (evaluation forwards are not counted)."""
 
     def __init__(self, model: torch.nn.Module):
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        # megatron-core's tracker is process-global and sized by the first model's layer count:
+        # a new model in the same process (tests run several) starts from an empty one.
+        get_moe_layer_wise_logging_tracker().clear()
         self.routers = routers(model)
         self.counts = None
         for i, r in enumerate(self.routers):

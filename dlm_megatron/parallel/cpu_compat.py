@@ -69,6 +69,7 @@ def apply() -> None:
     fused_softmax.get_default_causal_mask = _causal_mask
 
     _patch_literal_cuda_tensors()
+    _expert_bias_count_uncompiled()
     _autocast_aware_linear_on_cpu()
     _tied_embedding_sync_on_cpu()
 
@@ -84,6 +85,18 @@ def _moe_without_transformer_engine() -> None:
         return
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+
+def _expert_bias_count_uncompiled() -> None:
+    """megatron-core decorates the router's token count for the aux-free expert bias
+    (TopKRouter._apply_expert_bias, one in-place add) with torch.compile: on CPU that is a C++
+    build in every process (tens of seconds on 2 cores) for a fusion of one op. Run the
+    undecorated function, which does the same add."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    orig = getattr(TopKRouter._apply_expert_bias, "_torchdynamo_orig_callable", None)
+    if orig is not None:
+        TopKRouter._apply_expert_bias = orig
 
 
 def _tied_embedding_sync_on_cpu() -> None:
