@@ -118,8 +118,19 @@ def llada_state_dict(w: Weights, arch: Arch, dtype: torch.dtype) -> dict[str, to
     for i, L in enumerate(w.layers):
         b = f"{p}blocks.{i}."
         out.update({b + "attn_norm.weight": L.attn_norm, b + "q_proj.weight": L.q, b + "k_proj.weight": L.k,
-                    b + "v_proj.weight": L.v, b + "attn_out.weight": L.o, b + "ff_norm.weight": L.mlp_norm,
-                    b + "ff_proj.weight": L.gate, b + "up_proj.weight": L.up, b + "ff_out.weight": L.down})
+                    b + "v_proj.weight": L.v, b + "attn_out.weight": L.o, b + "ff_norm.weight": L.mlp_norm})
+        if L.q_norm is not None:
+            out.update({b + "q_norm.weight": L.q_norm, b + "k_norm.weight": L.k_norm})
+        if L.router is None:
+            out.update({b + "ff_proj.weight": L.gate, b + "up_proj.weight": L.up, b + "ff_out.weight": L.down})
+        else:  # MoE layer: router, experts.{e}.*, shared_expert.*
+            out[b + "moe.gate.weight"] = L.router
+            if L.expert_bias is not None:
+                out[b + "moe.gate.expert_bias"] = L.expert_bias
+            experts = list(enumerate(L.experts)) + ([("shared", L.shared)] if L.shared is not None else [])
+            for e, (g, u, dn) in experts:
+                m = f"{b}moe.{'shared_expert' if e == 'shared' else f'experts.{e}'}."
+                out.update({m + "ff_proj.weight": g, m + "up_proj.weight": u, m + "ff_out.weight": dn})
         if L.q_bias is not None:
             out.update({b + "q_proj.bias": L.q_bias, b + "k_proj.bias": L.k_bias, b + "v_proj.bias": L.v_bias})
     out[p + "ln_f.weight"] = w.final_norm
@@ -169,6 +180,14 @@ def llada_config(arch: Arch, ids: dict[str, int], dtype_name: str, meta: dict) -
     }
     if arch.block_size is not None:
         cfg["block_size"] = arch.block_size
+    if arch.qk_norm:
+        cfg["qk_norm"] = True
+    if arch.num_experts:
+        cfg.update({"moe_num_experts": arch.num_experts, "moe_top_k": arch.moe_topk,
+                    "moe_intermediate_size": arch.moe_ffn_hidden_size,
+                    "moe_shared_expert_intermediate_size": arch.moe_shared_ffn_hidden_size,
+                    "moe_layers": list(arch.moe_layers), "moe_pre_softmax": arch.moe_pre_softmax,
+                    "moe_score_function": arch.moe_score_function, "moe_expert_bias": arch.moe_expert_bias})
     return cfg
 
 
@@ -263,6 +282,9 @@ def export_hf_llama(ckpt: str | Path, output: str | Path, *, dtype: str = "auto"
     max_bytes = parse_size(max_shard_size)
     check_output_dir(output, overwrite=overwrite)
     src = open_checkpoint(ckpt, show_progress=show_progress)
+    if src.arch.num_experts or src.arch.qk_norm:
+        raise ConvertError("--to hf-llama writes a dense Llama/Qwen2 model without q/k norms; this checkpoint has "
+                           "model.num_moe_experts or model.qk_layernorm: use --to hf")
     if src.arch.objective != "ar" or src.arch.shift_logits:
         raise ConvertError(f"--to hf-llama writes a causal LM, but this checkpoint is diffusion.objective={src.arch.objective!r}"
                            f"{' with shift_logits' if src.arch.shift_logits else ''}; use --to hf (bidirectional denoiser)")

@@ -1,0 +1,69 @@
+"""Mixture-of-experts checkpoints through tools/convert.py: --to hf (our modeling code, loaded
+offline by transformers) gives the framework's logits, for LLaDA-MoE's routing (softmax over
+all experts, no top-k renormalisation, per-head q/k norm) and DeepSeek-V3 / LLaDA 2.0's
+(sigmoid scores with an aux-free expert bias, a shared expert, a dense first layer)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from test_convert_cli import _load_hf, _max_diff, convert, framework_logits, perturb_norms, sample_tokens, train_tiny, wait_all
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytestmark = pytest.mark.e2e
+
+MOE = ["model.num_moe_experts=4", "model.moe_router_topk=2", "model.moe_ffn_hidden_size=96", "model.moe_aux_loss_coeff=0.01"]
+LLADA_MOE = MOE + ["model.qk_layernorm=true", "model.moe_router_pre_softmax=true"]
+# 3 layers: a dense first layer, then MoE layers with sigmoid routing, expert bias (moved by
+# 4 steps at a large update rate, so it changes the choice of experts) and a shared expert.
+DEEPSEEK = MOE + ["model.num_layers=3", "model.moe_first_k_dense=1", "model.moe_router_score_function=sigmoid",
+                  "model.moe_router_enable_expert_bias=true", "model.moe_router_bias_update_rate=0.05",
+                  "model.moe_shared_expert_intermediate_size=64", "parallel.engine=megatron", "train.steps=4"]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe_export")
+    runs = {"llada_moe": root / "llada_moe", "deepseek": root / "deepseek"}
+    wait_all([train_tiny(runs["llada_moe"], *LLADA_MOE), train_tiny(runs["deepseek"], *DEEPSEEK)])
+    for r in runs.values():
+        perturb_norms(r)  # q/k norms included ("layernorm" in their names)
+    return runs
+
+
+@pytest.mark.parametrize("name", ["llada_moe", "deepseek"])
+def test_hf_export_moe_logits_equal_framework(ckpts, tmp_path, name):
+    from dlm_megatron.checkpoint import load_full_state_dict, resolve
+
+    full = load_full_state_dict(resolve(ckpts[name]))
+    if name == "deepseek":  # the features under test are really in the checkpoint
+        biases = [v for k, v in full.items() if k.endswith("router.expert_bias")]
+        assert len(biases) == 2 and all(b.abs().max() > 0 for b in biases)
+        assert "decoder.layers.0.mlp.linear_fc1.weight" in full and "decoder.layers.1.mlp.shared_experts.linear_fc1.weight" in full
+    else:
+        assert "decoder.layers.0.self_attention.q_layernorm.weight" in full
+    out = tmp_path / "hf"
+    assert convert("--ckpt", ckpts[name], "--to", "hf", "--output", out) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["moe_num_experts"] == 4 and cfg["moe_top_k"] == 2
+    from dlm_megatron.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("builtin")
+    x = sample_tokens(tok.vocab_size, tok.mask_id)
+    hf = _load_hf(out)
+    with torch.no_grad():
+        got = hf(x).logits
+    diff = _max_diff(got, framework_logits(ckpts[name], x))
+    print(f"\n[convert] MoE {name}: HF export vs framework logits max |diff| = {diff:.2e}")
+    assert diff < 1e-4
+
+
+def test_hf_llama_export_refuses_moe(ckpts, tmp_path):
+    from dlm_megatron.convert import ConvertError
+    from dlm_megatron.convert.hf import export_hf_llama
+
+    with pytest.raises(ConvertError, match="model.num_moe_experts or model.qk_layernorm: use --to hf"):
+        export_hf_llama(ckpts["llada_moe"], tmp_path / "x", show_progress=False)
