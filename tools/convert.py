@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--to", choices=("hf", "hf-llama", "gguf"),
                     help="export format (with --ckpt): hf = our modeling code in LLaDA's layout (AutoModel, trust_remote_code); "
                          "hf-llama = standard LlamaForCausalLM, or Qwen2ForCausalLM when q/k/v have biases (causal checkpoints only); "
-                         "gguf = llama.cpp 'llada' file ('dream' when q/k/v have biases)")
+                         "gguf = llama.cpp 'llada' file ('dream' when q/k/v have biases, 'llada-moe' for mixture-of-experts checkpoints)")
     ap.add_argument("--output", required=True, metavar="PATH",
                     help="hf/hf-llama: a folder; gguf: a .gguf file; --from-hf: a run directory (checkpoints/step_000000 + latest)")
     ap.add_argument("--dtype", default=None,

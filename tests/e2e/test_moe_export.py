@@ -67,3 +67,58 @@ def test_hf_llama_export_refuses_moe(ckpts, tmp_path):
 
     with pytest.raises(ConvertError, match="model.num_moe_experts or model.qk_layernorm: use --to hf"):
         export_hf_llama(ckpts["llada_moe"], tmp_path / "x", show_progress=False)
+
+
+def test_gguf_refuses_what_llada_moe_cannot_express(ckpts, tmp_path):
+    """llama.cpp's llada-moe: no shared expert, softmax routing without bias or top-k
+    renormalisation, MoE in every layer, q/k norms. Each missing feature is one line."""
+    import dataclasses
+
+    from dlm_megatron.convert import ConvertError, arch_from_meta
+    from dlm_megatron.convert.gguf import check_llada_moe
+    from dlm_megatron.checkpoint import read_meta, resolve
+
+    with pytest.raises(ConvertError, match="cannot express a shared expert") as e:
+        convert_raising(ckpts["deepseek"], tmp_path / "x.gguf")
+    assert "\n" not in str(e.value)
+    good = arch_from_meta(read_meta(resolve(ckpts["llada_moe"])))
+    check_llada_moe(good)  # the LLaDA-MoE layout passes
+    for change, needle in (({"moe_score_function": "sigmoid"}, "sigmoid routing"), ({"moe_expert_bias": True}, "expert bias"),
+                           ({"moe_layers": (0, 1)}, "dense layers"), ({"moe_pre_softmax": False}, "renormalised"),
+                           ({"qk_norm": False}, "without q/k norms"), ({"moe_shared_ffn_hidden_size": 8}, "shared expert")):
+        with pytest.raises(ConvertError, match=needle):
+            check_llada_moe(dataclasses.replace(good, **change))
+
+
+def convert_raising(ckpt, out):
+    from dlm_megatron.convert.gguf import export_gguf
+
+    return export_gguf(ckpt, out, show_progress=False)
+
+
+def test_gguf_llada_moe_tensors_and_reference_forward(ckpts, tmp_path):
+    """The llada-moe file's metadata and a forward pass in llama.cpp's conventions
+    (test_convert_cli.gguf_reference_logits: NEOX rope, per-head q/k norm, softmax top-k
+    without renormalisation) equal the framework's logits, as for the dense export (f32 1e-4).
+    The real llama.cpp run is tests/e2e/test_gguf_llamacpp.py."""
+    from gguf import GGUFReader
+
+    from dlm_megatron.data.tokenizer import load_tokenizer
+    from test_convert_cli import gguf_reference_logits
+
+    f = tmp_path / "moe.gguf"
+    assert convert("--ckpt", ckpts["llada_moe"], "--to", "gguf", "--output", f) == 0
+    r = GGUFReader(str(f))
+    kv = {k: v.contents() for k, v in r.fields.items() if k.startswith("llada-moe.")}
+    assert r.fields["general.architecture"].contents() == "llada-moe"
+    assert kv["llada-moe.expert_count"] == 4 and kv["llada-moe.expert_used_count"] == 2
+    assert kv["llada-moe.expert_feed_forward_length"] == 96
+    shapes = {t.name: [int(n) for n in reversed(t.shape.tolist())] for t in r.tensors}
+    assert shapes["blk.0.ffn_gate_exps.weight"] == [4, 96, 64] and shapes["blk.0.ffn_down_exps.weight"] == [4, 64, 96]
+    assert shapes["blk.1.attn_q_norm.weight"] == [16] and "output.weight" in shapes
+    tok = load_tokenizer("builtin")
+    x = sample_tokens(tok.vocab_size, tok.mask_id, B=1)
+    ref = framework_logits(ckpts["llada_moe"], x)[0, :, : tok.vocab_size]
+    diff = _max_diff(gguf_reference_logits(f, x[0]), ref)
+    print(f"\n[convert] llada-moe GGUF reference forward vs framework max |diff| = {diff:.2e}")
+    assert diff < 1e-4
