@@ -525,7 +525,7 @@ def validate_layout(cfg: Config) -> None:
 
 def validate_moe(cfg: Config) -> None:
     """MoE settings and the layouts MoE is proven at (tests/distributed/test_moe.py): ep 1 on
-    any engine, ep > 1 on the megatron engine, with zero_stage 0/1 and tp = pp = 1."""
+    any engine, ep > 1 and pp > 1 on the megatron engine (zero_stage 0/1), tp = 1."""
     m, p = cfg.model, cfg.parallel
     _positive("parallel.ep", p.ep)
     if m.num_moe_experts is None:
@@ -557,8 +557,6 @@ def validate_moe(cfg: Config) -> None:
     if p.tp > 1:
         raise ConfigError(f"parallel.tp={p.tp} with model.num_moe_experts: megatron-core's MoE layer needs sequence "
                           f"parallelism with TP (Transformer Engine, GPU), which is not proven; use parallel.tp=1 and parallel.ep")
-    if p.pp > 1:
-        raise ConfigError(f"parallel.pp={p.pp} with model.num_moe_experts is not proven; use parallel.pp=1 and parallel.ep")
     if cfg.diffusion.objective == "continuous":
         raise ConfigError("diffusion.objective=continuous is not proven with model.num_moe_experts; use a dense model "
                           "or a discrete objective (masked, block, ar, uniform, hybrid)")

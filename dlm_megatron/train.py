@@ -396,12 +396,17 @@ class Trainer:
         counts = self.router_load.take()
         aux = moe.aux_loss_sums()
         n_moe, steps, self.moe_steps = len(self.router_load.routers), max(self.moe_steps, 1), 0
-        if counts is None:  # a skipped (non-finite) step, or no training forward on this stage
+        if counts is None:  # no training forward since the last row
             return {}
         counts = comm.all_reduce_host(counts.cpu(), "sum", self.dp_group)
-        out = {"moe_max_load": moe.max_load(counts)}
+        worst = moe.max_load(counts)
+        aux_sum, n_total = float(aux) if aux is not None else 0.0, float(n_moe)
+        if self.lay.pp > 1:  # each stage routes its own layers: worst over stages, mean over all layers
+            worst = comm.max_host(worst, self.pp_group)
+            aux_sum, n_total = (float(v) for v in comm.all_reduce_host([aux_sum, n_total], "sum", self.pp_group))
+        out = {"moe_max_load": worst}
         if aux is not None:
-            out["moe_aux_loss"] = self.dp_mean(float(aux) / (n_moe * num_microbatches * steps))
+            out["moe_aux_loss"] = self.dp_mean(aux_sum / (n_total * num_microbatches * steps))
         return out
 
     def pp_share(self, x: float) -> float:

@@ -37,6 +37,7 @@ LAYOUTS = {
     "moe_dp2_deepspeed_zero1": ("ref_moe", f"{MOE},parallel.zero_stage=1", 2),
     "moe_block_ep2": ("ref_moe_block", f"{MOE},{BLOCK},{MEGATRON},parallel.ep=2,parallel.zero_stage=1", 2),
     "moe_bias_ep2": ("ref_moe_bias", f"{BIAS},parallel.ep=2,parallel.zero_stage=1", 2),
+    "moe_pp2": ("ref_moe", f"{MOE},parallel.pp=2,parallel.zero_stage=1", 2),
     "moe_ep2_dp2_zero1": ("ref_moe", f"{MOE},{MEGATRON},parallel.ep=2,parallel.zero_stage=1", 4),
     "moe_ep4_zero0": ("ref_moe", f"{MOE},{MEGATRON},parallel.ep=4,parallel.zero_stage=0", 4),
     # stopped after step 2 (checkpoint), then resumed in the same launch at EP2
@@ -110,7 +111,7 @@ def test_moe_metrics_are_layout_independent(runs):
     """moe_aux_loss and moe_max_load are sums over data-parallel ranks: every layout of the
     same model reports the same numbers, and the router moved (aux loss is not constant)."""
     rows = {k: [r for r in metrics(runs / k) if r.get("split") != "val"]
-            for k in ("moe_ep2", "moe_dp2_deepspeed_zero1", "moe_ep2_dp2_zero1", "moe_ep4_zero0")}
+            for k in ("moe_ep2", "moe_dp2_deepspeed_zero1", "moe_ep2_dp2_zero1", "moe_ep4_zero0", "moe_pp2")}
     base = rows["moe_ep2"]
     assert all(1.0 <= r["moe_max_load"] <= 4.0 and r["moe_aux_loss"] >= 1.0 - 1e-6 for r in base), base
     for name, rs in rows.items():

@@ -30,7 +30,6 @@ def test_moe_fields_have_docstrings():
     (["parallel.ep=3"], "model.num_moe_experts=8 is not divisible by parallel.ep=3"),
     (["parallel.ep=2", "parallel.engine=deepspeed"], "parallel.ep=2 needs parallel.engine=megatron"),
     (["parallel.tp=2"], "parallel.tp=2 with model.num_moe_experts"),
-    (["parallel.pp=2"], "parallel.pp=2 with model.num_moe_experts"),
     (["model.moe_router_topk=9"], "model.moe_router_topk=9 must be in"),
     (["model.moe_router_score_function=relu"], "model.moe_router_score_function='relu' is not one of"),
     (["model.moe_first_k_dense=2"], "leaves no MoE layer"),
