@@ -8,7 +8,7 @@ standard ``LlamaForCausalLM`` layout for causal (``diffusion.objective=ar``) che
 or ``Qwen2ForCausalLM`` when the checkpoint has q/k/v biases (``model.add_qkv_bias``; a
 Llama config cannot express biases on q/k/v only).
 
-Import (``import_hf``): Llama- and Qwen2-style safetensors checkpoints (config.json +
+Import (``import_hf``): Llama-, Qwen2- and Qwen3-MoE-style safetensors checkpoints (config.json +
 model.safetensors[.index.json]) into a framework checkpoint (weights only, ``engine:
 null``) of any TP/PP layout. q/k/v biases (Qwen2; Llama with ``attention_bias``) set
 ``model.add_qkv_bias``; an output-projection bias must be zero (the framework has none).
@@ -305,7 +305,7 @@ def export_hf_llama(ckpt: str | Path, output: str | Path, *, dtype: str = "auto"
 # Import: Llama / Qwen2 safetensors -> framework checkpoint
 
 
-SUPPORTED_IMPORT = ("llama", "qwen2", "mistral")
+SUPPORTED_IMPORT = ("llama", "qwen2", "mistral", "qwen3_moe")
 
 
 def read_hf_config(hf_dir: Path) -> dict:
@@ -380,11 +380,28 @@ def arch_from_hf(cfg: dict) -> tuple[Arch, dict]:
     if nh % nkv:
         raise ConvertError(f"num_attention_heads={nh} is not a multiple of num_key_value_heads={nkv}")
     theta = _rope_theta(cfg)
+    moe = _moe_from_hf(cfg, L) if mt == "qwen3_moe" else {}
     arch = Arch(num_layers=L, hidden_size=H, num_heads=nh, num_groups=nkv, head_dim=hd, ffn_hidden_size=ffn,
                 vocab_size=V, padded_vocab_size=V, rope_theta=theta, norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
                 tied=bool(cfg.get("tie_word_embeddings", False)), objective="ar", block_size=None, shift_logits=False,
-                seq_len=int(cfg.get("max_position_embeddings", 2048)), init_std=float(cfg.get("initializer_range", 0.02)))
+                seq_len=int(cfg.get("max_position_embeddings", 2048)), init_std=float(cfg.get("initializer_range", 0.02)),
+                **moe)
     return arch, {"model_type": mt}
+
+
+def _moe_from_hf(cfg: dict, num_layers: int) -> dict:
+    """Arch fields of a Qwen3-MoE config: per-head q/k RMSNorm, softmax routing over all experts
+    with the top-k renormalised iff norm_topk_prob (megatron-core: moe_router_pre_softmax =
+    not norm_topk_prob), MoE in every layer, no shared expert."""
+    if cfg.get("mlp_only_layers") or int(cfg.get("decoder_sparse_step", 1)) != 1:
+        raise ConvertError("Qwen3-MoE with dense layers (mlp_only_layers / decoder_sparse_step != 1) is not supported: "
+                           "the framework's dense layers come first (model.moe_first_k_dense) or every n-th")
+    if cfg.get("attention_bias"):
+        raise ConvertError("attention_bias=true is not supported for Qwen3-MoE import")
+    E = int(cfg.get("num_experts") or cfg["num_local_experts"])  # transformers 5 writes num_local_experts
+    return {"qk_norm": True, "num_experts": E, "moe_topk": int(cfg["num_experts_per_tok"]),
+            "moe_ffn_hidden_size": int(cfg["moe_intermediate_size"]), "moe_layers": (1,) * num_layers,
+            "moe_pre_softmax": not bool(cfg.get("norm_topk_prob", False)), "moe_score_function": "softmax"}
 
 
 def _hf_dtype_name(cfg: dict, first: torch.Tensor) -> str:
@@ -440,6 +457,19 @@ def load_hf_weights(hf_dir: Path, arch: Arch, model_type: str, *, show_progress:
             if bool(o_bias.float().abs().max() > 0):
                 raise ConvertError(f"{model_type} checkpoint has a nonzero output-projection bias '{b}self_attn.o_proj.bias'; "
                                    f"the framework has biases only on q/k/v (model.add_qkv_bias), so it cannot be imported exactly")
+        if arch.num_experts:
+            layers.append(Layer(
+                attn_norm=take(b + "input_layernorm.weight", (H,)).float(),
+                q=take(b + "self_attn.q_proj.weight", (arch.num_heads * hd, H)).float(),
+                k=take(b + "self_attn.k_proj.weight", (arch.num_groups * hd, H)).float(),
+                v=take(b + "self_attn.v_proj.weight", (arch.num_groups * hd, H)).float(),
+                o=take(b + "self_attn.o_proj.weight", (H, arch.num_heads * hd)).float(),
+                mlp_norm=take(b + "post_attention_layernorm.weight", (H,)).float(),
+                gate=None, up=None, down=None,
+                q_norm=take(b + "self_attn.q_norm.weight", (hd,)).float(),
+                k_norm=take(b + "self_attn.k_norm.weight", (hd,)).float(),
+                **_hf_experts(take, b, arch)))
+            continue
         layers.append(Layer(
             attn_norm=take(b + "input_layernorm.weight", (H,)).float(),
             q=take(b + "self_attn.q_proj.weight", (arch.num_heads * hd, H)).float(),
@@ -463,6 +493,15 @@ def load_hf_weights(hf_dir: Path, arch: Arch, model_type: str, *, show_progress:
         raise ConvertError(f"{hf_dir} has tensors the importer does not understand: {', '.join(leftover[:4])}"
                            f"{', ...' if len(leftover) > 4 else ''}")
     return Weights(embed=embed.float(), final_norm=final_norm, lm_head=head, layers=layers), dtype_name
+
+
+def _hf_experts(take, b: str, arch: Arch) -> dict:
+    """A Qwen3-MoE layer's router (``mlp.gate``) and experts (``mlp.experts.{e}.*_proj``)."""
+    H, f = arch.hidden_size, arch.moe_ffn_hidden_size
+    experts = [(take(f"{b}mlp.experts.{e}.gate_proj.weight", (f, H)).float(),
+                take(f"{b}mlp.experts.{e}.up_proj.weight", (f, H)).float(),
+                take(f"{b}mlp.experts.{e}.down_proj.weight", (H, f)).float()) for e in range(arch.num_experts)]
+    return {"router": take(b + "mlp.gate.weight", (arch.num_experts, H)).float(), "experts": experts}
 
 
 def _tokenizer_for_import(hf_dir: Path, tokenizer: str | None, out: Path) -> tuple[Path, list[str]]:
@@ -531,6 +570,10 @@ def import_hf(hf_dir: str | Path, output: str | Path, *, tp: int = 1, pp: int = 
     m.rotary_base, m.norm_epsilon, m.tie_embeddings = int(arch.rope_theta), arch.norm_eps, arch.tied
     m.init_method_std = arch.init_std
     m.add_qkv_bias = arch.qkv_bias
+    if arch.num_experts:
+        m.qk_layernorm, m.num_moe_experts, m.moe_router_topk = True, arch.num_experts, arch.moe_topk
+        m.moe_ffn_hidden_size, m.moe_router_pre_softmax = arch.moe_ffn_hidden_size, arch.moe_pre_softmax
+        m.moe_aux_loss_coeff = float(hf_cfg.get("router_aux_loss_coef", 0.0))
     cfg.diffusion.objective = objective
     cfg.data.tokenizer = str(tok_file.resolve())
     cfg.data.seq_len = int(seq_len or min(arch.seq_len, 4096))

@@ -122,3 +122,45 @@ def test_gguf_llada_moe_tensors_and_reference_forward(ckpts, tmp_path):
     diff = _max_diff(gguf_reference_logits(f, x[0]), ref)
     print(f"\n[convert] llada-moe GGUF reference forward vs framework max |diff| = {diff:.2e}")
     assert diff < 1e-4
+
+
+@pytest.mark.parametrize("norm_topk_prob", [False, True])
+def test_import_qwen3_moe_causal_logits(tmp_path, norm_topk_prob):
+    """A random Qwen3-MoE (per-head q/k RMSNorm, 4 experts, top-2) built with transformers and
+    imported with --from-hf: the framework's causal logits equal Qwen3MoeForCausalLM's, with the
+    top-k renormalised (norm_topk_prob, megatron moe_router_pre_softmax=false) or not (=true)."""
+    import shutil
+
+    import transformers
+
+    from test_convert_cli import BUILTIN_TOKENIZER
+
+    from dlm_megatron.checkpoint import read_meta, resolve
+
+    hf_dir = tmp_path / "qwen3moe"
+    cfg = transformers.Qwen3MoeConfig(vocab_size=8200, hidden_size=64, intermediate_size=128, moe_intermediate_size=48,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      num_experts=4, num_experts_per_tok=2, norm_topk_prob=norm_topk_prob,
+                                      max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM(cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)  # q/k norms included: a missing one shows
+            elif n.endswith("mlp.gate.weight"):
+                p.normal_(0, 0.5)  # peaked routing: a wrong choice or weighting of experts shows
+    model.save_pretrained(str(hf_dir))
+    shutil.copyfile(BUILTIN_TOKENIZER, hf_dir / "tokenizer.json")
+    model.eval()
+    imp = tmp_path / "imported"
+    assert convert("--from-hf", hf_dir, "--output", imp) == 0
+    m = read_meta(resolve(imp))["config"]["model"]
+    assert (m["num_moe_experts"], m["moe_router_topk"], m["qk_layernorm"]) == (4, 2, True)
+    assert m["moe_router_pre_softmax"] is (not norm_topk_prob)
+    x = sample_tokens(8192, 1)
+    with torch.no_grad():
+        want = model(x).logits
+    diff = _max_diff(framework_logits(imp, x)[..., :8200], want)
+    print(f"\n[convert] Qwen3-MoE import (norm_topk_prob={norm_topk_prob}): framework vs transformers max |diff| = {diff:.2e}")
+    assert diff < 1e-4
