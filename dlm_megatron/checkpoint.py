@@ -88,47 +88,54 @@ def read_meta(ckpt: Path) -> dict:
     return meta
 
 
-def shard_filename(tp_rank: int, pp_rank: int) -> str:
-    return f"tp{tp_rank}_pp{pp_rank}.safetensors"
+def shard_filename(tp_rank: int, pp_rank: int, ep_rank: int = 0) -> str:
+    """Model shard of a (TP, PP) rank; expert-parallel ranks > 0 add a file of their experts."""
+    return f"tp{tp_rank}_pp{pp_rank}{f'_ep{ep_rank}' if ep_rank else ''}.safetensors"
 
 
-def save_model_shard(directory: Path, named_params, tp_rank: int, pp_rank: int) -> None:
+def save_model_shard(directory: Path, named_params, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> None:
     """Write this rank's parameters (canonical name -> local tensor) as fp32 safetensors."""
     (directory / "model").mkdir(parents=True, exist_ok=True)
     tensors = {n: p.detach().float().contiguous().cpu().clone() for n, p in named_params}
-    save_file(tensors, str(directory / "model" / shard_filename(tp_rank, pp_rank)))
+    save_file(tensors, str(directory / "model" / shard_filename(tp_rank, pp_rank, ep_rank)))
 
 
 def load_full_state_dict(ckpt: Path, progress=None) -> dict[str, torch.Tensor]:
     """Merge every (TP, PP) shard of a checkpoint into the full model (canonical names)."""
     meta = read_meta(ckpt)
-    tp, pp = meta["layout"]["tp"], meta["layout"]["pp"]
+    tp, pp, ep = meta["layout"]["tp"], meta["layout"]["pp"], meta["layout"].get("ep", 1)
     full: dict[str, torch.Tensor] = {}
     for p in range(pp):
         parts = []
         for t in range(tp):
-            f = ckpt / "model" / shard_filename(t, p)
-            if not f.is_file():
-                raise CheckpointError(f"{ckpt} is missing model shard {f.name} (expected TP={tp} x PP={pp} shards)")
-            try:
-                parts.append(load_file(str(f)))
-            except Exception as e:  # safetensors raises several types on corrupt files
-                raise CheckpointError(f"model shard {f} is corrupt ({type(e).__name__}); restore it or use an older checkpoint") from None
-            if progress:
-                progress(f.name)
+            part = {}
+            for e in range(ep):  # expert-parallel ranks hold disjoint experts (canonical names)
+                f = ckpt / "model" / shard_filename(t, p, e)
+                if not f.is_file():
+                    raise CheckpointError(f"{ckpt} is missing model shard {f.name} (expected TP={tp} x PP={pp} x EP={ep} shards)")
+                try:
+                    part.update(load_file(str(f)))
+                except Exception as ex:  # safetensors raises several types on corrupt files
+                    raise CheckpointError(f"model shard {f} is corrupt ({type(ex).__name__}); restore it or use an older checkpoint") from None
+                if progress:
+                    progress(f.name)
+            parts.append(part)
         for name in parts[0]:
             full[name] = sharding.unshard([sd[name] for sd in parts], name)
     return full
 
 
-def local_state_from_full(full: dict[str, torch.Tensor], model: torch.nn.Module, cfg, *, tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:
-    """Slice a full state dict into this rank's local parameter dict (for load_state_dict)."""
-    from .model.denoiser import layer_offset
+def local_state_from_full(full: dict[str, torch.Tensor], model: torch.nn.Module, cfg, *, tp_rank: int, pp_rank: int,
+                          ep_rank: int = 0) -> dict[str, torch.Tensor]:
+    """Slice a full state dict into this rank's local parameter dict (for load_state_dict):
+    its TP slice, its PP stage's layers and its expert-parallel rank's experts."""
+    from .model.denoiser import expert_offset, layer_offset
 
-    off = layer_offset(cfg, pp_rank)
+    off, eoff = layer_offset(cfg, pp_rank), expert_offset(cfg, ep_rank)
     out = {}
-    for local_name, p in model.named_parameters():
-        g = sharding.canonical_name(local_name, off, cfg.model.tie_embeddings)
+    state = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if n.endswith(".router.expert_bias"))]
+    for local_name, p in state:
+        g = sharding.canonical_name(local_name, off, cfg.model.tie_embeddings, eoff)
         if g not in full:
             raise CheckpointError(f"checkpoint has no parameter '{g}' (was it trained with a different model config?)")
         t = sharding.shard(full[g], g, tp_rank, cfg.parallel.tp)

@@ -46,8 +46,21 @@ class StopRequest:
 EXIT_PREEMPTED = 3
 
 
+def mlp_active_params(m) -> int:
+    """MLP weights one token passes through, summed over layers: dense SwiGLU layers, and in MoE
+    layers its top-k routed experts, the shared expert and the router (active parameters)."""
+    from .config import ffn_size, moe_ffn_size, moe_layer_pattern
+
+    h = m.hidden_size
+    pattern = moe_layer_pattern(m) or [0] * m.num_layers
+    moe = (m.moe_router_topk * 3 * h * moe_ffn_size(m) + 3 * h * m.moe_shared_expert_intermediate_size
+           + h * (m.num_moe_experts or 0))
+    return sum(moe if is_moe else 3 * h * ffn_size(m) for is_moe in pattern)
+
+
 def flops_per_token(cfg: Config, vocab: int, seq_len: int, on_gpu: bool | None = None) -> float:
-    """Training FLOPs per data token, counted as executed: 6 * matmul params (the output layer
+    """Training FLOPs per data token, counted as executed: 6 * matmul params (MoE: active ones,
+    see mlp_active_params; the output layer
     times the share of positions it runs on) + attention (12 * layers * h * s, times the share
     of pairs the attention kernel executes); doubled (with s = 2L) for block diffusion, whose
     model input is 2L tokens. See planner.output_fraction / attention_fraction and docs/planner.md."""
@@ -61,8 +74,8 @@ def flops_per_token(cfg: Config, vocab: int, seq_len: int, on_gpu: bool | None =
         on_gpu = torch.cuda.is_available()
     h, L = m.hidden_size, m.num_layers
     kv = (m.num_query_groups or m.num_attention_heads) * (h // m.num_attention_heads)
-    per_layer = h * (h + 2 * kv) + h * h + 3 * h * ffn_size(m)
-    matmul = L * per_layer + vocab * h * output_fraction(cfg)
+    attn = h * (h + 2 * kv) + h * h
+    matmul = L * attn + mlp_active_params(m) + vocab * h * output_fraction(cfg)
     frac = attention_fraction(cfg, on_gpu)
     if cfg.diffusion.objective == "block":
         # The model runs on x_t and x_0 (2L tokens, attention span 2L) per L data tokens.
@@ -198,6 +211,10 @@ class Trainer:
 
         self.dp_group, self.pp_group = ps.get_data_parallel_group(), ps.get_pipeline_model_parallel_group()
         self.loss_fn = LossFn(lay.device)
+        from .model.moe import RouterLoad
+
+        self.router_load = RouterLoad(self.engine.module) if cfg.model.num_moe_experts else None
+        self.moe_steps = 0  # optimizer steps whose routing the next metrics row summarises
         self.logger = MetricsLogger(cfg, self.out, is_rank0=self.rank0, config_dict=to_dict(cfg))
         self.fpt = flops_per_token(cfg, self.vocab, cfg.data.seq_len, on_gpu=lay.device.type == "cuda")
         self._fpt_at: dict[int, float] = {}
@@ -246,9 +263,9 @@ class Trainer:
 
         cfg, lay = self.cfg, self.lay
         self.model = model = build_model(cfg, self.vocab, pre_process=lay.is_first_stage, post_process=lay.is_last_stage,
-                                         params_dtype=model_params_dtype(cfg, self.bf16))
+                                         params_dtype=model_params_dtype(cfg, self.bf16), pp_rank=lay.pp_rank)
         model.to(lay.device)
-        init_weights(model, cfg, tp_rank=lay.tp_rank, pp_rank=lay.pp_rank)  # drawn on the device
+        init_weights(model, cfg, tp_rank=lay.tp_rank, pp_rank=lay.pp_rank, ep_rank=lay.ep_rank)  # drawn on the device
         self.weights_from = None
         if latest is not None and ckpt.read_meta(latest).get("engine") is None:
             self.weights_from = latest  # e.g. resharded offline: weights only, optimizer restarts
@@ -257,7 +274,8 @@ class Trainer:
             check_init_from(cfg, ckpt.read_meta(self.weights_from), self.weights_from, warn=self.rank0)
         if self.weights_from is not None:
             full = ckpt.load_full_state_dict(self.weights_from)
-            model.load_state_dict(ckpt.local_state_from_full(full, model, cfg, tp_rank=lay.tp_rank, pp_rank=lay.pp_rank), strict=False)
+            model.load_state_dict(ckpt.local_state_from_full(full, model, cfg, tp_rank=lay.tp_rank, pp_rank=lay.pp_rank,
+                                                             ep_rank=lay.ep_rank), strict=False)
             if self.rank0:
                 print(f"initialised weights from {self.weights_from} (fresh optimizer state)", flush=True)
 
@@ -290,6 +308,9 @@ class Trainer:
             raise ConfigError(f"{latest} was written by the {meta.get('engine')} engine but this layout uses {engine_name(cfg)}; "
                               f"set parallel.engine={meta.get('engine')} (and the original parallel.pp) or convert the checkpoint")
         saved = meta.get("layout", {})
+        if saved.get("ep", 1) != lay.ep:
+            raise ConfigError(f"{latest} was written at parallel.ep={saved.get('ep', 1)} but this run uses parallel.ep={lay.ep}; "
+                              f"reshard it first: python tools/convert.py reshard --ckpt {latest} --output NEW_RUN --ep {lay.ep}")
         if (saved.get("tp"), saved.get("pp")) != (lay.tp, lay.pp):
             raise ConfigError(f"{latest} was written at tp={saved.get('tp')} pp={saved.get('pp')} but this run uses tp={lay.tp} pp={lay.pp}; "
                               f"reshard it first: python tools/convert.py reshard --ckpt {latest} --output NEW_RUN --tp {lay.tp} --pp {lay.pp}")
@@ -300,7 +321,7 @@ class Trainer:
                               f"(ZeRO-0 and pipeline-engine checkpoints resume at any DP size)")
         if engine_name(cfg) == "megatron":
             full = ckpt.load_full_state_dict(latest)
-            local = ckpt.local_state_from_full(full, engine.module, cfg, tp_rank=lay.tp_rank, pp_rank=lay.pp_rank)
+            local = ckpt.local_state_from_full(full, engine.module, cfg, tp_rank=lay.tp_rank, pp_rank=lay.pp_rank, ep_rank=lay.ep_rank)
             engine.load(str(latest / "engine"), "engine", model_state=local)
         else:
             engine.load(str(latest / "engine"), "engine")
@@ -320,7 +341,7 @@ class Trainer:
         kernels = sorted({m.backend for m in model.modules() if isinstance(m, CoreAttention)}) or ["transformer_engine"]
         return (f"model: {n_params / 1e6:.2f}M parameters on this rank | {lay.device.type} {str(dtype)[6:]} params"
                 f"{' + bf16 autocast' if self.bf16 and dtype != torch.bfloat16 else ''} | attention {','.join(kernels)} | "
-                f"layout tp={lay.tp} pp={lay.pp} dp={lay.dp} engine={engine_name(cfg)} zero={cfg.parallel.zero_stage} | "
+                f"layout tp={lay.tp} pp={lay.pp} dp={lay.dp}{f' ep={lay.ep}' if cfg.model.num_moe_experts else ''} engine={engine_name(cfg)} zero={cfg.parallel.zero_stage} | "
                 f"objective={cfg.diffusion.objective} | train samples {len(self.train_ds)} x {cfg.data.seq_len} tokens")
 
     # -- batches --------------------------------------------------------------------------
@@ -362,6 +383,36 @@ class Trainer:
         return self.micro_batches(step, x, positions, seg_GL=seg)
 
     # -- reductions of logged values (host, once per logged step) -------------------------
+    def moe_metrics(self, num_microbatches: int) -> dict:
+        """MoE routing of the step just trained (empty for a dense model): ``moe_aux_loss``, the
+        load-balancing loss without its coefficient averaged over MoE layers and micro-batches
+        (as megatron-core defines it: 1 = uniform routing), and ``moe_max_load``, the heaviest
+        expert's share of tokens relative to an even split, worst layer (1 = balanced). Summed
+        over data-parallel ranks: every layout reports the same numbers. No token is dropped
+        (no expert capacity is set)."""
+        import torch
+
+        from .model import moe
+        from .parallel import comm
+
+        if self.router_load is None:
+            return {}
+        counts = self.router_load.take()
+        aux = moe.aux_loss_sums()
+        n_moe, steps, self.moe_steps = len(self.router_load.routers), max(self.moe_steps, 1), 0
+        if counts is None:  # no training forward since the last row
+            return {}
+        counts = comm.all_reduce_host(counts.cpu(), "sum", self.dp_group)
+        worst = moe.max_load(counts)
+        aux_sum, n_total = float(aux) if aux is not None else 0.0, float(n_moe)
+        if self.lay.pp > 1:  # each stage routes its own layers: worst over stages, mean over all layers
+            worst = comm.max_host(worst, self.pp_group)
+            aux_sum, n_total = (float(v) for v in comm.all_reduce_host([aux_sum, n_total], "sum", self.pp_group))
+        out = {"moe_max_load": worst}
+        if aux is not None:
+            out["moe_aux_loss"] = self.dp_mean(aux_sum / (n_total * num_microbatches * steps))
+        return out
+
     def pp_share(self, x: float) -> float:
         """Losses exist on the last pipeline stage only; give every stage its value."""
         from .parallel import comm
@@ -379,6 +430,7 @@ class Trainer:
         over all DP ranks)."""
         mbl = self.step_batches(step)
         lr = self.engine.set_lr(step)
+        self.moe_steps += 1
         losses, grad_norm, bad = self.engine.train_step(mbl, self.loss_fn, seq_len=mbl[0].tokens_BS.shape[1],
                                                         micro_batch_size=self.mbs,
                                                         poison="loss" if step in self.inject_nan else "grad" if step in self.inject_nan_grad else None)
@@ -440,19 +492,24 @@ class Trainer:
         if self.rank0:
             ckpt.prepare_tmp(tmp)
         pdist.barrier()
-        named = list(canonical_params(self.engine.module, cfg, lay.pp_rank, for_save=True))
+        named = list(canonical_params(self.engine.module, cfg, lay.pp_rank, for_save=True, ep_rank=lay.ep_rank))
         if cfg.parallel.zero_stage == 3 and engine_name(cfg) == "deepspeed":
             import deepspeed
 
             with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
                 if lay.dp_rank == 0:
                     ckpt.save_model_shard(tmp, named, lay.tp_rank, lay.pp_rank)
-        elif lay.dp_rank == 0:
+        elif lay.dp_rank == 0:  # dense weights and expert-parallel rank 0's experts
             ckpt.save_model_shard(tmp, named, lay.tp_rank, lay.pp_rank)
+        elif lay.ep_rank > 0 and lay.expert_dp_rank == 0:  # the other experts, once per expert-parallel rank
+            from .model.sharding import is_expert
+
+            ckpt.save_model_shard(tmp, [(n, p) for n, p in named if is_expert(n)], lay.tp_rank, lay.pp_rank, ep_rank=lay.ep_rank)
         self.engine.save(str(tmp / "engine"), "engine", {"step": step})
         pdist.barrier()
         if self.rank0:
-            meta = {"config": to_dict(cfg), "layout": {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "zero_stage": cfg.parallel.zero_stage},
+            meta = {"config": to_dict(cfg), "layout": {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "ep": lay.ep,
+                                                       "zero_stage": cfg.parallel.zero_stage},
                     "tokenizer_sha256": self.tok.sha256, "vocab_size": self.vocab, "consumed_samples": step * self.G,
                     "engine": engine_name(cfg)}
             final = ckpt.commit_save(out, tmp, step, meta, cfg.train.keep_last)
@@ -489,7 +546,8 @@ class Trainer:
                 dt = max(time.time() - t_last, 1e-9)
                 tps = tokens_since / dt
                 row = {"step": done, "loss": loss_v, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tps,
-                       **({"mfu": flops_since / dt / (self.peak * lay.world_size)} if self.peak else {}), **memory_gib(lay.device)}
+                       **({"mfu": flops_since / dt / (self.peak * lay.world_size)} if self.peak else {}), **memory_gib(lay.device),
+                       **self.moe_metrics(len(losses))}
                 logger.log(row)
                 last = row
                 t_last, tokens_since, flops_since = time.time(), 0, 0.0

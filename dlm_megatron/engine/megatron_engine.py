@@ -166,6 +166,8 @@ class MegatronEngine:
         from megatron.core import parallel_state as ps
 
         tag = f"tp{ps.get_tensor_model_parallel_rank()}_pp{ps.get_pipeline_model_parallel_rank()}"
+        ep_rank = ps.get_expert_model_parallel_rank()
+        tag += f"_ep{ep_rank}" if ep_rank else ""  # MoE: each expert-parallel rank has its own experts' states
         return f"optim_{tag}.pt", f"common_{tag}.pt"
 
     def save(self, directory: str, tag: str, client_state: dict) -> None:
@@ -180,7 +182,8 @@ class MegatronEngine:
         sharded = self.cfg.parallel.zero_stage == 1
         if sharded:  # collective over the DP group
             self.optimizer.save_parameter_state(os.path.join(directory, optim_name))
-        if ps.get_data_parallel_rank() == 0:
+        # expert-data-parallel rank 0 of every expert-parallel rank (without MoE: DP rank 0)
+        if ps.get_data_parallel_rank() == 0 or (ps.get_expert_model_parallel_rank() > 0 and ps.get_expert_data_parallel_rank() == 0):
             torch.save({"optimizer": self.optimizer.state_dict(), "client": client_state, "adam_step": self._adam_step()},
                        os.path.join(directory, common_name))
 

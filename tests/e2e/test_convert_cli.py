@@ -94,11 +94,14 @@ def sample_tokens(vocab: int, mask_id: int, B: int = 2, S: int = 24, seed: int =
 
 
 def gguf_reference_logits(path, tokens_S) -> torch.Tensor:
-    """Forward pass of a ``llada`` or ``dream`` GGUF file in llama.cpp's conventions, in fp64:
-    tensors as stored (dequantised), llada's NORM rope rotating adjacent pairs (2i, 2i+1) or
-    dream's NEOX rope rotating (i, i + d/2), q/k/v biases when stored, GQA broadcast of
-    kv head h // (heads / kv_heads), bidirectional attention, output = ``output`` or
-    ``token_embd``."""
+    """Forward pass of a ``llada``, ``dream`` or ``llada-moe`` GGUF file in llama.cpp's
+    conventions, in fp64: tensors as stored (dequantised), llada's NORM rope rotating adjacent
+    pairs (2i, 2i+1) or dream's / llada-moe's NEOX rope rotating (i, i + d/2), q/k/v biases
+    when stored, per-head q/k RMSNorm when stored (llada-moe), GQA broadcast of kv head
+    h // (heads / kv_heads), bidirectional attention; llada-moe's MLP as its graph computes
+    it: softmax over all ``expert_count`` router logits, the ``expert_used_count`` largest
+    weights used as they are (no renormalisation), SwiGLU experts from the stacked
+    ``ffn_{gate,up,down}_exps``; output = ``output`` or ``token_embd``."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
@@ -134,12 +137,24 @@ def gguf_reference_logits(path, tokens_S) -> torch.Tensor:
     for i in range(kv["block_count"]):
         p = f"blk.{i}."
         h = norm(x, T[p + "attn_norm.weight"])
-        q = rope(proj(h, p + "attn_q").view(S, nh, d))
-        k = rope(proj(h, p + "attn_k").view(S, nkv, d)).repeat_interleave(nh // nkv, 1)
+        q, k = proj(h, p + "attn_q").view(S, nh, d), proj(h, p + "attn_k").view(S, nkv, d)
+        if p + "attn_q_norm.weight" in T:
+            q, k = norm(q, T[p + "attn_q_norm.weight"]), norm(k, T[p + "attn_k_norm.weight"])
+        q = rope(q)
+        k = rope(k).repeat_interleave(nh // nkv, 1)
         v = proj(h, p + "attn_v").view(S, nkv, d).repeat_interleave(nh // nkv, 1)
         att = torch.softmax(torch.einsum("qhd,khd->hqk", q, k) / d ** 0.5, -1)
         x = x + torch.einsum("hqk,khd->qhd", att, v).reshape(S, H) @ T[p + "attn_output.weight"].T
         h = norm(x, T[p + "ffn_norm.weight"])
+        if p + "ffn_gate_inp.weight" in T:
+            w, idx = torch.softmax(h @ T[p + "ffn_gate_inp.weight"].T, -1).topk(kv["expert_used_count"], -1)
+            out = torch.zeros_like(x)
+            for s_ in range(S):
+                for w_e, e in zip(w[s_], idx[s_].tolist()):
+                    g = T[p + "ffn_gate_exps.weight"][e] @ h[s_]
+                    out[s_] += w_e * (T[p + "ffn_down_exps.weight"][e] @ (g * torch.sigmoid(g) * (T[p + "ffn_up_exps.weight"][e] @ h[s_])))
+            x = x + out
+            continue
         g = h @ T[p + "ffn_gate.weight"].T
         x = x + (g * torch.sigmoid(g) * (h @ T[p + "ffn_up.weight"].T)) @ T[p + "ffn_down.weight"].T
     x = norm(x, T["output_norm.weight"])

@@ -16,6 +16,11 @@ LLaDA's published layout::
     model.transformer.ln_f.weight                     final RMSNorm
     model.transformer.ff_out.weight                   output head (absent when weight_tying)
 
+With ``qk_norm``: ``blocks.{i}.{q,k}_norm.weight``, RMSNorm of each head's q and k before
+RoPE. Mixture-of-experts layers (``moe_layers[i] == 1``) replace the MLP by ``blocks.{i}.moe``:
+``gate.weight`` [experts, d_model] (router; ``gate.expert_bias`` for aux-free routing),
+``experts.{e}.{ff_proj,up_proj,ff_out}.weight`` and an optional ``shared_expert``.
+
 Attention is bidirectional (the denoiser sees the whole sequence) unless
 ``config.objective == "ar"``. ``forward`` returns logits over ``embedding_size`` columns
 (the vocabulary padded for efficient matmuls); ids >= ``vocab_size`` are never tokens.
@@ -81,6 +86,61 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
 
 
+class DLMExpert(nn.Module):
+    """One SwiGLU MLP (an expert, or the shared expert)."""
+
+    def __init__(self, d: int, f: int):
+        super().__init__()
+        self.ff_proj = nn.Linear(d, f, bias=False)
+        self.up_proj = nn.Linear(d, f, bias=False)
+        self.ff_out = nn.Linear(f, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ff_out(F.silu(self.ff_proj(x)) * self.up_proj(x))
+
+
+class DLMMoE(nn.Module):
+    """Top-k mixture of experts with the router of megatron-core (which trained it)."""
+
+    def __init__(self, config: DLMConfig):
+        super().__init__()
+        d, E = config.d_model, config.moe_num_experts
+        self.config = config
+        self.gate = nn.Linear(d, E, bias=False)
+        if config.moe_expert_bias:
+            self.gate.register_buffer("expert_bias", torch.zeros(E))
+        self.experts = nn.ModuleList([DLMExpert(d, config.moe_intermediate_size) for _ in range(E)])
+        fs = config.moe_shared_expert_intermediate_size
+        self.shared_expert = DLMExpert(d, fs) if fs else None
+
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 router logits [N, E] -> (weights [N, k], expert ids [N, k])."""
+        c, k = self.config, self.config.moe_top_k
+        if c.moe_score_function == "sigmoid":
+            scores = torch.sigmoid(logits)
+            choose = scores + self.gate.expert_bias if c.moe_expert_bias else scores
+            idx = choose.topk(k, dim=-1).indices
+            w = scores.gather(-1, idx)
+            return (w / (w.sum(-1, keepdim=True) + 1e-20) if k > 1 else w), idx
+        if c.moe_pre_softmax:
+            return torch.softmax(logits, dim=-1).topk(k, dim=-1)
+        top, idx = logits.topk(k, dim=-1)
+        return torch.softmax(top, dim=-1), idx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, d = x.shape
+        flat = x.reshape(-1, d)
+        weights, idx = self.route(F.linear(flat.float(), self.gate.weight.float()))
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            rows, slot = (idx == e).nonzero(as_tuple=True)
+            if rows.numel():
+                out.index_add_(0, rows, expert(flat[rows]) * weights[rows, slot, None].to(flat.dtype))
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(flat)
+        return out.reshape(B, S, d)
+
+
 class DLMBlock(nn.Module):
     """One pre-norm transformer layer (LLaDA's "llama" block)."""
 
@@ -95,9 +155,16 @@ class DLMBlock(nn.Module):
         self.v_proj = nn.Linear(d, nkv * self.head_dim, bias=config.include_qkv_bias)
         self.attn_out = nn.Linear(nh * self.head_dim, d, bias=config.include_bias)
         self.ff_norm = DLMRMSNorm(d, config.rms_norm_eps)
-        self.ff_proj = nn.Linear(d, config.mlp_hidden_size, bias=config.include_bias)
-        self.up_proj = nn.Linear(d, config.mlp_hidden_size, bias=config.include_bias)
-        self.ff_out = nn.Linear(config.mlp_hidden_size, d, bias=config.include_bias)
+        if getattr(config, "qk_norm", False):
+            self.q_norm = DLMRMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = DLMRMSNorm(self.head_dim, config.rms_norm_eps)
+        moe_layers = getattr(config, "moe_layers", None) or []
+        if layer_id < len(moe_layers) and moe_layers[layer_id]:
+            self.moe = DLMMoE(config)
+        else:
+            self.ff_proj = nn.Linear(d, config.mlp_hidden_size, bias=config.include_bias)
+            self.up_proj = nn.Linear(d, config.mlp_hidden_size, bias=config.include_bias)
+            self.ff_out = nn.Linear(config.mlp_hidden_size, d, bias=config.include_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, allowed: Optional[torch.Tensor],
                 past: Optional[tuple] = None, after: Optional[tuple] = None):
@@ -109,6 +176,8 @@ class DLMBlock(nn.Module):
         q = self.q_proj(h).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
@@ -121,6 +190,8 @@ class DLMBlock(nn.Module):
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=1.0 / math.sqrt(self.head_dim))
         x = x + self.attn_out(att.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
         h = self.ff_norm(x)
+        if hasattr(self, "moe"):
+            return x + self.moe(h), kv
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h)), kv
 
 
