@@ -5,12 +5,17 @@ Layout of ``<output_dir>/checkpoints/``::
     step_000050/
         meta.json                 step, config, layout, tokenizer hash, format version
         model/tp{T}_pp{P}.safetensors   this (TP, PP) rank's weights under canonical names
-        engine/                   optimizer/engine state (DeepSpeed or megatron-core)
+        optim/tp{T}_pp{P}_dp{D}.safetensors   DeepSpeed engine: Adam's state per parameter
+                                  fragment (engine/zero_state.py), loadable at any DP size
+        engine/                   megatron engine: megatron-core's optimizer state (DP-gathered);
+                                  DeepSpeed's own format in checkpoints written before optim/
     latest                        text file naming the newest complete checkpoint
 
-A checkpoint is written into ``.tmp-step_XXXXXX`` by all ranks and renamed into place by
-rank 0 only after every rank finished (a crash mid-save leaves the previous checkpoint and
-``latest`` untouched); ``latest`` itself is replaced with an atomic ``os.replace``.
+A checkpoint is written into ``.tmp-step_XXXXXX`` by all ranks (in the background:
+saving.py) and renamed into place by rank 0 only after every rank's files are written and
+fsynced (a crash mid-save leaves the previous checkpoint and ``latest`` untouched; the next
+start removes the leftovers, ``clean_stale``); ``latest`` itself is replaced with an atomic
+``os.replace`` of a fsynced file.
 The model shards use canonical (global-layer, full-model) names, so tools can merge them to
 a full state dict (``load_full_state_dict``) for export, generation or a different layout.
 """
@@ -23,7 +28,7 @@ import zipfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .model import sharding
 
@@ -125,10 +130,123 @@ def load_full_state_dict(ckpt: Path, progress=None) -> dict[str, torch.Tensor]:
     return full
 
 
-def local_state_from_full(full: dict[str, torch.Tensor], model: torch.nn.Module, cfg, *, tp_rank: int, pp_rank: int,
-                          ep_rank: int = 0) -> dict[str, torch.Tensor]:
-    """Slice a full state dict into this rank's local parameter dict (for load_state_dict):
-    its TP slice, its PP stage's layers and its expert-parallel rank's experts."""
+class ShardReader:
+    """Reads canonical tensors, or one tensor-parallel rank's slice of them, from a
+    checkpoint's model shards without loading anything else.
+
+    Files are opened with safetensors' ``safe_open`` (a memory map: only the header is read
+    on open) and tensors are cut with ``get_slice``, so a rank at TP=t, PP=p reads about
+    1/(t x p) of the weights whatever layout wrote them: for each slice it needs, only the
+    rows (or columns) of the source TP shards that overlap it. ``bytes_read`` counts the
+    tensor bytes actually read; ``total_bytes`` is the full model's.
+    """
+
+    def __init__(self, ckpt: Path, subdir: str = "model"):
+        meta = read_meta(ckpt)
+        self.ckpt, self.subdir = ckpt, subdir
+        self.tp, self.pp, self.ep = meta["layout"]["tp"], meta["layout"]["pp"], meta["layout"].get("ep", 1)
+        self.bytes_read = 0
+        self._handles: dict[tuple[int, int, int], object] = {}
+        # canonical name -> (pipeline stage, expert-parallel file) whose shards hold it:
+        # EP rank e > 0 writes its experts to their own file (shard_filename(t, p, e))
+        self._stage: dict[str, tuple[int, int]] = {}
+        self.total_bytes = 0
+        for p in range(self.pp):
+            for e in range(self.ep):
+                fh = self._open(0, p, e)
+                for name in fh.keys():
+                    if name not in self._stage:
+                        self._stage[name] = (p, e)
+                        sl = fh.get_slice(name)
+                        shape = sharding.full_shape(tuple(sl.get_shape()), name, self.tp)
+                        self.total_bytes += _numel(shape) * _DTYPE_BYTES[sl.get_dtype()]
+
+    def _open(self, t: int, p: int, e: int = 0):
+        if (t, p, e) not in self._handles:
+            from safetensors import safe_open
+
+            f = self.ckpt / self.subdir / shard_filename(t, p, e)
+            if not f.is_file():
+                raise CheckpointError(f"{self.ckpt} is missing model shard {f.name} "
+                                      f"(expected TP={self.tp} x PP={self.pp} x EP={self.ep} shards)")
+            try:
+                self._handles[(t, p, e)] = safe_open(str(f), framework="pt")
+            except Exception as ex:  # safetensors raises several types on corrupt files
+                raise CheckpointError(f"model shard {f} is corrupt ({type(ex).__name__}); restore it or use an older checkpoint") from None
+        return self._handles[(t, p, e)]
+
+    def names(self) -> list[str]:
+        return list(self._stage)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._stage
+
+    def read(self, name: str, tp_rank: int = 0, tp_size: int = 1) -> torch.Tensor:
+        """The part of canonical tensor ``name`` that TP rank ``tp_rank`` of ``tp_size``
+        holds (``sharding.shard`` of the full tensor), reading only what overlaps it."""
+        p, e = self._stage[name]
+        dim = sharding.partition_dim(name)
+        if dim is None:  # replicated: every source TP shard holds it whole
+            return self._take(self._open(0, p, e).get_slice(name), None, None, None)
+        n_src = self._open(0, p, e).get_slice(name).get_shape()[dim]
+        full = n_src * self.tp
+        parts = []
+        for lo, hi in _tp_intervals(name, full, tp_rank, tp_size):
+            for s in range(self.tp):
+                for s_lo, s_hi, local in _tp_pieces(name, full, s, self.tp):
+                    a, b = max(lo, s_lo), min(hi, s_hi)
+                    if a < b:
+                        parts.append(self._take(self._open(s, p, e).get_slice(name), dim, a - s_lo + local, b - s_lo + local))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+    def _take(self, sl, dim, lo, hi) -> torch.Tensor:
+        if dim is None:
+            t = sl[:]
+        elif dim == 0:
+            t = sl[lo:hi]
+        else:
+            t = sl[:, lo:hi]
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _tp_pieces(name: str, full: int, rank: int, size: int) -> list[tuple[int, int, int]]:
+    """(start, stop, local offset) in full coordinates along the partition dimension of
+    what TP rank ``rank`` of ``size`` holds, in its local order: one contiguous range, or for
+    SwiGLU's fused [gate; up] its gate rows then its up rows (see model/sharding.py)."""
+    if sharding.is_glu(name):
+        half, h = full // 2, full // 2 // size
+        return [(rank * h, (rank + 1) * h, 0), (half + rank * h, half + (rank + 1) * h, h)]
+    n = full // size
+    return [(rank * n, (rank + 1) * n, 0)]
+
+
+def _tp_intervals(name: str, full: int, rank: int, size: int) -> list[tuple[int, int]]:
+    return [(a, b) for a, b, _ in _tp_pieces(name, full, rank, size)]
+
+
+def load_local_state(ckpt: Path, model: torch.nn.Module, cfg, *, tp_rank: int, pp_rank: int,
+                     ep_rank: int = 0) -> tuple[dict, ShardReader]:
+    """This rank's parameter dict (for load_state_dict) read straight from a checkpoint of
+    any layout, slice by slice; returns it with the reader (``bytes_read``, ``total_bytes``)."""
+    reader = ShardReader(ckpt)
+    return local_state(reader, model, cfg, tp_rank=tp_rank, pp_rank=pp_rank, ep_rank=ep_rank), reader
+
+
+def local_state(source, model: torch.nn.Module, cfg, *, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> dict[str, torch.Tensor]:
+    """This rank's local parameter dict from ``source``: a ShardReader (reads only this
+    rank's slices) or a full state dict (canonical names, full tensors): its TP slice, its
+    PP stage's layers and its expert-parallel rank's experts (and their router biases)."""
     from .model.denoiser import expert_offset, layer_offset
 
     off, eoff = layer_offset(cfg, pp_rank), expert_offset(cfg, ep_rank)
@@ -136,13 +254,22 @@ def local_state_from_full(full: dict[str, torch.Tensor], model: torch.nn.Module,
     state = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if n.endswith(".router.expert_bias"))]
     for local_name, p in state:
         g = sharding.canonical_name(local_name, off, cfg.model.tie_embeddings, eoff)
-        if g not in full:
+        if g not in source:
             raise CheckpointError(f"checkpoint has no parameter '{g}' (was it trained with a different model config?)")
-        t = sharding.shard(full[g], g, tp_rank, cfg.parallel.tp)
+        if isinstance(source, ShardReader):
+            t = source.read(g, tp_rank, cfg.parallel.tp)
+        else:
+            t = sharding.shard(source[g], g, tp_rank, cfg.parallel.tp)
         if tuple(t.shape) != tuple(p.shape):
             raise CheckpointError(f"parameter '{g}' has shape {tuple(t.shape)} in the checkpoint but {tuple(p.shape)} in the model")
         out[local_name] = t
     return out
+
+
+def local_state_from_full(full: dict[str, torch.Tensor], model: torch.nn.Module, cfg, *, tp_rank: int, pp_rank: int,
+                          ep_rank: int = 0) -> dict[str, torch.Tensor]:
+    """Slice a full state dict into this rank's local parameter dict (for load_state_dict)."""
+    return local_state(full, model, cfg, tp_rank=tp_rank, pp_rank=pp_rank, ep_rank=ep_rank)
 
 
 def begin_save(output_dir: str | Path, step: int) -> Path:
@@ -162,7 +289,11 @@ def commit_save(output_dir: str | Path, tmp: Path, step: int, meta: dict, keep_l
     ``latest``, prune old checkpoints."""
     root = checkpoints_root(output_dir)
     meta = dict(meta, format_version=FORMAT_VERSION, step=step)
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    with open(tmp / "meta.json", "w") as f:
+        f.write(json.dumps(meta, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(tmp)
     final = root / step_dirname(step)
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
         trash = root / f".trash-{step_dirname(step)}"
@@ -173,15 +304,33 @@ def commit_save(output_dir: str | Path, tmp: Path, step: int, meta: dict, keep_l
         shutil.rmtree(trash)
     else:
         os.replace(tmp, final)
+    fsync_dir(root)
+    kill_point("renamed", step)
     ptr_tmp = root / ".latest.tmp"
-    ptr_tmp.write_text(final.name + "\n")
+    with open(ptr_tmp, "w") as f:
+        f.write(final.name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(ptr_tmp, root / "latest")
-    _fsync_dir(root)
+    fsync_dir(root)
     prune(root, keep_last)
     return final
 
 
-def _fsync_dir(path: Path) -> None:
+def kill_point(phase: str, step: int) -> None:
+    """Test hook: ``DLM_TEST_KILL_SAVE=PHASE@STEP`` (or ``PHASE@STEP@RANK``: that rank only)
+    kills this process with SIGKILL, as ``kill -9`` would, when the save of STEP reaches
+    PHASE: ``staged`` (copied to host, no file written), ``writing`` (this rank's first file
+    half written), ``written`` (every file of this rank written and fsynced, nothing
+    committed), ``renamed`` (rank 0: the folder in place, ``latest`` not moved yet)."""
+    want = os.environ.get("DLM_TEST_KILL_SAVE")
+    if want and want in (f"{phase}@{step}", f"{phase}@{step}@{os.environ.get('RANK', '0')}"):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
         try:

@@ -142,6 +142,9 @@ class DataConfig:
     """Training sequence length in tokens."""
     cache_dir: str = ".cache/data"
     """Where builtin corpora are tokenized to (relative to the working directory)."""
+    prefetch: int = 2
+    """Steps of batches read and noised ahead in a background thread while the current step
+    runs (0: in the training loop). Batches depend only on the step, so resume is unchanged."""
     document_masks: bool = False
     """Block attention across <|endoftext|> boundaries inside a packed sequence (needs an
     arbitrary-mask attention; see docs/data.md)."""
@@ -194,6 +197,9 @@ class TrainConfig:
     """'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'."""
     save_interval: int = 50
     """Save a checkpoint every N steps (and at the end); 0 saves only at the end."""
+    async_save: bool = True
+    """Write checkpoints in a background thread while training continues (the step that saves
+    only copies state to host memory); false writes them before the next step."""
     keep_last: int = 3
     """Keep this many most recent checkpoints; older ones are deleted after a successful save."""
     eval_interval: int = 50

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import Config, ConfigError, describe, dump_yaml, load_config, to_dict
-from .engine import TrainingDiverged  # noqa: F401  (re-exported)
+from .engine import ZERO_STATE_FORMAT, TrainingDiverged  # noqa: F401  (TrainingDiverged: re-exported)
 from .logging import quiet_warnings  # noqa: F401  (re-exported: scripts import it from here)
 
 USAGE = """usage: python -m dlm_megatron.train CONFIG [section.key=value ...]
@@ -190,6 +190,9 @@ class Trainer:
             (self.out / "config.yaml").write_text(dump_yaml(cfg))
             for name in ckpt.clean_stale(self.out):  # before any rank can save (the barrier in _build_data)
                 print(f"cleaned up {name} left by an interrupted save", flush=True)
+        from .saving import AsyncSaver
+
+        self.saver = AsyncSaver(self.out, rank0=self.rank0, background=cfg.train.async_save, keep_last=cfg.train.keep_last)
         torch.manual_seed(cfg.train.seed)
         self.G, self.mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
         self.per_rank = self.G // lay.dp
@@ -229,21 +232,32 @@ class Trainer:
 
     # -- build ----------------------------------------------------------------------------
     def _build_data(self) -> None:
-        from .data.corpus import resolve_data_path
-        from .data.loader import PackedDataset, build_train_dataset
+        """Datasets and sample orders. Rank 0 opens them first (tokenizing builtin corpora and
+        building the index cache, data/index_cache.py); the others then map what it wrote."""
         from .data.tokenizer import load_tokenizer
         from .parallel import dist as pdist
 
-        cfg, rank0 = self.cfg, self.rank0
+        cfg = self.cfg
         self.tok = tok = load_tokenizer(cfg.data.tokenizer)
-        splits = [(s, p) for s, p in (("train", cfg.data.train_path), ("val", cfg.data.val_path)) if p is not None]
-        # Rank 0 tokenizes builtin corpora first; the others then find them ready.
-        paths = {s: resolve_data_path(p, cfg.data.cache_dir, tok) for s, p in splits} if rank0 else {}
+        if self.rank0:
+            self._open_datasets(build=True)
         pdist.barrier()
-        if not rank0:
-            paths = {s: resolve_data_path(p, cfg.data.cache_dir, tok) for s, p in splits}
-        self.train_ds = build_train_dataset(cfg, tok, cfg.data.cache_dir)  # PackedDataset, or BlendedDataset for "0.7:dirA,0.3:dirB"
-        self.val_ds = PackedDataset(paths["val"], cfg.data.seq_len, tok.eot_id, tokenizer_sha=tok.sha256) if "val" in paths else None
+        if not self.rank0:
+            self._open_datasets(build=False)
+        self.vocab = cfg.model.vocab_size or tok.vocab_size
+        if self.vocab < tok.vocab_size:
+            raise ConfigError(f"model.vocab_size={self.vocab} is smaller than the tokenizer's vocabulary ({tok.vocab_size})")
+
+    def _open_datasets(self, build: bool) -> None:
+        from .data.corpus import resolve_data_path
+        from .data.index_cache import IndexCache
+        from .data.loader import PackedDataset, SampleOrder, build_train_dataset
+
+        cfg, tok, t0 = self.cfg, self.tok, time.time()
+        cache = IndexCache(cfg.data.cache_dir, build=build)
+        val = resolve_data_path(cfg.data.val_path, cfg.data.cache_dir, tok) if cfg.data.val_path is not None else None
+        self.train_ds = build_train_dataset(cfg, tok, cfg.data.cache_dir, index_cache=cache)  # PackedDataset, or BlendedDataset for "0.7:dirA,0.3:dirB"
+        self.val_ds = PackedDataset(val, cfg.data.seq_len, tok.eot_id, tokenizer_sha=tok.sha256, index_cache=cache) if val else None
         if cfg.data.sft_path:  # SFT: prompt/response examples (data/sft.py) instead of packed text
             from .data.sft import SFTDataset, pad_multiple
 
@@ -251,9 +265,14 @@ class Trainer:
             pad = pad_multiple(cfg.diffusion.objective, cfg.diffusion.block_size) if cfg.data.sft_padding == "batch" else None
             self.train_ds = SFTDataset(cfg.data.sft_path, tok, cfg.data.seq_len, cfg.data.chat_template, pad)
             self.val_ds = SFTDataset(cfg.data.sft_val_path, tok, cfg.data.seq_len, cfg.data.chat_template, pad) if cfg.data.sft_val_path else None
-        self.vocab = cfg.model.vocab_size or tok.vocab_size
-        if self.vocab < tok.vocab_size:
-            raise ConfigError(f"model.vocab_size={self.vocab} is smaller than the tokenizer's vocabulary ({tok.vocab_size})")
+            cache = None  # a JSONL of examples held in memory: nothing to map
+        # the epochs this run reads are built now, so no rank waits for one mid-run
+        self.train_order = SampleOrder(len(self.train_ds), cfg.train.seed, cache, cfg.train.steps * self.G)
+        # validation: fixed samples (seed 0) whatever the run's seed
+        self.val_order = SampleOrder(len(self.val_ds), 0, cache, cfg.train.eval_batches * self.G) if self.val_ds is not None else None
+        if build and cache is not None and self.rank0:
+            print(f"data index: built {len(cache.built)}, mapped {len(cache.opened) - len(cache.built)} cached entries "
+                  f"in {cache.root} ({time.time() - t0:.1f}s)", flush=True)
 
     def _build_model(self, latest) -> None:
         """This rank's model on its device, initialised from (seed, name), or from a weights-only
@@ -273,11 +292,25 @@ class Trainer:
             self.weights_from = ckpt.resolve(cfg.train.init_from)
             check_init_from(cfg, ckpt.read_meta(self.weights_from), self.weights_from, warn=self.rank0)
         if self.weights_from is not None:
-            full = ckpt.load_full_state_dict(self.weights_from)
-            model.load_state_dict(ckpt.local_state_from_full(full, model, cfg, tp_rank=lay.tp_rank, pp_rank=lay.pp_rank,
-                                                             ep_rank=lay.ep_rank), strict=False)
+            self._load_weights(model, self.weights_from)
             if self.rank0:
                 print(f"initialised weights from {self.weights_from} (fresh optimizer state)", flush=True)
+        elif latest is not None and ckpt.read_meta(latest).get("optimizer") == ZERO_STATE_FORMAT:
+            self._load_weights(model, latest)  # the optimizer state follows once the engine exists (_resume)
+
+    def _load_weights(self, model, path) -> None:
+        """Load this rank's slice of the weights in checkpoint ``path`` (any layout), reading
+        only that slice, and report the most any rank read."""
+        from . import checkpoint as ckpt
+        from .parallel import comm
+
+        lay = self.lay
+        state, reader = ckpt.load_local_state(path, model, self.cfg, tp_rank=lay.tp_rank, pp_rank=lay.pp_rank, ep_rank=lay.ep_rank)
+        model.load_state_dict(state, strict=False)
+        most = comm.max_host(float(reader.bytes_read))
+        if self.rank0:
+            print(f"weights: read at most {most / 2**20:.2f} MiB per rank of the model's {reader.total_bytes / 2**20:.2f} MiB "
+                  f"({most / reader.total_bytes:.2f}) from {path}", flush=True)
 
     def _build_objective(self) -> None:
         from megatron.core import parallel_state
@@ -314,20 +347,34 @@ class Trainer:
         if (saved.get("tp"), saved.get("pp")) != (lay.tp, lay.pp):
             raise ConfigError(f"{latest} was written at tp={saved.get('tp')} pp={saved.get('pp')} but this run uses tp={lay.tp} pp={lay.pp}; "
                               f"reshard it first: python tools/convert.py reshard --ckpt {latest} --output NEW_RUN --tp {lay.tp} --pp {lay.pp}")
-        if saved.get("zero_stage") != cfg.parallel.zero_stage or (
-                engine_name(cfg) == "deepspeed" and cfg.parallel.zero_stage >= 1 and saved.get("dp") != lay.dp):
-            raise ConfigError(f"{latest} holds DeepSpeed ZeRO-{saved.get('zero_stage')} optimizer state for dp={saved.get('dp')}; "
-                              f"resume with parallel.zero_stage={saved.get('zero_stage')} and {saved.get('dp')} data-parallel ranks "
-                              f"(ZeRO-0 and pipeline-engine checkpoints resume at any DP size)")
-        if engine_name(cfg) == "megatron":
-            full = ckpt.load_full_state_dict(latest)
-            local = ckpt.local_state_from_full(full, engine.module, cfg, tp_rank=lay.tp_rank, pp_rank=lay.pp_rank, ep_rank=lay.ep_rank)
-            engine.load(str(latest / "engine"), "engine", model_state=local)
-        else:
+        if saved.get("zero_stage") != cfg.parallel.zero_stage:
+            raise ConfigError(f"{latest} holds ZeRO-{saved.get('zero_stage')} optimizer state but this run uses "
+                              f"parallel.zero_stage={cfg.parallel.zero_stage}; resume with parallel.zero_stage={saved.get('zero_stage')}")
+        if engine_name(cfg) == "megatron":  # its own state: resumes at any DP size (the distributed optimizer re-shards)
+            self._load_weights(engine.module, latest)
+            engine.load(str(latest / "engine"), "engine")
+        elif meta.get("optimizer") == ZERO_STATE_FORMAT:  # weights were loaded before the engine (_build_model)
+            from .parallel import comm
+
+            read, total = engine.load_state(latest / "optim", self._named(), tp_rank=lay.tp_rank, pp_rank=lay.pp_rank, step=meta["step"])
+            most = comm.max_host(float(read))
+            if self.rank0:
+                print(f"optimizer state: read at most {most / 2**20:.2f} MiB per rank of its TP/PP slice's {total / 2**20:.2f} MiB "
+                      f"(dp={lay.dp}, saved at dp={saved.get('dp')})", flush=True)
+        else:  # a checkpoint in DeepSpeed's own format (written before ZERO_STATE_FORMAT): only at its DP size
+            if cfg.parallel.zero_stage >= 1 and saved.get("dp") != lay.dp:
+                raise ConfigError(f"{latest} holds DeepSpeed's own ZeRO-{saved.get('zero_stage')} state for dp={saved.get('dp')}; "
+                                  f"resume it with {saved.get('dp')} data-parallel ranks (checkpoints written since resume at any DP size)")
             engine.load(str(latest / "engine"), "engine")
         if self.rank0:
             print(f"resumed from {latest} at step {meta['step']}", flush=True)
         return meta["step"]
+
+    def _named(self) -> list:
+        """(canonical name, parameter) of this rank's parameters, each once."""
+        from .model.denoiser import canonical_params
+
+        return list(canonical_params(self.engine.module, self.cfg, self.lay.pp_rank, for_save=True, ep_rank=self.lay.ep_rank))
 
     def describe(self) -> str:
         """The start-up line: size, device, precision, attention kernel, layout, data."""
@@ -367,10 +414,8 @@ class Trainer:
 
     def step_batches(self, step: int) -> list:
         """The micro-batches this rank trains on at ``step`` (only its own rows are read)."""
-        from .data.loader import sample_indices
-
         cfg, G, ds = self.cfg, self.G, self.train_ds
-        idx = sample_indices(step, G, len(ds), cfg.train.seed)
+        idx = self.train_order.indices(step, G)
         lo, per_rank = self.lay.dp_rank * self.per_rank, self.per_rank
         rows = fit_to_batch(ds, idx, np.stack([ds[int(i)] for i in idx[lo: lo + per_rank]]))
         x = np.zeros((G, rows.shape[1]), dtype=np.int64)
@@ -425,10 +470,10 @@ class Trainer:
         return comm.sum_host(x, self.dp_group) / self.lay.dp
 
     # -- the four things a run does -------------------------------------------------------
-    def train_step(self, step: int) -> tuple[list, float, bool, float, int, float]:
-        """One optimizer step: (losses, grad_norm, bad, lr, tokens and model FLOPs this step
-        over all DP ranks)."""
-        mbl = self.step_batches(step)
+    def train_step(self, step: int, mbl: list | None = None) -> tuple[list, float, bool, float, int, float]:
+        """One optimizer step on ``mbl`` (default: this step's batches, read now): (losses,
+        grad_norm, bad, lr, tokens and model FLOPs this step over all DP ranks)."""
+        mbl = self.step_batches(step) if mbl is None else mbl
         lr = self.engine.set_lr(step)
         self.moe_steps += 1
         losses, grad_norm, bad = self.engine.train_step(mbl, self.loss_fn, seq_len=mbl[0].tokens_BS.shape[1],
@@ -451,18 +496,15 @@ class Trainer:
         """Validation loss (and per-noise-level buckets) on fixed samples with fixed noise."""
         import torch
 
-        from .data.loader import sample_indices
-
         if self.val_ds is None:
             return None
         G, engine, loss_fn = self.G, self.engine, self.loss_fn
         engine.eval()
         total, count = 0.0, 0
         loss_fn.collect = []  # per-sequence losses and t, for the per-noise-level buckets
-        eval_seed = 0  # fixed: every run evaluates the same samples with the same noise
-        with torch.no_grad():
+        with torch.no_grad():  # val_order is seeded 0: every run evaluates the same samples with the same noise
             for k in range(self.cfg.train.eval_batches):
-                idx = sample_indices(k, G, len(self.val_ds), eval_seed)
+                idx = self.val_order.indices(k, G)
                 x = fit_to_batch(self.val_ds, idx, np.stack([self.val_ds[int(i)] for i in idx]))
                 pos = np.arange(k * G, (k + 1) * G, dtype=np.int64)
                 # validation sees documents as training does: no attention across them
@@ -481,43 +523,78 @@ class Trainer:
         return row
 
     def save(self, step: int) -> None:
-        """Atomic checkpoint: every rank writes into a temporary folder, rank 0 commits it."""
+        """Checkpoint ``step`` without stalling training (saving.py): await the previous save,
+        copy what this rank writes to host memory, and hand it to the background writer;
+        rank 0 commits it once every rank's files are written."""
         from . import checkpoint as ckpt
-        from .model.denoiser import canonical_params
         from .parallel import dist as pdist
 
-        cfg, lay, out = self.cfg, self.lay, self.out
+        cfg, lay = self.cfg, self.lay
+        self.saver.wait()
         self.engine.sync_params()  # the megatron engine may still owe a parameter all-gather
-        tmp = ckpt.begin_save(out, step)
+        tmp = ckpt.begin_save(self.out, step)
         if self.rank0:
             ckpt.prepare_tmp(tmp)
         pdist.barrier()
-        named = list(canonical_params(self.engine.module, cfg, lay.pp_rank, for_save=True, ep_rank=lay.ep_rank))
-        if cfg.parallel.zero_stage == 3 and engine_name(cfg) == "deepspeed":
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-                if lay.dp_rank == 0:
-                    ckpt.save_model_shard(tmp, named, lay.tp_rank, lay.pp_rank)
-        elif lay.dp_rank == 0:  # dense weights and expert-parallel rank 0's experts
-            ckpt.save_model_shard(tmp, named, lay.tp_rank, lay.pp_rank)
-        elif lay.ep_rank > 0 and lay.expert_dp_rank == 0:  # the other experts, once per expert-parallel rank
-            from .model.sharding import is_expert
-
-            ckpt.save_model_shard(tmp, [(n, p) for n, p in named if is_expert(n)], lay.tp_rank, lay.pp_rank, ep_rank=lay.ep_rank)
-        self.engine.save(str(tmp / "engine"), "engine", {"step": step})
-        pdist.barrier()
+        staging = self.saver.staging
+        staging.begin()
+        files = self._stage_model(staging) + self.engine.stage_state(self._named(), staging, tp_rank=lay.tp_rank,
+                                                                     pp_rank=lay.pp_rank, dp_rank=lay.dp_rank)
+        meta = None
         if self.rank0:
             meta = {"config": to_dict(cfg), "layout": {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "ep": lay.ep,
                                                        "zero_stage": cfg.parallel.zero_stage},
                     "tokenizer_sha256": self.tok.sha256, "vocab_size": self.vocab, "consumed_samples": step * self.G,
-                    "engine": engine_name(cfg)}
-            final = ckpt.commit_save(out, tmp, step, meta, cfg.train.keep_last)
-            print(f"saved checkpoint {final}", flush=True)
-        pdist.barrier()
+                    "engine": engine_name(cfg), "optimizer": getattr(self.engine, "state_format", None)}
+        self.saver.start(step, tmp, files, meta)
+
+    def _stage_model(self, staging) -> list:
+        """This (TP, PP) rank's weights (fp32) copied into ``staging``, on DP rank 0 (ZeRO-3
+        gathers them first: a collective over the DP group); with expert parallelism, DP rank
+        0 also writes expert-parallel rank 0's experts and every other expert-parallel rank's
+        first expert-data-parallel rank writes its own experts to a file of their own."""
+        import torch
+
+        from . import checkpoint as ckpt
+        from .saving import StagedFile
+
+        cfg, lay, named = self.cfg, self.lay, self._named()
+
+        def staged() -> list:
+            if lay.dp_rank == 0:
+                mine, ep = named, 0
+            elif lay.ep_rank > 0 and lay.expert_dp_rank == 0:
+                from .model.sharding import is_expert
+
+                mine, ep = [(n, p) for n, p in named if is_expert(n)], lay.ep_rank
+            else:
+                return []
+            return [StagedFile(f"model/{ckpt.shard_filename(lay.tp_rank, lay.pp_rank, ep)}",
+                               {n: staging.copy(f"model/{n}", p, torch.float32) for n, p in mine})]
+
+        if cfg.parallel.zero_stage == 3 and engine_name(cfg) == "deepspeed":
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+                return staged()
+        return staged()
 
     def fit(self) -> dict:
-        """The training loop; returns a summary dict (on every rank)."""
+        """The training loop, then ``finish``; returns a summary dict (on every rank)."""
+        from .data.prefetch import Prefetcher
+
+        cfg = self.cfg
+        # the next steps' batches are read and noised while this one runs
+        batches = Prefetcher(self.step_batches, self.start_step, cfg.train.steps, cfg.data.prefetch)
+        try:
+            last = self._loop(batches)
+        finally:
+            batches.close()
+        return self.finish(last)
+
+    def _loop(self, batches) -> dict:
+        """Steps start_step .. train.steps with their batches from ``batches``; returns the
+        last logged row."""
         import torch
 
         from .parallel import comm
@@ -527,7 +604,7 @@ class Trainer:
         self.engine.train()
         t_last, tokens_since, flops_since = time.time(), 0, 0.0
         for step in range(self.start_step, cfg.train.steps):
-            losses, grad_norm, bad, lr, tokens, flops = self.train_step(step)
+            losses, grad_norm, bad, lr, tokens, flops = self.train_step(step, batches.get(step))
             tokens_since += tokens
             flops_since += flops
             if bad:
@@ -535,6 +612,7 @@ class Trainer:
                 if self.rank0:
                     print(f"warning: non-finite loss or gradient at step {step}; update skipped ({bad_in_a_row}/{cfg.train.max_bad_steps} in a row)", flush=True)
                 if bad_in_a_row >= cfg.train.max_bad_steps:
+                    self.saver.wait()  # a save of an earlier, good step may be in flight
                     logger.close()
                     raise TrainingDiverged(f"stopping: {bad_in_a_row} non-finite steps (loss or gradient) in a row (last good checkpoint "
                                            f"kept in {self.out / 'checkpoints'}); lower train.lr or check the data")
@@ -556,22 +634,27 @@ class Trainer:
                 if r:
                     logger.log(r)
             preempted = self.stop.signum is not None or done == self.stop_at
-            # one rank's signal stops all of them at the same step (one tiny all-reduce per step)
-            if comm.max_host(1.0 if preempted else 0.0) > 0:
+            # One tiny all-reduce per step: one rank's signal stops all of them at the same
+            # step, and a background save is committed once no rank is still writing it.
+            stop, busy, failed = comm.all_reduce_host([1.0 if preempted else 0.0, self.saver.busy(), self.saver.failed()], "max").tolist()
+            self.saver.poll(busy, failed)
+            if stop > 0:
                 self.save(done)
+                self.saver.wait()
                 if self.rank0:
                     print(f"received stop signal: checkpoint saved at step {done}, exiting for requeue", flush=True)
                 logger.close()
                 raise Preempted(done)
             if cfg.train.save_interval and done % cfg.train.save_interval == 0 and done != cfg.train.steps:
                 self.save(done)
-        return self.finish(last)
+        return last
 
     def finish(self, last: dict) -> dict:
         """Final checkpoint, validation and (single-rank layouts) a generated sample."""
         cfg, lay = self.cfg, self.lay
         if self.start_step < cfg.train.steps and cfg.train.save_at_end:
             self.save(cfg.train.steps)
+        self.saver.wait()
         val = self.validate(cfg.train.steps)
         if val:
             self.logger.log(val)

@@ -13,7 +13,9 @@ Inputs (files, directories or globs, taken in the order given, each expanded sor
 Tokenizer: a HF tokenizer.json, 'builtin', or a tiktoken BPE ranks file (*.tiktoken).
 Bad records (JSONL: invalid JSON, not an object, missing/non-string field, invalid UTF-8;
 Parquet: null/non-string value, invalid UTF-8) are skipped, counted and reported at the
-end. The output is byte-identical for any --workers value.
+end, and the manifest records how many and the first locations (--on-bad-record skip, the
+default); --on-bad-record fail stops at the first one (exit 2, its file:line) and leaves no
+output. The output is byte-identical for any --workers value.
 
 Resume: finished shards are recorded in OUTPUT's sibling build directory
 (.NAME.partial-KEY/.progress.json). If a run is interrupted (Ctrl-C, kill, crash),
@@ -26,7 +28,9 @@ status 2.
     python tools/shard.py --verify shards/train
 
 checks an existing shard directory (every file's sha256 against the manifest, headers,
-counts) and prints a summary or the one broken file.
+counts, index arrays) and prints a summary, with the records skipped when it was written,
+or the one broken file. Training checks only headers, sizes and counts (start-up must not
+read the corpus), so run --verify after copying a corpus.
 """
 from __future__ import annotations
 
@@ -99,6 +103,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "split (default: %(default)s).")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing non-empty --output directory.")
+    parser.add_argument("--on-bad-record", choices=("skip", "fail"), default="skip",
+                        help="skip: count bad records (invalid JSON/UTF-8, missing field, "
+                        "null), report the first locations and record them in the manifest; "
+                        "fail: stop at the first one with exit status 2 naming its file:line, "
+                        "leaving no output (default: %(default)s).")
     parser.add_argument("--no-resume", action="store_true",
                         help="ignore (and discard) the finished shards of an interrupted "
                         "earlier run of the same command instead of resuming it.")
@@ -168,17 +177,27 @@ def _open_binary(path: Path):
 
 
 class Stats:
-    """Counts of what was skipped, with a few examples for the final report."""
+    """Counts of what was skipped, with a few examples for the final report; with
+    ``fail=True`` the first bad record stops the run instead."""
 
-    def __init__(self) -> None:
+    def __init__(self, fail: bool = False) -> None:
         self.bad = 0
         self.empty = 0
         self.examples: list[str] = []
+        self.fail = fail
 
     def bad_record(self, where: str, why: str) -> None:
+        if self.fail:
+            raise DataError(f"bad record at {where}: {why}; fix the input or pass "
+                            "--on-bad-record skip to skip such records")
         self.bad += 1
         if len(self.examples) < MAX_EXAMPLES:
             self.examples.append(f"{where}: {why}")
+
+    def summary(self) -> dict:
+        """What the manifest records about skipped input (see --verify)."""
+        return {"bad_records": self.bad, "empty_documents": self.empty,
+                "first_bad_records": list(self.examples)}
 
 
 def _jsonl_texts(path: Path, field: str, stats: Stats) -> Iterator[str]:
@@ -348,11 +367,13 @@ def run(args: argparse.Namespace) -> int:
     if skip:
         print(f"shard.py: resuming an interrupted run: {skip} documents already sharded",
               file=sys.stderr)
-    stats, progress = Stats(), Progress(skip, enabled=not args.no_progress)
+    stats, progress = Stats(fail=args.on_bad_record == "fail"), Progress(skip, enabled=not args.no_progress)
     texts = itertools.islice(iter_texts(files, args, stats), skip, None)
     docs = progress.wrap(tokenize_texts(texts, tokenizer, args.workers))
-    source = {"inputs": args.input, "num_files": len(files), "field": args.field,
-              "docs_per_line": args.docs_per_line}
+
+    def source() -> dict:  # called by write_shards after the last document: stats are final
+        return {"inputs": args.input, "num_files": len(files), "field": args.field,
+                "docs_per_line": args.docs_per_line, "skipped": stats.summary()}
     try:
         manifest = write_shards(docs, args.output, tokenizer, args.format, args.shard_tokens,
                                 overwrite=args.overwrite, source=source, resume_key=key)
@@ -382,6 +403,14 @@ def verify(shard_dir: str) -> int:
     files = sum(len(r["files"]) for r in store.manifest["shards"])
     print(f"shard.py: {shard_dir}: OK ({store.num_docs} documents, {store.num_tokens} tokens, "
           f"{len(store.manifest['shards'])} shards, {files} files sha256-verified)")
+    skipped = (store.manifest.get("source") or {}).get("skipped")
+    if skipped is None:
+        print("shard.py: the manifest does not record skipped input (written by an older tools/shard.py "
+              "or by write_shards directly)")
+    else:
+        first = "; first: " + "; ".join(skipped["first_bad_records"]) if skipped["bad_records"] else ""
+        print(f"shard.py: when written, {skipped['bad_records']} bad records and "
+              f"{skipped['empty_documents']} empty documents were skipped{first}")
     return 0
 
 

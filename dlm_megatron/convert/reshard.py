@@ -1,8 +1,10 @@
 """Rewrite a checkpoint's model shards for another tensor/pipeline-parallel layout, offline.
 
-The shards use canonical names (global layer indices, full-model names), so the source is
-merged with ``checkpoint.load_full_state_dict`` whatever layout (and world size) trained it,
-and split again with ``model.sharding.shard`` for the target layout:
+The shards use canonical names (global layer indices, full-model names), so any layout (and
+world size) can be read as the target layout's slices: ``checkpoint.ShardReader`` cuts each
+target shard's tensors straight out of the source shards (safetensors slices), so memory
+holds one target shard at a time, never the merged model; the split follows
+``model.sharding.shard``:
 
 - pipeline stage p holds layers [p*L/pp, (p+1)*L/pp); the embedding lives on the first
   stage, the final norm and output head on the last; other top-level parameters stay on the
@@ -69,23 +71,31 @@ def source_placement(ckpt: Path, meta: dict) -> dict[str, set[str]]:
     return out
 
 
-def write_layout(full: dict[str, torch.Tensor], meta: dict, out: Path, *, step: int, show_progress: bool = True,
+def write_layout(full, meta: dict, out: Path, *, step: int, show_progress: bool = True,
                  placement: dict[str, set[str]] | None = None) -> Path:
-    """Write ``full`` (canonical names, full tensors) as the TP x PP shards of ``meta['layout']``
-    into run directory ``out``; returns the checkpoint folder."""
+    """Write ``full`` (canonical names -> full tensors, or a checkpoint.ShardReader read
+    slice by slice) as the TP x PP shards of ``meta['layout']`` into run directory ``out``;
+    returns the checkpoint folder."""
     from .. import checkpoint as ck
     from ..config import dump_yaml, from_dict
     from ..model import sharding
 
     cfg = from_dict(meta["config"])
     tp, pp, ep = meta["layout"]["tp"], meta["layout"]["pp"], meta["layout"].get("ep", 1)
-    full = dict(full)
+    if isinstance(full, ck.ShardReader):
+        names, part = full.names(), full.read
+    else:
+        names = list(full)
+
+        def part(n, t, tp):
+            return sharding.shard(full[n], n, t, tp)
+
     if cfg.model.tie_embeddings:
         # the last stage's copy of a tied embedding loads from the embedding itself
         # (sharding.canonical_name); older checkpoints may still carry it
-        full.pop("output_layer.weight", None)
+        names = [n for n in names if n != "output_layer.weight"]
     stages: list[list[str]] = [[] for _ in range(pp)]
-    for name in full:
+    for name in names:
         for p in stage_of(name, cfg.model.num_layers, pp, placement):
             stages[p].append(name)
     tmp = ck.begin_save(out, step)
@@ -94,9 +104,9 @@ def write_layout(full: dict[str, torch.Tensor], meta: dict, out: Path, *, step: 
     with progress_bar(tp * pp, desc=f"writing tp{tp} x pp{pp} shards", enabled=show_progress, unit="file") as bar:
         for p in range(pp):
             for t in range(tp):
-                tensors = {n: sharding.shard(full[n], n, t, tp).float().contiguous().clone() for n in stages[p]}
-                for e, names in enumerate(expert_split(list(tensors), cfg.model.num_moe_experts, ep)):
-                    save_file({n: tensors[n] for n in names}, str(tmp / "model" / ck.shard_filename(t, p, e)))
+                tensors = {n: part(n, t, tp).float().contiguous().clone() for n in stages[p]}
+                for e, names_e in enumerate(expert_split(list(tensors), cfg.model.num_moe_experts, ep)):
+                    save_file({n: tensors[n] for n in names_e}, str(tmp / "model" / ck.shard_filename(t, p, e)))
                 bar.update()
     final = ck.commit_save(out, tmp, step, meta, keep_last=1)
     (out / "config.yaml").write_text(dump_yaml(cfg))
@@ -151,9 +161,7 @@ def reshard(ckpt: str | Path, output: str | Path, *, tp: int, pp: int, ep: int =
     if out_path == src.resolve() or src.resolve().is_relative_to(out_path):
         raise ConvertError(f"--output {output} would overwrite the source checkpoint; choose another folder")
     check_output_dir(output, overwrite=overwrite)
-    n_files = meta["layout"]["tp"] * meta["layout"]["pp"] * meta["layout"].get("ep", 1)
-    with progress_bar(n_files, desc="reading shards", enabled=show_progress, unit="file") as bar:
-        full = ck.load_full_state_dict(src, progress=lambda _n: bar.update())
+    reader = ck.ShardReader(src)  # the target's slices are read shard by shard in write_layout
     placement = source_placement(src, meta)
     out = prepare_output_dir(output, overwrite=overwrite)
     new_meta = {k: v for k, v in meta.items() if k not in ("format_version", "step")}
@@ -161,4 +169,4 @@ def reshard(ckpt: str | Path, output: str | Path, *, tp: int, pp: int, ep: int =
     new_meta["layout"] = dict(meta["layout"], tp=tp, pp=pp, ep=ep)
     new_meta["engine"] = None
     new_meta["resharded_from"] = {"path": str(src.resolve()), "layout": meta["layout"], "engine": meta.get("engine")}
-    return write_layout(full, new_meta, out, step=int(meta["step"]), show_progress=show_progress, placement=placement)
+    return write_layout(reader, new_meta, out, step=int(meta["step"]), show_progress=show_progress, placement=placement)

@@ -22,6 +22,8 @@ _EXPORTS = {
     "PackedDataset": "loader",
     "BlendedDataset": "loader",
     "sample_indices": "loader",
+    "SampleOrder": "loader",
+    "IndexCache": "index_cache",
     "prepare_builtin_corpus": "corpus",
     "resolve_data_path": "corpus",
 }
@@ -52,6 +54,8 @@ __all__ = [
     "PackedDataset",
     "BlendedDataset",
     "sample_indices",
+    "SampleOrder",
+    "IndexCache",
     "prepare_builtin_corpus",
     "resolve_data_path",
 ]

@@ -22,24 +22,28 @@ import numpy as np
 
 from dlm_megatron.data import DataError
 from dlm_megatron.data.corpus import parse_blend, resolve_data_path
+from dlm_megatron.data.index_cache import MAX_CACHED_PASSES, IndexCache, _build_in_memory, permutation
 from dlm_megatron.data.shards import DocStore, open_shards
 
 
 class PackedDataset:
     """Fixed-length samples cut from the EOT-joined stream of a shard directory.
 
-    Only an int64 array with one entry per document is built; tokens are read from the
-    (memory-mapped) shards on demand, so opening costs O(documents), not O(tokens).
+    The only index is an int64 array with one entry per document (where each document's
+    EOT sits in the stream); tokens are read from the (memory-mapped) shards on demand.
+    Without ``index_cache`` that array is built in memory (O(documents)); with one it is
+    built once and memory-mapped, so opening costs O(shards) and no resident memory.
 
     Args:
         shard_dir: a directory written by `write_shards` / tools/shard.py, or a DocStore.
         seq_len: tokens per sample.
         eot_id: id appended after every document.
         tokenizer_sha: if given, the shards must have been made with this tokenizer.
+        index_cache: where the document index is built once and mapped (data/index_cache.py).
     """
 
     def __init__(self, shard_dir: str | Path | DocStore, seq_len: int, eot_id: int,
-                 tokenizer_sha: str | None = None) -> None:
+                 tokenizer_sha: str | None = None, index_cache: IndexCache | None = None) -> None:
         if seq_len < 1:
             raise DataError(f"data.seq_len must be >= 1, got {seq_len}")
         self.store = shard_dir if isinstance(shard_dir, DocStore) else open_shards(
@@ -50,8 +54,16 @@ class PackedDataset:
         self.seq_len = seq_len
         self.eot_id = eot_id
         # Stream position of each document's EOT: its end offset plus the EOTs before it.
-        offsets = self.store.doc_offsets
-        self._eot_positions = offsets[1:] + np.arange(self.store.num_docs, dtype=np.int64)
+        store = self.store
+        if index_cache is None:
+            self._eot_positions = store.doc_offsets[1:] + np.arange(store.num_docs, dtype=np.int64)
+        else:
+            def build(alloc):
+                store.write_eot_positions(alloc("eot_positions", (store.num_docs,), np.int64))
+
+            # keyed by the manifest (it hashes every shard file): a rewritten corpus gets a new entry
+            desc = {"manifest_sha256": store.manifest_sha256, "num_docs": store.num_docs, "num_tokens": store.num_tokens}
+            self._eot_positions = index_cache.get("docs", desc, build)["eot_positions"]
         self.stream_len = self.store.num_tokens + self.store.num_docs
         self._len = self.stream_len // seq_len
         if self._len == 0:
@@ -97,25 +109,21 @@ class PackedDataset:
         return out
 
 
-def _permutation(num: int, key: list[int]) -> np.ndarray:
-    """A read-only permutation of range(num) seeded by the integer list `key`."""
-    perm = np.random.Generator(np.random.PCG64(key)).permutation(num)
-    perm.setflags(write=False)
-    return perm
-
-
 @functools.lru_cache(maxsize=4)  # a batch touches at most two epochs (per dataset size)
 def _epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
-    """The shuffled order of one epoch (cached: consecutive steps share an epoch)."""
-    return _permutation(num_samples, [seed, epoch])
+    """The shuffled order of one epoch, in memory (cached: consecutive steps share an epoch)."""
+    return permutation(num_samples, [seed, epoch])
 
 
-def sample_indices(step: int, global_batch_size: int, num_samples: int, seed: int) -> np.ndarray:
+def sample_indices(step: int, global_batch_size: int, num_samples: int, seed: int,
+                   epoch_permutation=None) -> np.ndarray:
     """Global sample indices (int64[global_batch_size]) consumed at optimizer step `step`.
 
     Global position g = step * G + j (j < G) falls in epoch g // num_samples and takes
     permutation(num_samples; PCG64([seed, epoch]))[g % num_samples]. A batch may straddle
     two epochs. Independent of data-parallel size: rank r of R takes its slice of this.
+    ``epoch_permutation(epoch)`` supplies that permutation (default: built in memory;
+    SampleOrder maps it from the index cache).
     """
     if step < 0 or global_batch_size < 1 or num_samples < 1 or seed < 0:
         raise DataError(f"sample_indices needs step >= 0, global_batch_size >= 1, "
@@ -126,8 +134,38 @@ def sample_indices(step: int, global_batch_size: int, num_samples: int, seed: in
     out = np.empty(global_batch_size, dtype=np.int64)
     for epoch in np.unique(epochs):
         sel = epochs == epoch
-        out[sel] = _epoch_permutation(num_samples, seed, int(epoch))[positions[sel] % num_samples]
+        perm = (epoch_permutation or (lambda e: _epoch_permutation(num_samples, seed, e)))(int(epoch))
+        out[sel] = perm[positions[sel] % num_samples]
     return out
+
+
+class SampleOrder:
+    """The global order of a dataset's samples (``sample_indices``), with each epoch's
+    permutation built once in ``index_cache`` and memory-mapped.
+
+    Args:
+        num_samples, seed: as for sample_indices.
+        index_cache: where permutations live (None: in memory, as sample_indices).
+        num_positions: how many global positions the run will read (steps x global batch):
+            the epochs they cover (at most MAX_CACHED_PASSES) are built up front, so no rank
+            waits for one mid-run. Other epochs are built in memory when read.
+    """
+
+    def __init__(self, num_samples: int, seed: int, index_cache: IndexCache | None = None,
+                 num_positions: int = 0) -> None:
+        self.num_samples, self.seed, self.cache = num_samples, seed, index_cache
+        self._mapped: dict[int, np.ndarray] = {}
+        if index_cache is not None:
+            for epoch in range(min(-(-num_positions // num_samples), MAX_CACHED_PASSES)):
+                self._mapped[epoch] = permutation(num_samples, [seed, epoch], index_cache)
+
+    def epoch_permutation(self, epoch: int) -> np.ndarray:
+        if epoch in self._mapped:
+            return self._mapped[epoch]
+        return _epoch_permutation(self.num_samples, self.seed, epoch)
+
+    def indices(self, step: int, global_batch_size: int) -> np.ndarray:
+        return sample_indices(step, global_batch_size, self.num_samples, self.seed, self.epoch_permutation)
 
 
 class BlendedDataset:
@@ -147,10 +185,12 @@ class BlendedDataset:
         seed: seeds the per-dataset permutations.
         size: number of blended samples; default min_k len_k / w_k, i.e. about one pass
             over the dataset that runs out first (later draws wrap into a new pass).
+        index_cache: where the schedule and the per-dataset permutations are built once
+            and memory-mapped (None: in memory on each rank).
     """
 
     def __init__(self, datasets: Sequence, weights: Sequence[float], seed: int,
-                 size: int | None = None) -> None:
+                 size: int | None = None, index_cache: IndexCache | None = None) -> None:
         w = self._normalised(datasets, weights)
         lengths = np.array([len(d) for d in datasets], dtype=np.int64)
         if size is None:
@@ -160,8 +200,23 @@ class BlendedDataset:
             raise DataError(f"blended dataset size must be >= 1, got {size}; check the "
                             "weights and datasets")
         self.datasets, self.weights, self.seed, self._size = list(datasets), w, seed, size
-        self.dataset_index, self.draw_index = self._schedule(w, size)
+        self.cache = index_cache
+
+        def build(alloc):
+            self._schedule(w, size, alloc)
+
+        arrays = (index_cache.get("blend", {"weights": [float(x) for x in w], "size": int(size)}, build)
+                  if index_cache is not None else _build_in_memory(build))
+        self.dataset_index, self.draw_index = arrays["dataset_index"], arrays["draw_index"]
+        # Dataset k is drawn at most ceil(size * w_k) + 1 times, so these passes cover every
+        # draw: build their permutations now (once, in the cache) rather than mid-run.
+        self._num_passes = [min((int(np.ceil(size * wk)) + 1) // len(d) + 1, MAX_CACHED_PASSES) if wk > 0 else 0
+                            for d, wk in zip(self.datasets, w)]
         self._perms: dict[int, tuple[int, np.ndarray]] = {}  # k -> (pass, permutation)
+        if index_cache is not None:
+            for k, passes in enumerate(self._num_passes):
+                for p in range(passes):
+                    permutation(len(self.datasets[k]), [seed, k, p], index_cache)
 
     @staticmethod
     def _normalised(datasets: Sequence, weights: Sequence[float]) -> np.ndarray:
@@ -178,8 +233,9 @@ class BlendedDataset:
         return w / w.sum()
 
     @staticmethod
-    def _schedule(w: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-        """(dataset id, draw number within that dataset) for each blended sample."""
+    def _schedule(w: np.ndarray, size: int, alloc) -> None:
+        """(dataset id, draw number within that dataset) for each blended sample, written
+        into ``alloc``'s arrays dataset_index and draw_index."""
         ids, draws, times = [], [], []
         for k, wk in enumerate(w):
             if wk == 0:
@@ -191,7 +247,8 @@ class BlendedDataset:
             times.append((j + 0.5) / wk)
         ids_all, draws_all = np.concatenate(ids), np.concatenate(draws)
         order = np.argsort(np.concatenate(times), kind="stable")[:size]
-        return ids_all[order], draws_all[order]
+        alloc("dataset_index", (size,), np.int16 if len(w) < 2**15 else np.int64)[:] = ids_all[order]
+        alloc("draw_index", (size,), np.int64)[:] = draws_all[order]
 
     def __len__(self) -> int:
         return self._size
@@ -203,8 +260,9 @@ class BlendedDataset:
         k, j = int(self.dataset_index[i]), int(self.draw_index[i])
         n = len(self.datasets[k])
         cached = self._perms.get(k)
-        if cached is None or cached[0] != j // n:  # one permutation per dataset in memory
-            cached = (j // n, _permutation(n, [self.seed, k, j // n]))
+        if cached is None or cached[0] != j // n:  # one permutation per dataset at a time
+            built = j // n < self._num_passes[k]  # built in the cache by __init__
+            cached = (j // n, permutation(n, [self.seed, k, j // n], self.cache if built else None))
             self._perms[k] = cached
         return k, int(cached[1][j % n])
 
@@ -276,20 +334,20 @@ def with_document_mask(attention_mask, segment_ids_BL, length: int, causal: bool
 
 # --- weighted blends from the config -------------------------------------------------
 
-def build_train_dataset(cfg, tok, cache_dir: str | Path | None = None):
+def build_train_dataset(cfg, tok, cache_dir: str | Path | None = None, index_cache: IndexCache | None = None):
     """The training dataset of a Config: a PackedDataset, or a BlendedDataset when
     `cfg.data.train_path` is a blend "0.7:dirA,0.3:dirB" (each item a shard directory or a
     builtin: path, resolved like a single path). The blend's interleaving and per-source
     permutations are seeded by cfg.train.seed, so it is as reproducible and DP-independent
-    as a single source."""
+    as a single source. With ``index_cache`` every index array is built once and mapped."""
     cache_dir = cfg.data.cache_dir if cache_dir is None else cache_dir
     spec = resolve_data_path(cfg.data.train_path, cache_dir, tok)
     items = parse_blend(spec)
 
     def packed(path: str) -> PackedDataset:
-        return PackedDataset(path, cfg.data.seq_len, tok.eot_id, tokenizer_sha=tok.sha256)
+        return PackedDataset(path, cfg.data.seq_len, tok.eot_id, tokenizer_sha=tok.sha256, index_cache=index_cache)
 
     if items is None:
         return packed(spec)
     return BlendedDataset([packed(p) for _, p in items], [w for w, _ in items],
-                          seed=cfg.train.seed)
+                          seed=cfg.train.seed, index_cache=index_cache)

@@ -11,8 +11,9 @@ manifest.json (written last, so a directory without it is an unfinished write):
 
 Documents are never split across shards; a new shard starts once the current one holds at
 least `target_shard_tokens` tokens. Empty documents are skipped (they carry no tokens).
-`open_shards` checks the tokenizer hash, every file's sha256 and the counts, then exposes
-the documents as one flat token stream (`DocStore`).
+`open_shards` checks the tokenizer hash, headers, sizes and counts (O(shards); with
+``verify=True`` also every file's sha256 and index arrays), then exposes the documents as
+one flat token stream (`DocStore`).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -36,7 +37,8 @@ from dlm_megatron.data.encode_pool import (
     encode_chunk,
     init_worker,
 )
-from dlm_megatron.data.indexed import IndexedReader, IndexedWriter
+from dlm_megatron.data.indexed import IndexedReader, IndexedWriter, bin_path
+from dlm_megatron.data.indexed import _read_header as _read_idx_header
 from dlm_megatron.data.tokenizer import Tokenizer
 from dlm_megatron.data.wds import WdsShardReader, WdsShardWriter
 
@@ -210,7 +212,7 @@ def write_shards(
     target_shard_tokens: int = DEFAULT_SHARD_TOKENS,
     *,
     overwrite: bool = False,
-    source: dict | None = None,
+    source: dict | Callable[[], dict] | None = None,
     resume_key: str | None = None,
 ) -> dict:
     """Write tokenized documents as shards + manifest.json into `out_dir`; return the manifest.
@@ -222,7 +224,9 @@ def write_shards(
         fmt: "megatron" (.bin/.idx) or "wds" (.tar).
         target_shard_tokens: start a new shard once a shard reaches this many tokens.
         overwrite: replace a non-empty `out_dir`.
-        source: optional JSON-able provenance stored as manifest["source"].
+        source: optional JSON-able provenance stored as manifest["source"], or a function
+            returning it, called once every document has been consumed (so it can report
+            what the reader skipped on the way).
         resume_key: make the write resumable: build in `.NAME.partial-KEY` (kept if the
             write is interrupted) and record finished shards in its `.progress.json`.
             The key must identify the input and every setting that changes the output
@@ -266,7 +270,7 @@ def write_shards(
         if not records:
             raise DataError(f"no documents to write to {out_dir}: the corpus is empty "
                             "(every input was empty or skipped); check the input paths")
-        manifest = _build_manifest(records, fmt, tokenizer, dtype, source)
+        manifest = _build_manifest(records, fmt, tokenizer, dtype, source() if callable(source) else source)
         (tmp_dir / PROGRESS_NAME).unlink(missing_ok=True)
         (tmp_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         _install(tmp_dir, out_dir)
@@ -350,43 +354,100 @@ def _verify_files(shard_dir: Path, record: dict) -> None:
 
 
 class _Shard:
-    """Uniform view of one shard: document offsets plus a flat token reader."""
+    """One shard: cheap checks when opened, readers built on first use.
+
+    Opening costs O(1) whatever the shard holds: every file listed in the manifest must
+    exist with its recorded size (a truncated file is named here), and a Megatron ``.idx``
+    must have a valid header whose counts match the manifest. The per-document arrays are
+    read only when needed (the index cache's one-time build, ``--verify``, or a reader
+    without a cache), and ``full_check`` validates them then.
+    """
 
     def __init__(self, shard_dir: Path, fmt: str, record: dict, dtype: np.dtype) -> None:
-        base = shard_dir / record["name"]
-        if fmt == "megatron":
-            reader = IndexedReader(base)
-            self.doc_offsets = reader.document_token_offsets()
-            self._flat = reader.tokens
-            self.tokens = lambda lo, hi: self._flat[lo:hi]
-            found_dtype = reader.dtype
-        else:
-            reader = WdsShardReader(f"{base}.tar", dtype)
-            self.doc_offsets = reader.token_offsets
-            self.tokens = reader.tokens
-            found_dtype = reader.dtype
-        self.num_docs = len(self.doc_offsets) - 1
-        self.num_tokens = int(self.doc_offsets[-1])
-        if found_dtype != dtype or (self.num_docs, self.num_tokens) != (
-                record["num_docs"], record["num_tokens"]):
-            raise DataError(f"shard {base} holds {self.num_docs} docs / {self.num_tokens} "
-                            f"{found_dtype} tokens but {MANIFEST_NAME} says "
-                            f"{record['num_docs']} / {record['num_tokens']} {dtype}; "
-                            "re-create the shards with tools/shard.py")
+        self.base = shard_dir / record["name"]
+        self.fmt, self.record, self.dtype = fmt, record, dtype
+        self.num_docs, self.num_tokens = int(record["num_docs"]), int(record["num_tokens"])
+        self._reader = None
+        self._flat = None
+        self._check_files(shard_dir)
+
+    def _check_files(self, shard_dir: Path) -> None:
+        for name, expected in self.record["files"].items():
+            path = shard_dir / name
+            if not path.is_file():
+                raise DataError(f"shard file {path} listed in {MANIFEST_NAME} is missing; "
+                                "re-create the shards with tools/shard.py")
+            if self.fmt == "megatron" and name.endswith(".idx"):
+                self._check_idx_header(path)
+            elif name.endswith(".tar"):
+                with open(path, "rb") as f:
+                    if f.read(512)[257:262] != b"ustar":
+                        raise DataError(f"{path} is not a tar archive (no ustar header); the shard is "
+                                        "corrupt, re-create it with tools/shard.py")
+            size = path.stat().st_size
+            if size != expected["bytes"]:
+                raise DataError(f"{path}: {size} bytes but {MANIFEST_NAME} records {expected['bytes']}; "
+                                "the shard is truncated or corrupt, re-create it with tools/shard.py")
+
+    def _check_idx_header(self, path: Path) -> None:
+        dtype, num_seq, num_doc_idx = _read_idx_header(path)
+        if dtype != self.dtype or num_doc_idx - 1 != self.num_docs:
+            raise DataError(f"{path} holds {num_doc_idx - 1} {dtype} documents but {MANIFEST_NAME} says "
+                            f"{self.num_docs} {self.dtype}; re-create the shards with tools/shard.py")
+        expected = 34 + 12 * num_seq + 8 * num_doc_idx  # header, lengths, pointers, doc index
+        size = path.stat().st_size
+        if size not in (expected, expected + num_seq):  # (+ modes in multimodal files)
+            raise DataError(f"{path}: size {size} bytes does not match its header ({num_seq} sequences, "
+                            f"{num_doc_idx} document entries); the shard is corrupt, re-create it with tools/shard.py")
+
+    def reader(self):
+        """The full reader (O(documents) to open, index arrays validated)."""
+        if self._reader is None:
+            if self.fmt == "megatron":
+                self._reader = IndexedReader(self.base)
+            else:
+                self._reader = WdsShardReader(f"{self.base}.tar", self.dtype)
+            found = (self._reader.dtype, self._reader.num_documents, int(self.doc_offsets_of(self._reader)[-1]))
+            if found != (self.dtype, self.num_docs, self.num_tokens):
+                raise DataError(f"shard {self.base} holds {found[1]} docs / {found[2]} {found[0]} tokens but "
+                                f"{MANIFEST_NAME} says {self.num_docs} / {self.num_tokens} {self.dtype}; "
+                                "re-create the shards with tools/shard.py")
+        return self._reader
+
+    @staticmethod
+    def doc_offsets_of(reader) -> np.ndarray:
+        return reader.document_token_offsets() if isinstance(reader, IndexedReader) else reader.token_offsets
+
+    @property
+    def doc_offsets(self) -> np.ndarray:
+        """int64[num_docs + 1]: where each document starts in the shard's token stream."""
+        return self.doc_offsets_of(self.reader())
+
+    def tokens(self, lo: int, hi: int) -> np.ndarray:
+        if self.fmt == "wds":
+            return self.reader().tokens(lo, hi)
+        if self._flat is None:  # .bin is the flat token stream (sequences back to back)
+            self._flat = np.memmap(bin_path(self.base), dtype=self.dtype, mode="r")
+        return self._flat[lo:hi]
 
 
 class DocStore:
     """All documents of a shard directory as one flat token stream.
 
+    Opening is O(shards): counts come from the manifest (checked against each shard's
+    header and sizes). ``doc_offsets`` is built on first use (O(documents)); training reads
+    the document boundaries from the index cache instead (data/index_cache.py).
+
     Attributes:
-        path, manifest, format, dtype, vocab_size, tokenizer_sha256.
+        path, manifest, format, dtype, vocab_size, tokenizer_sha256, manifest_sha256.
         num_docs, num_tokens.
         doc_offsets: int64[num_docs + 1], start of each document in the flat stream.
     """
 
-    def __init__(self, shard_dir: Path, manifest: dict, shards: list[_Shard]) -> None:
+    def __init__(self, shard_dir: Path, manifest: dict, shards: list[_Shard], manifest_sha256: str = "") -> None:
         self.path = shard_dir
         self.manifest = manifest
+        self.manifest_sha256 = manifest_sha256
         self.format = manifest["format"]
         self.dtype = np.dtype(manifest["dtype"])
         self.vocab_size = int(manifest["vocab_size"])
@@ -394,11 +455,27 @@ class DocStore:
         self._shards = shards
         self._shard_starts = np.cumsum([0] + [s.num_tokens for s in shards], dtype=np.int64)
         self.num_tokens = int(self._shard_starts[-1])
-        self.doc_offsets = np.concatenate(
-            [s.doc_offsets[:-1] + start for s, start in zip(shards, self._shard_starts)]
-            + [self._shard_starts[-1:]]
-        ).astype(np.int64)
-        self.num_docs = len(self.doc_offsets) - 1
+        self.num_docs = sum(s.num_docs for s in shards)
+        self._doc_offsets = None
+
+    @property
+    def doc_offsets(self) -> np.ndarray:
+        if self._doc_offsets is None:
+            self._doc_offsets = np.concatenate(
+                [s.doc_offsets[:-1] + start for s, start in zip(self._shards, self._shard_starts)]
+                + [self._shard_starts[-1:]]).astype(np.int64)
+        return self._doc_offsets
+
+    def write_eot_positions(self, out: np.ndarray) -> None:
+        """Fill ``out`` (int64[num_docs]) with each document's end in the EOT-joined stream
+        (its end offset plus the EOTs before it), shard by shard (one shard's arrays in
+        memory at a time)."""
+        done = 0
+        for shard, start in zip(self._shards, self._shard_starts):
+            ends = shard.doc_offsets[1:] + start
+            out[done: done + shard.num_docs] = ends + np.arange(done, done + shard.num_docs, dtype=np.int64)
+            done += shard.num_docs
+            shard._reader = None  # let the shard's index arrays go
 
     def __len__(self) -> int:
         return self.num_docs
@@ -432,15 +509,16 @@ class DocStore:
 def open_shards(
     shard_dir: str | Path,
     expected_tokenizer_sha: str | None = None,
-    verify: bool = True,
+    verify: bool = False,
 ) -> DocStore:
     """Open a shard directory written by `write_shards` (or tools/shard.py).
 
     Args:
         shard_dir: directory holding manifest.json and the shard files.
         expected_tokenizer_sha: if given, the manifest's tokenizer sha256 must match.
-        verify: hash every shard file against the manifest (reads all data once; headers,
-            sizes and counts are checked either way).
+        verify: the full offline check (``tools/shard.py --verify``): every file's sha256
+            and every shard's index arrays, reading all data once. Without it (training)
+            opening is O(shards): headers, sizes and counts only.
     """
     shard_dir = Path(shard_dir)
     manifest = read_manifest(shard_dir)
@@ -451,11 +529,13 @@ def open_shards(
     shards = []
     for record in manifest["shards"]:
         # Headers, sizes and counts first (cheap, and they name a truncated file or a bad
-        # header precisely); then, if asked, the full content hashes.
+        # header precisely); then, if asked, the full content hashes and index arrays.
         shards.append(_Shard(shard_dir, manifest["format"], record, dtype))
         if verify:
             _verify_files(shard_dir, record)
-    store = DocStore(shard_dir, manifest, shards)
+            shards[-1].reader()
+    manifest_sha = hashlib.sha256((shard_dir / MANIFEST_NAME).read_bytes()).hexdigest()
+    store = DocStore(shard_dir, manifest, shards, manifest_sha)
     if (store.num_docs, store.num_tokens) != (manifest["num_docs"], manifest["num_tokens"]):
         raise DataError(f"{shard_dir}/{MANIFEST_NAME} totals disagree with its shards; "
                         "re-create the shards with tools/shard.py")

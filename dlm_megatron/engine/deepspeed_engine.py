@@ -1,7 +1,7 @@
 """DeepSpeed engine around the megatron-core denoiser (data parallel, ZeRO 0-3).
 
-The trainer talks to a tiny interface — ``forward_backward(micro_batches)``, ``step()``,
-``save(dir)``, ``load(dir)`` — so that the megatron-core optimizer engine used for pipeline
+The trainer talks to a tiny interface — ``train_step(micro_batches)``, ``stage_state``
+(checkpoint), ``load_state`` — so that the megatron-core optimizer engine used for pipeline
 layouts can stand behind the same calls.
 
 DeepSpeed owns gradient accumulation (global / (micro * dp) micro-steps), the all-reduce or
@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from . import ZERO_STATE_FORMAT
 from .schedules import lr_for
 
 
@@ -231,10 +232,45 @@ class DeepSpeedEngine:
     def zero_grad(self) -> None:
         self.engine.zero_grad()
 
-    def save(self, directory: str, tag: str, client_state: dict) -> None:
-        self.engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
+    # -- checkpoints: the project's own optimizer-state format (zero_state.py) -------------
+    state_format = ZERO_STATE_FORMAT
+
+    def stage_state(self, named: list, staging, *, tp_rank: int, pp_rank: int, dp_rank: int) -> list:
+        """This rank's fragment of the optimizer state, copied into ``staging`` (host), as the
+        file ``optim/tp{T}_pp{P}_dp{D}.safetensors``; at ZeRO-0 only DP rank 0 writes one
+        (every DP rank holds the same state)."""
+        from ..saving import StagedFile
+        from . import zero_state
+
+        stage = self.cfg.parallel.zero_stage
+        if stage == 0 and dp_rank != 0:
+            return []
+        opt = self.optimizer
+        # bf16 parameters (ZeRO >= 1): the fp32 masters are saved too; fp32 parameters are their own master
+        with_master = stage > 0 and self.bf16
+        tensors = zero_state.stage_fragments(opt, stage, named, staging, with_master=with_master)
+        meta = {"format": ZERO_STATE_FORMAT, "adam_step": str(zero_state.adam_step(opt, stage))}
+        return [StagedFile(f"optim/tp{tp_rank}_pp{pp_rank}_dp{dp_rank}.safetensors", tensors, meta)]
+
+    def load_state(self, directory, named: list, *, tp_rank: int, pp_rank: int, step: int) -> int:
+        """Optimizer state from ``stage_state`` files written at any DP size (the weights are
+        already in the module); returns (bytes this rank read, bytes of this (TP, PP) rank's
+        state over all DP ranks)."""
+        from pathlib import Path
+
+        from . import zero_state
+
+        stage = self.cfg.parallel.zero_stage
+        reader = zero_state.FragmentReader(Path(directory), tp_rank, pp_rank)
+        zero_state.load_fragments(self.optimizer, stage, named, reader)
+        # DeepSpeed's step counters (our LR comes from the step, but keep them consistent)
+        self.engine.global_steps = step
+        self.engine.global_samples = step * self.cfg.train.global_batch_size
+        return reader.bytes_read, reader.total_bytes
 
     def load(self, directory: str, tag: str) -> dict:
+        """A checkpoint in DeepSpeed's own format (written before ZERO_STATE_FORMAT; loads
+        only at the DP size that wrote it)."""
         from ..checkpoint import check_torch_files
 
         check_torch_files(directory)

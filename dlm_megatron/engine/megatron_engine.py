@@ -170,22 +170,40 @@ class MegatronEngine:
         tag += f"_ep{ep_rank}" if ep_rank else ""  # MoE: each expert-parallel rank has its own experts' states
         return f"optim_{tag}.pt", f"common_{tag}.pt"
 
-    def save(self, directory: str, tag: str, client_state: dict) -> None:
-        """Optimizer state per (TP, PP) rank, gathered to DP rank 0: a checkpoint written at
-        one DP size loads at any other (the distributed optimizer re-shards on load)."""
-        import os
+    state_format = None  # megatron-core's own (DP-gathered) optimizer state under engine/
 
+    def stage_state(self, named: list, staging, *, tp_rank: int, pp_rank: int, dp_rank: int) -> list:
+        """This (TP, PP) rank's optimizer state as host objects for the background writer,
+        on DP rank 0: the distributed optimizer's state gathered over the DP group (a
+        collective, run here in step with the other ranks; megatron-core gathers into host
+        buffers of its own) as ``engine/optim_tp{T}_pp{P}.pt``, and the common state as
+        ``engine/common_tp{T}_pp{P}.pt``. A checkpoint written at one DP size loads at any
+        other: the distributed optimizer re-shards on load."""
         from megatron.core import parallel_state as ps
 
-        os.makedirs(directory, exist_ok=True)
+        from ..saving import StagedFile, host_tree
+
         optim_name, common_name = self._names()
-        sharded = self.cfg.parallel.zero_stage == 1
-        if sharded:  # collective over the DP group
-            self.optimizer.save_parameter_state(os.path.join(directory, optim_name))
+        files = []
+        if self.cfg.parallel.zero_stage == 1:
+            # what save_parameter_state writes, gathered into CPU buffers of megatron's own:
+            # one state, or for a ChainedOptimizer (MoE: dense + expert parameters) a list
+            # with None where this rank is not rank 0 of that optimizer's DP group
+            opts = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+            states, mine = [], False
+            for o in opts:
+                if hasattr(o, "get_parameter_state_dp_zero"):
+                    st = o.get_parameter_state_dp_zero()  # a collective over o's DP group
+                    first = o.data_parallel_group.rank() == 0
+                    states.append(st if first else None)
+                    mine = mine or first
+            if mine:
+                files.append(StagedFile(f"engine/{optim_name}", obj=states[0] if len(opts) == 1 else states))
         # expert-data-parallel rank 0 of every expert-parallel rank (without MoE: DP rank 0)
         if ps.get_data_parallel_rank() == 0 or (ps.get_expert_model_parallel_rank() > 0 and ps.get_expert_data_parallel_rank() == 0):
-            torch.save({"optimizer": self.optimizer.state_dict(), "client": client_state, "adam_step": self._adam_step()},
-                       os.path.join(directory, common_name))
+            files.append(StagedFile(f"engine/{common_name}", obj=host_tree(
+                {"optimizer": self.optimizer.state_dict(), "client": {}, "adam_step": self._adam_step()})))
+        return files
 
     def _torch_optimizers(self):
         opts = getattr(self.optimizer, "chained_optimizers", [self.optimizer])

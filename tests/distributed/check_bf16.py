@@ -48,8 +48,8 @@ def train(out_root, name, layout, precision, steps, record):
     losses = []
     orig = tr.train_step
 
-    def step_and_record(step):
-        r = orig(step)
+    def step_and_record(step, mbl=None):
+        r = orig(step, mbl)
         seen["done"] = True
         losses.append(tr.dp_mean(tr.pp_share(torch.stack([v.double() for v in r[0]]).mean().item())))
         return r

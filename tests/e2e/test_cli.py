@@ -225,7 +225,7 @@ def test_corrupt_shard_and_wrong_tokenizer_are_one_line(tmp_path):
     shutil.copytree(data, bad)
     binf = next(bad.glob("*.bin"))
     binf.write_bytes(binf.read_bytes()[:-10])
-    one_line(train(bad), str(binf), "bytes but its index describes", "truncated or corrupt")
+    one_line(train(bad), str(binf), "bytes but manifest.json records", "truncated or corrupt")
     # index with a bad header (magic)
     bad = tmp_path / "copy2"
     shutil.copytree(data, bad)
@@ -253,7 +253,7 @@ def test_resume_with_incompatible_layout_is_one_line(small_run, tmp_path):
     p = run(TRAIN + list(COMMON_OVERRIDES) + ["train.steps=5", "parallel.zero_stage=1", f"train.output_dir={run_dir}"], check=False)
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and "holds DeepSpeed ZeRO-0 optimizer state for dp=1" in lines[0], p.stderr
+    assert len(lines) == 1 and "holds ZeRO-0 optimizer state but this run uses parallel.zero_stage=1" in lines[0], p.stderr
 
 
 def test_init_from_starts_from_those_weights(small_run, tmp_path):
@@ -347,8 +347,8 @@ def test_eval_trained_bound_below_untrained_and_se_shrinks(small_run, tmp_path):
 def test_checkpoint_folder_pruned_cleaned_and_broken_ones_are_one_line(tmp_path):
     """The trainer's checkpoint housekeeping through the CLI: train.keep_last prunes old
     saves; leftovers of an interrupted save are cleaned on the next start (even one with
-    nothing left to train); a `latest` naming a missing checkpoint, a truncated engine file
-    and a corrupt model shard are one-line errors (exit 2) naming the pointer or the file."""
+    nothing left to train); a `latest` naming a missing checkpoint, a truncated optimizer-state
+    file and a corrupt model shard are one-line errors (exit 2) naming the pointer or the file."""
     import shutil
 
     out = tmp_path / "run"
@@ -376,7 +376,7 @@ def test_checkpoint_folder_pruned_cleaned_and_broken_ones_are_one_line(tmp_path)
     one_line_error(longer, str(root / "latest"), "step_000099")
     one_line_error(gen, str(root / "latest"), "step_000099")
     (root / "latest").write_text("step_000003\n")
-    engine_file = next((root / "step_000003" / "engine").rglob("*.pt"))
+    engine_file = next((root / "step_000003" / "optim").glob("*.safetensors"))  # the optimizer state
     saved = engine_file.read_bytes()
     engine_file.write_bytes(saved[: len(saved) // 2])
     one_line_error(longer, str(engine_file), "corrupt")

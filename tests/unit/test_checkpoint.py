@@ -84,3 +84,58 @@ def test_corrupt_files_are_named(tmp_path):
     with pytest.raises(ckpt.CheckpointError) as e:
         ckpt.check_torch_files(final / "engine")
     assert str(good) in str(e.value) and "\n" not in str(e.value)
+
+
+# --- reading only this rank's slice (train.init_from, weights-only resume, PP resume, reshard) ---
+
+def _canonical_model(num_layers=4, h=8, v=16, ffn=16):
+    g = torch.Generator().manual_seed(0)
+    full = {"embedding.word_embeddings.weight": torch.randn(v, h, generator=g),
+            "decoder.final_layernorm.weight": torch.randn(h, generator=g),
+            "output_layer.weight": torch.randn(v, h, generator=g)}
+    for i in range(num_layers):
+        pre = f"decoder.layers.{i}."
+        full.update({pre + "input_layernorm.weight": torch.randn(h, generator=g),
+                     pre + "self_attention.linear_qkv.weight": torch.randn(3 * h, h, generator=g),
+                     pre + "self_attention.linear_proj.weight": torch.randn(h, h, generator=g),
+                     pre + "pre_mlp_layernorm.weight": torch.randn(h, generator=g),
+                     pre + "mlp.linear_fc1.weight": torch.randn(2 * ffn, h, generator=g),  # SwiGLU [gate; up]
+                     pre + "mlp.linear_fc2.weight": torch.randn(h, ffn, generator=g)})
+    return full
+
+
+def _written(tmp_path, full, tp, pp):
+    from dlm_megatron.config import Config, to_dict
+    from dlm_megatron.convert.reshard import write_layout
+
+    cfg = to_dict(Config())
+    cfg["model"].update(num_layers=4, hidden_size=8, num_attention_heads=4, ffn_hidden_size=16)
+    cfg["parallel"].update(tp=tp, pp=pp)
+    meta = {"config": cfg, "layout": {"tp": tp, "pp": pp, "dp": 1, "zero_stage": 0}, "engine": None, "vocab_size": 16}
+    return write_layout(full, meta, tmp_path / f"src_tp{tp}_pp{pp}", step=1, show_progress=False)
+
+
+@pytest.mark.parametrize("src", [(1, 1), (2, 2), (4, 1)])
+def test_shard_reader_reads_only_this_ranks_slice(tmp_path, src):
+    """From a checkpoint written at any TP x PP, ShardReader.read(name, t, tp) equals the
+    TP slice of the full tensor (SwiGLU's per-rank [gate; up] included), and a rank of a
+    TP2 x PP2 (or TP2) layout reads at most 0.6 of the model's bytes (counted in the reader)."""
+    from dlm_megatron.convert.reshard import stage_of
+    from dlm_megatron.model import sharding
+
+    full = _canonical_model()
+    ck = _written(tmp_path, full, *src)
+    total = sum(t.numel() * 4 for t in full.values())
+    for tp, pp in ((1, 1), (2, 1), (2, 2), (4, 1)):
+        for p in range(pp):
+            for t in range(tp):
+                reader = ckpt.ShardReader(ck)
+                assert reader.total_bytes == total
+                names = [n for n in full if p in stage_of(n, 4, pp)]
+                for n in names:
+                    want = sharding.shard(full[n], n, t, tp)
+                    assert torch.equal(reader.read(n, t, tp), want), (src, tp, pp, t, p, n)
+                assert reader.bytes_read == sum(sharding.shard(full[n], n, t, tp).numel() * 4 for n in names)
+                if tp * pp >= 2:
+                    assert reader.bytes_read <= 0.6 * total, (src, tp, pp, reader.bytes_read / total)
+    assert {ckpt.ShardReader(ck).read(n).shape for n in full} == {t.shape for t in full.values()}

@@ -284,8 +284,9 @@ def test_shard_dir_errors(tmp_path, tok, small_docs):
     data = bytearray(bin_file.read_bytes())
     data[10] ^= 1
     bin_file.write_bytes(bytes(data))
+    open_shards(tmp_path / "s")  # training-time checks: headers, sizes, counts (no content read)
     with pytest.raises(DataError) as e:
-        open_shards(tmp_path / "s")
+        open_shards(tmp_path / "s", verify=True)
     assert "sha256" in one_line_error(e)
     with pytest.raises(DataError) as e:
         write_shards([[], np.array([], dtype=np.uint16)], tmp_path / "empty", tok)
@@ -327,6 +328,32 @@ def test_shard_cli_worker_independent(tmp_path):
     assert outputs[0] == outputs[1]
     manifest = json.loads(outputs[0]["manifest.json"])
     assert manifest["num_docs"] == 5 and len(manifest["shards"]) > 1
+
+
+def test_bad_records_skip_is_recorded_and_fail_stops(tmp_path):
+    """--on-bad-record skip (default) records the count and first locations in the manifest
+    and --verify prints them; fail stops at the first bad record (exit 2, its file:line) and
+    leaves neither output nor a partial build directory."""
+    (tmp_path / "in").mkdir()
+    good = [json.dumps({"text": f"document number {i} " * 20}) for i in range(6)]
+    lines = good[:2] + ["{not json", good[2], '{"other": 1}', *good[3:]]
+    (tmp_path / "in" / "a.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "skip"
+    result = _shard_cli("--input", str(tmp_path / "in" / "a.jsonl"), "--output", str(out), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    skipped = json.loads((out / "manifest.json").read_text())["source"]["skipped"]
+    assert skipped["bad_records"] == 2 and skipped["empty_documents"] == 0
+    assert [e.split(": ")[0] for e in skipped["first_bad_records"]] == [f"{tmp_path}/in/a.jsonl:3", f"{tmp_path}/in/a.jsonl:5"]
+    result = _shard_cli("--verify", str(out))
+    assert result.returncode == 0 and "2 bad records" in result.stdout and "a.jsonl:3" in result.stdout, result.stdout
+    for workers in ("1", "2"):
+        out = tmp_path / f"fail{workers}"
+        result = _shard_cli("--input", str(tmp_path / "in" / "a.jsonl"), "--output", str(out), "--no-progress",
+                            "--on-bad-record", "fail", "--workers", workers, "--shard-tokens", "50")
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and f"{tmp_path}/in/a.jsonl:3" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+        assert not out.exists() and not list(tmp_path.glob(f".fail{workers}*")), list(tmp_path.iterdir())
 
 
 def test_tokenize_texts_chunking_and_workers(tok):
