@@ -457,26 +457,22 @@ def load_hf_weights(hf_dir: Path, arch: Arch, model_type: str, *, show_progress:
             if bool(o_bias.float().abs().max() > 0):
                 raise ConvertError(f"{model_type} checkpoint has a nonzero output-projection bias '{b}self_attn.o_proj.bias'; "
                                    f"the framework has biases only on q/k/v (model.add_qkv_bias), so it cannot be imported exactly")
-        if arch.num_experts:
-            layers.append(Layer(
-                attn_norm=take(b + "input_layernorm.weight", (H,)).float(),
-                q=take(b + "self_attn.q_proj.weight", (arch.num_heads * hd, H)).float(),
-                k=take(b + "self_attn.k_proj.weight", (arch.num_groups * hd, H)).float(),
-                v=take(b + "self_attn.v_proj.weight", (arch.num_groups * hd, H)).float(),
-                o=take(b + "self_attn.o_proj.weight", (H, arch.num_heads * hd)).float(),
-                mlp_norm=take(b + "post_attention_layernorm.weight", (H,)).float(),
-                gate=None, up=None, down=None,
-                q_norm=take(b + "self_attn.q_norm.weight", (hd,)).float(),
-                k_norm=take(b + "self_attn.k_norm.weight", (hd,)).float(),
-                **_hf_experts(take, b, arch)))
-            continue
-        layers.append(Layer(
+        attn = dict(
             attn_norm=take(b + "input_layernorm.weight", (H,)).float(),
             q=take(b + "self_attn.q_proj.weight", (arch.num_heads * hd, H)).float(),
             k=take(b + "self_attn.k_proj.weight", (arch.num_groups * hd, H)).float(),
             v=take(b + "self_attn.v_proj.weight", (arch.num_groups * hd, H)).float(),
             o=take(b + "self_attn.o_proj.weight", (H, arch.num_heads * hd)).float(),
             mlp_norm=take(b + "post_attention_layernorm.weight", (H,)).float(),
+        )
+        if arch.num_experts:
+            layers.append(Layer(**attn, gate=None, up=None, down=None,
+                                q_norm=take(b + "self_attn.q_norm.weight", (hd,)).float(),
+                                k_norm=take(b + "self_attn.k_norm.weight", (hd,)).float(),
+                                **_hf_experts(take, b, arch)))
+            continue
+        layers.append(Layer(
+            **attn,
             gate=take(b + "mlp.gate_proj.weight", (arch.ffn_hidden_size, H)).float(),
             up=take(b + "mlp.up_proj.weight", (arch.ffn_hidden_size, H)).float(),
             down=take(b + "mlp.down_proj.weight", (H, arch.ffn_hidden_size)).float(),
