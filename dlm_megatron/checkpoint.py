@@ -93,27 +93,38 @@ def read_meta(ckpt: Path) -> dict:
     return meta
 
 
-def shard_filename(tp_rank: int, pp_rank: int) -> str:
-    return f"tp{tp_rank}_pp{pp_rank}.safetensors"
+def shard_filename(tp_rank: int, pp_rank: int, ep_rank: int = 0) -> str:
+    """Model shard of a (TP, PP) rank; expert-parallel ranks > 0 add a file of their experts."""
+    return f"tp{tp_rank}_pp{pp_rank}{f'_ep{ep_rank}' if ep_rank else ''}.safetensors"
+
+
+def save_model_shard(directory: Path, named_params, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> None:
+    """Write this rank's parameters (canonical name -> local tensor) as fp32 safetensors."""
+    (directory / "model").mkdir(parents=True, exist_ok=True)
+    tensors = {n: p.detach().float().contiguous().cpu().clone() for n, p in named_params}
+    save_file(tensors, str(directory / "model" / shard_filename(tp_rank, pp_rank, ep_rank)))
 
 
 def load_full_state_dict(ckpt: Path, progress=None) -> dict[str, torch.Tensor]:
     """Merge every (TP, PP) shard of a checkpoint into the full model (canonical names)."""
     meta = read_meta(ckpt)
-    tp, pp = meta["layout"]["tp"], meta["layout"]["pp"]
+    tp, pp, ep = meta["layout"]["tp"], meta["layout"]["pp"], meta["layout"].get("ep", 1)
     full: dict[str, torch.Tensor] = {}
     for p in range(pp):
         parts = []
         for t in range(tp):
-            f = ckpt / "model" / shard_filename(t, p)
-            if not f.is_file():
-                raise CheckpointError(f"{ckpt} is missing model shard {f.name} (expected TP={tp} x PP={pp} shards)")
-            try:
-                parts.append(load_file(str(f)))
-            except Exception as e:  # safetensors raises several types on corrupt files
-                raise CheckpointError(f"model shard {f} is corrupt ({type(e).__name__}); restore it or use an older checkpoint") from None
-            if progress:
-                progress(f.name)
+            part = {}
+            for e in range(ep):  # expert-parallel ranks hold disjoint experts (canonical names)
+                f = ckpt / "model" / shard_filename(t, p, e)
+                if not f.is_file():
+                    raise CheckpointError(f"{ckpt} is missing model shard {f.name} (expected TP={tp} x PP={pp} x EP={ep} shards)")
+                try:
+                    part.update(load_file(str(f)))
+                except Exception as ex:  # safetensors raises several types on corrupt files
+                    raise CheckpointError(f"model shard {f} is corrupt ({type(ex).__name__}); restore it or use an older checkpoint") from None
+                if progress:
+                    progress(f.name)
+            parts.append(part)
         for name in parts[0]:
             full[name] = sharding.unshard([sd[name] for sd in parts], name)
     return full
@@ -133,32 +144,36 @@ class ShardReader:
     def __init__(self, ckpt: Path, subdir: str = "model"):
         meta = read_meta(ckpt)
         self.ckpt, self.subdir = ckpt, subdir
-        self.tp, self.pp = meta["layout"]["tp"], meta["layout"]["pp"]
+        self.tp, self.pp, self.ep = meta["layout"]["tp"], meta["layout"]["pp"], meta["layout"].get("ep", 1)
         self.bytes_read = 0
-        self._handles: dict[tuple[int, int], object] = {}
-        self._stage: dict[str, int] = {}  # canonical name -> a pipeline stage whose shards hold it
+        self._handles: dict[tuple[int, int, int], object] = {}
+        # canonical name -> (pipeline stage, expert-parallel file) whose shards hold it:
+        # EP rank e > 0 writes its experts to their own file (shard_filename(t, p, e))
+        self._stage: dict[str, tuple[int, int]] = {}
         self.total_bytes = 0
         for p in range(self.pp):
-            fh = self._open(0, p)
-            for name in fh.keys():
-                if name not in self._stage:
-                    self._stage[name] = p
-                    sl = fh.get_slice(name)
-                    shape = sharding.full_shape(tuple(sl.get_shape()), name, self.tp)
-                    self.total_bytes += _numel(shape) * _DTYPE_BYTES[sl.get_dtype()]
+            for e in range(self.ep):
+                fh = self._open(0, p, e)
+                for name in fh.keys():
+                    if name not in self._stage:
+                        self._stage[name] = (p, e)
+                        sl = fh.get_slice(name)
+                        shape = sharding.full_shape(tuple(sl.get_shape()), name, self.tp)
+                        self.total_bytes += _numel(shape) * _DTYPE_BYTES[sl.get_dtype()]
 
-    def _open(self, t: int, p: int):
-        if (t, p) not in self._handles:
+    def _open(self, t: int, p: int, e: int = 0):
+        if (t, p, e) not in self._handles:
             from safetensors import safe_open
 
-            f = self.ckpt / self.subdir / shard_filename(t, p)
+            f = self.ckpt / self.subdir / shard_filename(t, p, e)
             if not f.is_file():
-                raise CheckpointError(f"{self.ckpt} is missing model shard {f.name} (expected TP={self.tp} x PP={self.pp} shards)")
+                raise CheckpointError(f"{self.ckpt} is missing model shard {f.name} "
+                                      f"(expected TP={self.tp} x PP={self.pp} x EP={self.ep} shards)")
             try:
-                self._handles[(t, p)] = safe_open(str(f), framework="pt")
-            except Exception as e:  # safetensors raises several types on corrupt files
-                raise CheckpointError(f"model shard {f} is corrupt ({type(e).__name__}); restore it or use an older checkpoint") from None
-        return self._handles[(t, p)]
+                self._handles[(t, p, e)] = safe_open(str(f), framework="pt")
+            except Exception as ex:  # safetensors raises several types on corrupt files
+                raise CheckpointError(f"model shard {f} is corrupt ({type(ex).__name__}); restore it or use an older checkpoint") from None
+        return self._handles[(t, p, e)]
 
     def names(self) -> list[str]:
         return list(self._stage)
@@ -169,11 +184,11 @@ class ShardReader:
     def read(self, name: str, tp_rank: int = 0, tp_size: int = 1) -> torch.Tensor:
         """The part of canonical tensor ``name`` that TP rank ``tp_rank`` of ``tp_size``
         holds (``sharding.shard`` of the full tensor), reading only what overlaps it."""
-        p = self._stage[name]
+        p, e = self._stage[name]
         dim = sharding.partition_dim(name)
         if dim is None:  # replicated: every source TP shard holds it whole
-            return self._take(self._open(0, p).get_slice(name), None, None, None)
-        n_src = self._open(0, p).get_slice(name).get_shape()[dim]
+            return self._take(self._open(0, p, e).get_slice(name), None, None, None)
+        n_src = self._open(0, p, e).get_slice(name).get_shape()[dim]
         full = n_src * self.tp
         parts = []
         for lo, hi in _tp_intervals(name, full, tp_rank, tp_size):
@@ -181,7 +196,7 @@ class ShardReader:
                 for s_lo, s_hi, local in _tp_pieces(name, full, s, self.tp):
                     a, b = max(lo, s_lo), min(hi, s_hi)
                     if a < b:
-                        parts.append(self._take(self._open(s, p).get_slice(name), dim, a - s_lo + local, b - s_lo + local))
+                        parts.append(self._take(self._open(s, p, e).get_slice(name), dim, a - s_lo + local, b - s_lo + local))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
     def _take(self, sl, dim, lo, hi) -> torch.Tensor:
@@ -220,22 +235,25 @@ def _tp_intervals(name: str, full: int, rank: int, size: int) -> list[tuple[int,
     return [(a, b) for a, b, _ in _tp_pieces(name, full, rank, size)]
 
 
-def load_local_state(ckpt: Path, model: torch.nn.Module, cfg, *, tp_rank: int, pp_rank: int) -> tuple[dict, ShardReader]:
+def load_local_state(ckpt: Path, model: torch.nn.Module, cfg, *, tp_rank: int, pp_rank: int,
+                     ep_rank: int = 0) -> tuple[dict, ShardReader]:
     """This rank's parameter dict (for load_state_dict) read straight from a checkpoint of
     any layout, slice by slice; returns it with the reader (``bytes_read``, ``total_bytes``)."""
     reader = ShardReader(ckpt)
-    return local_state(reader, model, cfg, tp_rank=tp_rank, pp_rank=pp_rank), reader
+    return local_state(reader, model, cfg, tp_rank=tp_rank, pp_rank=pp_rank, ep_rank=ep_rank), reader
 
 
-def local_state(source, model: torch.nn.Module, cfg, *, tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:
+def local_state(source, model: torch.nn.Module, cfg, *, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> dict[str, torch.Tensor]:
     """This rank's local parameter dict from ``source``: a ShardReader (reads only this
-    rank's slices) or a full state dict (canonical names, full tensors)."""
-    from .model.denoiser import layer_offset
+    rank's slices) or a full state dict (canonical names, full tensors): its TP slice, its
+    PP stage's layers and its expert-parallel rank's experts (and their router biases)."""
+    from .model.denoiser import expert_offset, layer_offset
 
-    off = layer_offset(cfg, pp_rank)
+    off, eoff = layer_offset(cfg, pp_rank), expert_offset(cfg, ep_rank)
     out = {}
-    for local_name, p in model.named_parameters():
-        g = sharding.canonical_name(local_name, off, cfg.model.tie_embeddings)
+    state = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if n.endswith(".router.expert_bias"))]
+    for local_name, p in state:
+        g = sharding.canonical_name(local_name, off, cfg.model.tie_embeddings, eoff)
         if g not in source:
             raise CheckpointError(f"checkpoint has no parameter '{g}' (was it trained with a different model config?)")
         if isinstance(source, ShardReader):
@@ -248,9 +266,10 @@ def local_state(source, model: torch.nn.Module, cfg, *, tp_rank: int, pp_rank: i
     return out
 
 
-def local_state_from_full(full: dict[str, torch.Tensor], model: torch.nn.Module, cfg, *, tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:
+def local_state_from_full(full: dict[str, torch.Tensor], model: torch.nn.Module, cfg, *, tp_rank: int, pp_rank: int,
+                          ep_rank: int = 0) -> dict[str, torch.Tensor]:
     """Slice a full state dict into this rank's local parameter dict (for load_state_dict)."""
-    return local_state(full, model, cfg, tp_rank=tp_rank, pp_rank=pp_rank)
+    return local_state(full, model, cfg, tp_rank=tp_rank, pp_rank=pp_rank, ep_rank=ep_rank)
 
 
 def begin_save(output_dir: str | Path, step: int) -> Path:

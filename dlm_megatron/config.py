@@ -63,6 +63,37 @@ class ModelConfig:
     transformer_impl=transformer_engine, TE's own attention runs except for block diffusion."""
     recompute: str = "none"
     """Activation recomputation: 'none', 'selective' (core attention only) or 'full' (whole layers)."""
+    qk_layernorm: bool = False
+    """Per-head RMSNorm on queries and keys before RoPE (megatron-core's qk_layernorm; Qwen3 and
+    LLaDA-MoE have it)."""
+    num_moe_experts: int | None = None
+    """Mixture of experts: routed experts per MoE layer (megatron-core's num_moe_experts); None = dense
+    SwiGLU MLP in every layer. Built through megatron-core's MoE layer spec (router, token
+    dispatcher, SequentialMLP experts)."""
+    moe_router_topk: int = 2
+    """Experts each token is routed to (top-k)."""
+    moe_ffn_hidden_size: int | None = None
+    """SwiGLU inner size of each routed expert; None = model.ffn_hidden_size (after its default)."""
+    moe_shared_expert_intermediate_size: int = 0
+    """Inner size of an always-on shared expert (DeepSeek / LLaDA 2.0 style); 0 = none (megatron-core's None)."""
+    moe_layer_freq: int = 1
+    """Every moe_layer_freq-th layer (counting from layer 0, after the dense first layers) is MoE; the others are dense."""
+    moe_first_k_dense: int = 0
+    """The first k layers are dense MLP layers (DeepSeek-V3 / LLaDA 2.0 first_k_dense_replace)."""
+    moe_aux_loss_coeff: float = 0.0
+    """Coefficient of the Switch-style load-balancing loss (per micro-batch, megatron-core's 'aux_loss'),
+    added to the diffusion loss through its gradient; 0 = none (e.g. aux-free expert bias)."""
+    moe_router_score_function: str = "softmax"
+    """Router scores: 'softmax' (Mixtral / LLaDA-MoE) or 'sigmoid' (DeepSeek-V3 / LLaDA 2.0)."""
+    moe_router_pre_softmax: bool = False
+    """Softmax over all experts before top-k, without renormalising the k kept probabilities
+    (LLaDA-MoE, Qwen-MoE with norm_topk_prob=false); false renormalises the top-k (megatron's default)."""
+    moe_router_enable_expert_bias: bool = False
+    """Aux-loss-free balancing: a per-expert bias added to the scores for top-k selection only,
+    updated after each step by moe_router_bias_update_rate * sign(mean load - load) (DeepSeek-V3;
+    sigmoid scores; megatron engine)."""
+    moe_router_bias_update_rate: float = 1e-3
+    """Step size of the expert-bias update (model.moe_router_enable_expert_bias)."""
 
 
 @dataclass(kw_only=True)
@@ -93,6 +124,8 @@ class DiffusionConfig:
     """Continuous (CDCD): largest noise std sigma (training schedule and sampler start); embeddings have norm sqrt(hidden_size)."""
     time_embed_features: int = 64
     """Continuous: number of Fourier features of log(sigma) fed to the learned time embedding (must be even)."""
+    prompt_dropout: float = 0.0
+    """SFT (data.sft_path): probability that a training example has its whole prompt masked, so the model also learns the unconditional p(response) that classifier-free guidance (generate --cfg-scale) subtracts; validation never drops. 0 = off."""
 
 
 @dataclass(kw_only=True)
@@ -195,8 +228,12 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Megatron sequence parallelism (GPU, TP>1, transformer_engine; megatron engine only)."""
     engine: str = "auto"
-    """Training engine: 'auto' (megatron-core DDP + distributed optimizer for pp>1, DeepSpeed
-    otherwise), 'deepspeed' (ZeRO 0-3, pp=1 only) or 'megatron' (zero_stage 0 or 1, any pp)."""
+    """Training engine: 'auto' (megatron-core DDP + distributed optimizer for pp>1 or ep>1, DeepSpeed
+    otherwise), 'deepspeed' (ZeRO 0-3, pp=1 and ep=1 only) or 'megatron' (zero_stage 0 or 1, any pp/ep)."""
+    ep: int = 1
+    """Expert-parallel size (MoE): the routed experts of each layer are split over ep ranks taken
+    from the data-parallel ranks (needs the megatron engine for ep > 1; ep must divide
+    model.num_moe_experts and the data-parallel size)."""
 
 
 @dataclass(kw_only=True)
@@ -222,9 +259,35 @@ class GenerateConfig:
     block_length: int = 32
     """Semi-autoregressive block length (divides gen_length)."""
     temperature: float = 0.0
-    """Sampling temperature; 0 is greedy."""
+    """Sampling temperature T0; 0 is greedy."""
+    temperature_schedule: str = "constant"
+    """Temperature at noise level t: constant T0, linear T0 * t, cosine T0 * (1 - cos(pi t)) / 2."""
     remasking: str = "low_confidence"
     """Which predictions to commit first: low_confidence, random, margin or entropy."""
+    acceptance_profile: str = "linear"
+    """Fraction of a block's masked positions committed after step n of K: linear n/K (LLaDA) or cosine 1 - cos(pi/2 n/K) (MaskGIT)."""
+    renoise_profile: str = "none"
+    """ReMDM remasking of committed tokens per step: none, constant (eta), cap (min(eta, (1-a_s)/a_t)), rescale (eta * min(1, (1-a_s)/a_t)) or loop (eta for t_off < t <= t_on)."""
+    renoise_eta: float = 0.02
+    """eta of generate.renoise_profile (constant/loop: per-step probability; cap: the cap; rescale: the factor)."""
+    renoise_t_on: float = 0.55
+    """renoise_profile=loop: noise level where the remasking loop starts (ReMDM t_on)."""
+    renoise_t_off: float = 0.05
+    """renoise_profile=loop: noise level where the remasking loop ends (ReMDM t_off)."""
+    renoise_alpha_on: float = 0.9
+    """renoise_profile=loop: committed fraction reached at t_on and held during the loop (ReMDM alpha_on)."""
+    renoise_prob: float = 0.0
+    """Alias: p > 0 means renoise_profile=constant with renoise_eta=p."""
+    confidence_threshold: float | None = None
+    """Also commit every position at least this confident, within the step schedule (null: off)."""
+    parallel_threshold: float | None = None
+    """Fast-dLLM: commit every position at least this confident and at least one, ignoring the step schedule (null: off)."""
+    cache: str = "none"
+    """Fast-dLLM KV cache for masked checkpoints, refreshed when a block starts: none, prefix or dual."""
+    cfg_scale: float = 0.0
+    """Classifier-free guidance W: logits = u + (1 + W)(c - u), u with the prompt masked; 0 = off."""
+    stop_at_eos: bool = False
+    """A committed EOS also fills the rest of its block with EOS (changes tokens; fewer steps)."""
     seed: int = 0
     """Sampling seed."""
 
@@ -420,6 +483,10 @@ def validate(cfg: Config) -> None:
     _choice("data.sft_padding", da.sft_padding, ("batch", "seq_len"))
     if da.sft_path is not None and d.objective != "masked":
         raise ConfigError(f"data.sft_path (SFT) trains the masked objective only, got diffusion.objective={d.objective}")
+    if not 0 <= d.prompt_dropout < 1:
+        raise ConfigError(f"diffusion.prompt_dropout must be in [0, 1), got {d.prompt_dropout}")
+    if d.prompt_dropout > 0 and da.sft_path is None:
+        raise ConfigError("diffusion.prompt_dropout masks SFT prompts: set data.sft_path too, or diffusion.prompt_dropout=0")
     if da.sft_path is not None and d.anneal_steps:
         raise ConfigError("diffusion.anneal_steps (causal -> full attention) is for adaptation pretraining, not SFT: "
                           "fine-tune the adapted checkpoint with diffusion.anneal_steps=0 (shift_logits carries over)")
@@ -459,15 +526,26 @@ def validate(cfg: Config) -> None:
     _positive("logging.log_interval", cfg.logging.log_interval)
     g = cfg.generate
     _choice("generate.remasking", g.remasking, ("low_confidence", "random", "margin", "entropy"))
+    _choice("generate.temperature_schedule", g.temperature_schedule, ("constant", "linear", "cosine"))
+    _choice("generate.acceptance_profile", g.acceptance_profile, ("linear", "cosine"))
+    _choice("generate.renoise_profile", g.renoise_profile, ("none", "constant", "cap", "rescale", "loop"))
+    _choice("generate.cache", g.cache, ("none", "prefix", "dual"))
     if g.gen_length % g.block_length:
         raise ConfigError(f"generate.block_length={g.block_length} must divide generate.gen_length={g.gen_length}")
     if g.steps % (g.gen_length // g.block_length):
         raise ConfigError(f"generate.steps={g.steps} must be a multiple of the number of blocks ({g.gen_length // g.block_length})")
+    from .sampling.masked import SamplerConfig  # the sampler's own range checks, phrased with the key
+
+    try:
+        SamplerConfig(**{f.name: getattr(g, f.name) for f in dataclasses.fields(SamplerConfig) if hasattr(g, f.name)})
+    except ValueError as e:
+        raise ConfigError(f"generate.{e}") from None
 
 
 def resolved_engine(p: ParallelConfig) -> str:
-    """``parallel.engine`` with 'auto' resolved: megatron-core's for pp > 1, DeepSpeed otherwise."""
-    return p.engine if p.engine != "auto" else ("megatron" if p.pp > 1 else "deepspeed")
+    """``parallel.engine`` with 'auto' resolved: megatron-core's for pp > 1 or ep > 1 (DeepSpeed
+    cannot reduce expert gradients over expert-data-parallel groups), DeepSpeed otherwise."""
+    return p.engine if p.engine != "auto" else ("megatron" if p.pp > 1 or p.ep > 1 else "deepspeed")
 
 
 def validate_layout(cfg: Config) -> None:
@@ -495,9 +573,61 @@ def validate_layout(cfg: Config) -> None:
         if eng != "megatron":
             raise ConfigError("parallel.sequence_parallel=true needs parallel.engine=megatron: DeepSpeed does not "
                               "all-reduce the norm gradients over tensor-parallel ranks under sequence parallelism")
+    validate_moe(cfg)
     if d.objective == "continuous" and p.pp > 1:
         raise ConfigError(f"diffusion.objective=continuous is not proven with pipeline parallelism (parallel.pp={p.pp}): "
                           f"its noisy embeddings enter the first stage as decoder input; use parallel.pp=1 (TP and DP work)")
+
+
+def validate_moe(cfg: Config) -> None:
+    """MoE settings and the layouts MoE is proven at (tests/distributed/test_moe.py): ep 1 on
+    any engine, ep > 1 and pp > 1 on the megatron engine (zero_stage 0/1), tp = 1."""
+    m, p = cfg.model, cfg.parallel
+    _positive("parallel.ep", p.ep)
+    if m.num_moe_experts is None:
+        if p.ep > 1:
+            raise ConfigError(f"parallel.ep={p.ep} needs a mixture-of-experts model; set model.num_moe_experts")
+        return
+    _choice("model.moe_router_score_function", m.moe_router_score_function, ("softmax", "sigmoid"))
+    if m.num_moe_experts < 2:
+        raise ConfigError(f"model.num_moe_experts must be >= 2, got {m.num_moe_experts}")
+    if not 1 <= m.moe_router_topk <= m.num_moe_experts:
+        raise ConfigError(f"model.moe_router_topk={m.moe_router_topk} must be in [1, model.num_moe_experts={m.num_moe_experts}]")
+    for k in ("moe_layer_freq",):
+        _positive(f"model.{k}", getattr(m, k))
+    for k in ("moe_shared_expert_intermediate_size", "moe_first_k_dense", "moe_aux_loss_coeff", "moe_router_bias_update_rate"):
+        _positive(f"model.{k}", getattr(m, k), allow_zero=True)
+    if m.moe_ffn_hidden_size is not None:
+        _positive("model.moe_ffn_hidden_size", m.moe_ffn_hidden_size)
+    if 1 not in moe_layer_pattern(m):
+        raise ConfigError(f"model.moe_first_k_dense={m.moe_first_k_dense} leaves no MoE layer among model.num_layers={m.num_layers}")
+    if m.num_moe_experts % p.ep:
+        raise ConfigError(f"model.num_moe_experts={m.num_moe_experts} is not divisible by parallel.ep={p.ep}")
+    eng = resolved_engine(p)
+    if p.ep > 1 and eng != "megatron":
+        raise ConfigError(f"parallel.ep={p.ep} needs parallel.engine=megatron (or auto): DeepSpeed cannot reduce expert "
+                          f"gradients over expert-data-parallel groups")
+    if m.moe_router_enable_expert_bias and eng != "megatron":
+        raise ConfigError("model.moe_router_enable_expert_bias=true needs parallel.engine=megatron (its finalize step "
+                          "updates the bias from the global batch's expert loads)")
+    if p.tp > 1:
+        raise ConfigError(f"parallel.tp={p.tp} with model.num_moe_experts: megatron-core's MoE layer needs sequence "
+                          f"parallelism with TP (Transformer Engine, GPU), which is not proven; use parallel.tp=1 and parallel.ep")
+    if cfg.diffusion.objective == "continuous":
+        raise ConfigError("diffusion.objective=continuous is not proven with model.num_moe_experts; use a dense model "
+                          "or a discrete objective (masked, block, ar, uniform, hybrid)")
+
+
+def moe_layer_pattern(m: ModelConfig) -> list[int]:
+    """1 for each MoE layer, 0 for each dense one (megatron-core's list form of moe_layer_freq)."""
+    if m.num_moe_experts is None:
+        return []
+    k = m.moe_first_k_dense
+    return [int(i >= k and (i - k) % m.moe_layer_freq == 0) for i in range(m.num_layers)] if k < m.num_layers else []
+
+
+def moe_ffn_size(m: ModelConfig) -> int:
+    return m.moe_ffn_hidden_size if m.moe_ffn_hidden_size is not None else ffn_size(m)
 
 
 def ffn_size(m: ModelConfig) -> int:

@@ -18,28 +18,37 @@ def logits_fn_for(module, vocab_size: int, shift: bool = False):
     """Wrap a (TP=1) denoiser as tokens[B,S] -> logits[B,S,V] for the samplers.
 
     Padded vocabulary rows are cut off so the sampler never proposes a non-token.
-    ``shift``: the model was trained with diffusion.shift_logits (token i read from output i-1)."""
+    ``shift``: the model was trained with diffusion.shift_logits (token i read from output i-1).
+    The function carries the model, so generate.cache=prefix|dual can run parts of it."""
+    from .sampling import model_logits_fn
 
-    @torch.no_grad()
-    def fn(tokens_BS: torch.Tensor) -> torch.Tensor:
-        logits = module(tokens_BS, None, None)
-        if shift:
-            from .diffusion.adaptation import shift_logits
+    return model_logits_fn(module, vocab_size, shift)
 
-            logits = shift_logits(logits)
-        return logits[..., :vocab_size].float()
 
-    return fn
+# generate.* keys that are sampler knobs (SamplerConfig fields of the same name)
+SAMPLER_KEYS = ("steps", "gen_length", "block_length", "temperature", "temperature_schedule", "remasking",
+                "confidence_threshold", "acceptance_profile", "renoise_profile", "renoise_eta", "renoise_t_on",
+                "renoise_t_off", "renoise_alpha_on", "renoise_prob", "cache", "parallel_threshold", "cfg_scale",
+                "stop_at_eos", "seed")
+# knobs only the masked / block samplers have (uniform, hybrid and continuous refuse them)
+MASKED_ONLY = {"acceptance_profile": "linear", "renoise_profile": "none", "renoise_prob": 0.0, "cache": "none",
+               "parallel_threshold": None, "cfg_scale": 0.0, "stop_at_eos": False}
 
 
 def sampler_config(cfg: Config, **over):
     from .sampling import SamplerConfig
 
     g = cfg.generate
-    kw = dict(steps=g.steps, gen_length=g.gen_length, block_length=g.block_length, temperature=g.temperature,
-              remasking=g.remasking, seed=g.seed)
+    kw = {k: getattr(g, k) for k in SAMPLER_KEYS}
     kw.update({k: v for k, v in over.items() if v is not None})
     return SamplerConfig(**kw)
+
+
+def _refuse_masked_only(scfg, objective: str) -> None:
+    for k, default in MASKED_ONLY.items():
+        if getattr(scfg, k) != default:
+            raise ConfigError(f"generate.{k} (--{k.replace('_', '-')}) applies to masked and block checkpoints, "
+                              f"not diffusion.objective={objective}")
 
 
 def sample_text(module, tok, cfg: Config, *, device, prompt: str | None = None, **over) -> str:
@@ -56,6 +65,7 @@ def sample_text(module, tok, cfg: Config, *, device, prompt: str | None = None, 
             from .sampling.continuous import ContinuousSamplerConfig, generate_continuous
 
             scfg = sampler_config(cfg, **over)
+            _refuse_masked_only(scfg, "continuous")
             ccfg = ContinuousSamplerConfig(steps=scfg.steps, gen_length=scfg.gen_length, sigma_min=cfg.diffusion.sigma_min,
                                            sigma_max=cfg.diffusion.sigma_max, temperature=scfg.temperature or 1.0, seed=scfg.seed)
             out = generate_continuous(module, x, tok.vocab_size, ccfg)
@@ -64,6 +74,7 @@ def sample_text(module, tok, cfg: Config, *, device, prompt: str | None = None, 
             from .sampling.uniform import generate_uniform
 
             scfg = sampler_config(cfg, **over)
+            _refuse_masked_only(scfg, cfg.diffusion.objective)
             out = generate_uniform(logits_fn_for(module, tok.vocab_size), x, mask_id=tok.mask_id, vocab_size=tok.vocab_size,
                                    gen_length=scfg.gen_length, steps=scfg.steps,
                                    p_uniform=1.0 if cfg.diffusion.objective == "uniform" else cfg.diffusion.p_uniform,
@@ -74,6 +85,9 @@ def sample_text(module, tok, cfg: Config, *, device, prompt: str | None = None, 
             from .sampling import generate_blocks
 
             scfg = sampler_config(cfg, **dict(over, block_length=cfg.diffusion.block_size))
+            if scfg.cache != "none":
+                raise ConfigError(f"generate.cache={scfg.cache} (--cache) is the masked sampler's Fast-dLLM cache; block-diffusion "
+                                  f"checkpoints always cache finished blocks exactly: leave it at none")
             out = generate_blocks(module, x, tok.mask_id, scfg, vocab_size=tok.vocab_size,
                                   eos_id=tok.eot_id, suppress_ids=(tok.pad_id,))
         else:
@@ -116,22 +130,53 @@ def load_model(ckpt_path: str, device: str = "cpu"):
     return model, tok, cfg, meta
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse's default prints usage first)
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m dlm_megatron.generate", description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = _Parser(prog="python -m dlm_megatron.generate", description=__doc__.splitlines()[0],
+                 epilog="Every sampler flag defaults to the checkpoint config's generate.* key of the same name "
+                        "(underscores); README 'Sampling' has the formulas.",
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="run directory (uses its latest checkpoint) or one checkpoint folder")
-    ap.add_argument("--prompt", default=None, help="prompt text (default: the config's generate.prompt)")
-    ap.add_argument("--gen-length", type=int, default=None, help="tokens to generate (default: config generate.gen_length)")
-    ap.add_argument("--steps", type=int, default=None, help="total denoising steps N (default: config generate.steps)")
-    ap.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block length (divides gen-length)")
-    ap.add_argument("--temperature", type=float, default=None, help="sampling temperature, 0 = greedy")
-    ap.add_argument("--temperature-schedule", default=None, choices=("constant", "linear", "cosine"), help="temperature as a function of the noise level")
-    ap.add_argument("--remasking", default=None, choices=("low_confidence", "random", "margin", "entropy"), help="which predictions are committed first")
-    ap.add_argument("--confidence-threshold", type=float, default=None, help="commit every position at least this confident (parallel decoding)")
-    ap.add_argument("--renoise-prob", type=float, default=None, help="probability of re-masking a committed token at each step")
-    ap.add_argument("--seed", type=int, default=None, help="sampling seed")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device to run on")
+    ap.add_argument("--prompt", default=None, help="prompt text (default: generate.prompt)")
+    ap.add_argument("--gen-length", type=int, default=None, help="tokens to generate (default: generate.gen_length)")
+    ap.add_argument("--steps", type=int, default=None, help="total denoising steps N, split evenly over the blocks (default: generate.steps)")
+    ap.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block length, divides --gen-length (default: generate.block_length; block checkpoints use their diffusion.block_size)")
+    ap.add_argument("--temperature", type=float, default=None, help="sampling temperature T0, 0 = greedy (default: generate.temperature, 0)")
+    ap.add_argument("--temperature-schedule", default=None, choices=("constant", "linear", "cosine"),
+                    help="temperature at noise level t: constant T0, linear T0*t, cosine T0*(1-cos(pi t))/2 (default: constant)")
+    ap.add_argument("--remasking", default=None, choices=("low_confidence", "random", "margin", "entropy"), help="which predictions are committed first (default: low_confidence)")
+    ap.add_argument("--acceptance-profile", default=None, choices=("linear", "cosine"),
+                    help="fraction of a block committed after step n of K: linear n/K, cosine 1-cos(pi/2 n/K) (default: linear)")
+    ap.add_argument("--renoise-profile", default=None, choices=("none", "constant", "cap", "rescale", "loop"),
+                    help="ReMDM remasking of committed tokens: none; constant eta; cap min(eta,(1-a_s)/a_t); "
+                         "rescale eta*min(1,(1-a_s)/a_t); loop eta while t_off < t <= t_on (default: none)")
+    ap.add_argument("--renoise-eta", type=float, default=None, help="eta of --renoise-profile (default: generate.renoise_eta, 0.02)")
+    ap.add_argument("--renoise-t-on", type=float, default=None, help="loop: noise level where remasking starts (default: 0.55)")
+    ap.add_argument("--renoise-t-off", type=float, default=None, help="loop: noise level where remasking ends (default: 0.05)")
+    ap.add_argument("--renoise-alpha-on", type=float, default=None, help="loop: committed fraction held during the loop (default: 0.9)")
+    ap.add_argument("--renoise-prob", type=float, default=None, help="alias: --renoise-profile constant --renoise-eta P (default: 0 = off)")
+    ap.add_argument("--confidence-threshold", type=float, default=None,
+                    help="also commit every position at least this confident, on top of the step schedule (the block still has K steps; default: off)")
+    ap.add_argument("--parallel-threshold", type=float, default=None,
+                    help="Fast-dLLM: commit every position at least this confident and at least one, ignoring the step schedule (default: off)")
+    ap.add_argument("--cache", default=None, choices=("none", "prefix", "dual"),
+                    help="Fast-dLLM KV cache (masked checkpoints), refreshed when each block starts (default: none)")
+    ap.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance W: u + (1+W)(c-u), u with the prompt masked (default: 0 = off)")
+    ap.add_argument("--stop-at-eos", default=None, action=argparse.BooleanOptionalAction,
+                    help="a committed EOS also fills the rest of its block (changes tokens; default: off)")
+    ap.add_argument("--seed", type=int, default=None, help="sampling seed (default: generate.seed, 0)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device to run on (default: cuda if available, else cpu)")
     return ap
+
+
+KNOB_FLAGS = ("temperature", "temperature_schedule", "remasking", "acceptance_profile", "renoise_profile", "renoise_eta",
+              "renoise_t_on", "renoise_t_off", "renoise_alpha_on", "renoise_prob", "confidence_threshold",
+              "parallel_threshold", "cache", "cfg_scale", "stop_at_eos", "seed")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,12 +187,18 @@ def main(argv: list[str] | None = None) -> int:
         model, tok, cfg, meta = load_model(args.ckpt, args.device)
         gen_length = args.gen_length or cfg.generate.gen_length
         block = args.block_length or min(cfg.generate.block_length, gen_length)
-        text = sample_text(model, tok, cfg, device=args.device, prompt=args.prompt, gen_length=gen_length, steps=args.steps or (cfg.generate.steps if gen_length == cfg.generate.gen_length else gen_length),
-                           block_length=block, temperature=args.temperature, temperature_schedule=args.temperature_schedule,
-                           remasking=args.remasking, confidence_threshold=args.confidence_threshold,
-                           renoise_prob=args.renoise_prob, seed=args.seed)
+        knobs = {k: getattr(args, k) for k in KNOB_FLAGS}
+        text = sample_text(model, tok, cfg, device=args.device, prompt=args.prompt, gen_length=gen_length,
+                           steps=args.steps or (cfg.generate.steps if gen_length == cfg.generate.gen_length else gen_length),
+                           block_length=block, **knobs)
     except (ConfigError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, ValueError) and not isinstance(e, (ConfigError, CheckpointError)):  # the sampler's: name its flags
+            import re
+
+            keys = sorted(KNOB_FLAGS + ("steps", "gen_length", "block_length"), key=len, reverse=True)
+            msg = re.sub(r"\b(" + "|".join(keys) + r")\b(?![=.])", lambda m: "--" + m.group(1).replace("_", "-"), msg)
+        print(f"error: {msg}", file=sys.stderr)
         return 2
     print(text)
     return 0

@@ -41,6 +41,10 @@ def fmt_line(row: dict) -> str:
         parts.append(f"mfu {100 * row['mfu']:.2f}%")
     if "mem_gib" in row:
         parts.append(f"mem {row['mem_gib']:.2f}GiB")
+    if "moe_aux_loss" in row:
+        parts.append(f"moe aux {row['moe_aux_loss']:.3f}")
+    if "moe_max_load" in row:
+        parts.append(f"max load {row['moe_max_load']:.2f}x")
     return " | ".join(parts)
 
 

@@ -9,6 +9,10 @@ Notation (all per GPU unless stated):
   f SwiGLU inner size, V vocabulary, Vp padded vocabulary, s model sequence length
   (data.seq_len, doubled for objective=block), b micro batch, t TP, p PP, D data-parallel
   size = N/(t*p), Psi parameters held by one GPU (its TP shard of its PP stage).
+  Mixture of experts: E experts of f_e units per MoE layer, k per token, ep expert-parallel
+  ranks; a GPU holds E/ep experts of each MoE layer, whose optimizer states the distributed
+  optimizer shards over the dp/ep ranks holding the same experts. FLOPs count the active
+  parameters (k experts, router, shared expert), so MFU does too.
 
 Memory model (bytes):
   weights    w * Psi                  (/D with ZeRO-3)       w = 2 bf16, 4 fp32
@@ -68,6 +72,18 @@ class Dims:
     """Block diffusion passes RoPE positions per sample: the rotary tables become [s, b, 1, d]."""
     qkv_bias: bool = False
     """model.add_qkv_bias: q/k/v projection biases (h + 2*kv_dim per layer, split by TP)."""
+    qk_norm: bool = False
+    """model.qk_layernorm: per-head RMSNorm of q and k (2 * head_dim weights per layer)."""
+    moe_layers: int = 0
+    """Layers whose MLP is a mixture of experts (model.num_moe_experts); the rest are dense."""
+    experts: int = 0
+    """Routed experts per MoE layer (E)."""
+    topk: int = 0
+    """Experts per token (k)."""
+    expert_ffn: int = 0
+    """SwiGLU inner size of one routed expert (f_e)."""
+    shared_ffn: int = 0
+    """SwiGLU inner size of the shared expert, 0 without (f_s)."""
 
 
 def model_dims(cfg: Config, vocab_size: int, tp: int = 1) -> Dims:
@@ -80,10 +96,15 @@ def model_dims(cfg: Config, vocab_size: int, tp: int = 1) -> Dims:
         vp = padded_vocab_size(vocab_size, m, tp)
     except ConfigError as e:
         raise PlanError(str(e)) from None
+    from .config import moe_ffn_size, moe_layer_pattern
+
+    moe = m.num_moe_experts is not None
     return Dims(hidden=h, layers=m.num_layers, heads=a, kv_heads=g, head_dim=d, kv_dim=g * d, ffn=ffn_size(m),
                 vocab=vocab_size, padded_vocab=vp, data_seq_len=cfg.data.seq_len,
                 seq_len=cfg.data.seq_len * (2 if block else 1), tied=m.tie_embeddings, explicit_positions=block,
-                qkv_bias=m.add_qkv_bias)
+                qkv_bias=m.add_qkv_bias, qk_norm=m.qk_layernorm, moe_layers=sum(moe_layer_pattern(m)),
+                experts=m.num_moe_experts or 0, topk=m.moe_router_topk if moe else 0,
+                expert_ffn=moe_ffn_size(m) if moe else 0, shared_ffn=m.moe_shared_expert_intermediate_size if moe else 0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -97,17 +118,47 @@ def layer_matrix_params(dm: Dims) -> int:
     return h * (h + 2 * dm.kv_dim) + h * h + 3 * h * dm.ffn
 
 
+def attention_matrix_params(dm: Dims) -> int:
+    """QKV h(h+2kv) and output projection h*h."""
+    return dm.hidden * (dm.hidden + 2 * dm.kv_dim) + dm.hidden * dm.hidden
+
+
+def expert_params(dm: Dims) -> int:
+    """Routed experts of one MoE layer: E SwiGLU MLPs of 3*h*f_e (split over expert-parallel ranks)."""
+    return dm.experts * 3 * dm.hidden * dm.expert_ffn
+
+
+def moe_dense_params(dm: Dims) -> int:
+    """The replicated part of one MoE layer's MLP: router E*h and shared expert 3*h*f_s."""
+    return dm.experts * dm.hidden + 3 * dm.hidden * dm.shared_ffn
+
+
+def moe_active_mlp_params(dm: Dims) -> int:
+    """MLP weights one token passes through in a MoE layer: k routed experts, the shared
+    expert and the router (active parameters)."""
+    return dm.topk * 3 * dm.hidden * dm.expert_ffn + moe_dense_params(dm)
+
+
+def matmul_params_per_token(dm: Dims) -> int:
+    """Matrix weights one token multiplies through all layers (dense MLPs whole, MoE MLPs their
+    active part): the 6 * N of training FLOPs with N the active parameters."""
+    dense_layers = dm.layers - dm.moe_layers
+    return (dm.layers * attention_matrix_params(dm) + dense_layers * 3 * dm.hidden * dm.ffn
+            + dm.moe_layers * moe_active_mlp_params(dm))
+
+
 def layer_bias_params(dm: Dims) -> int:
     """q/k/v biases of one layer (model.add_qkv_bias), else 0."""
     return dm.hidden + 2 * dm.kv_dim if dm.qkv_bias else 0
 
 
 def layer_params(dm: Dims) -> int:
-    """One layer: matrices, q/k/v biases if any, and its two RMSNorm weights (2h)."""
-    return layer_matrix_params(dm) + layer_bias_params(dm) + 2 * dm.hidden
+    """One dense layer: matrices, q/k/v biases if any, its two RMSNorm weights (2h) and the
+    per-head q/k norms (2d) if any."""
+    return layer_matrix_params(dm) + layer_bias_params(dm) + 2 * dm.hidden + (2 * dm.head_dim if dm.qk_norm else 0)
 
 
-def param_counts(dm: Dims, tp: int = 1, pp: int = 1) -> dict:
+def param_counts(dm: Dims, tp: int = 1, pp: int = 1, ep: int = 1) -> dict:
     """Total parameters and what one GPU holds on the first and last pipeline stage.
 
     TP shards every matrix (column/row parallel linears, vocab-parallel embedding and output
@@ -118,9 +169,17 @@ def param_counts(dm: Dims, tp: int = 1, pp: int = 1) -> dict:
     h, L = dm.hidden, dm.layers
     emb = dm.padded_vocab * h
     out = 0 if dm.tied else dm.padded_vocab * h
-    total = L * layer_params(dm) + emb + out + h
+    # MoE layers: the dense MLP (3hf) replaced by router + shared expert + routed experts
+    moe_delta = moe_dense_params(dm) + expert_params(dm) - 3 * h * dm.ffn
+    total = L * layer_params(dm) + dm.moe_layers * moe_delta + emb + out + h
+    experts = dm.moe_layers * expert_params(dm)
+    active = total - experts + dm.moe_layers * dm.topk * 3 * h * dm.expert_ffn
     lps = L // pp
-    stage_layers = lps * ((layer_matrix_params(dm) + layer_bias_params(dm)) // tp + 2 * h)
+    norms = 2 * h + (2 * dm.head_dim if dm.qk_norm else 0)
+    moe_on_stage = dm.moe_layers * lps / L  # MoE layers spread evenly over the stages
+    stage_experts = int(moe_on_stage * expert_params(dm)) // (tp * ep)
+    stage_layers = (lps * ((layer_matrix_params(dm) + layer_bias_params(dm)) // tp + norms)
+                    + int(moe_on_stage * (moe_dense_params(dm) - 3 * h * dm.ffn // tp)) + stage_experts)
     emb_local = emb // tp
     first = stage_layers + emb_local
     last = stage_layers + h + emb_local  # final norm + output layer (or its tied copy)
@@ -128,6 +187,9 @@ def param_counts(dm: Dims, tp: int = 1, pp: int = 1) -> dict:
         first = last = stage_layers + emb_local + h + (0 if dm.tied else emb_local)
     return {
         "total": total,
+        "active": active,
+        "experts": experts,
+        "per_gpu_experts": stage_experts,
         "embedding": emb,
         "output_layer": out,
         "per_layer": layer_params(dm),
@@ -178,7 +240,8 @@ def flops_per_token(dm: Dims, recompute: str = "none", attention_fraction: float
                     output_fraction: float = 1.0) -> dict:
     """Training FLOPs per data token.
 
-    Per model token: 6 * (L * matrix params per layer + V * h) for the matmuls (forward 2,
+    Per model token: 6 * (matrix params a token passes through + V * h) for the matmuls (MoE
+    layers: the k routed experts, router and shared expert, ``matmul_params_per_token``; forward 2,
     backward 4 FLOPs per weight) plus 12 * L * h * s for attention scores and values
     (forward QK^T and AV are 2*s*h each per token and layer; x3 for training). This equals
     ``dlm_megatron.train.flops_per_token`` (unpadded vocabulary, no recompute), so the MFU
@@ -192,11 +255,11 @@ def flops_per_token(dm: Dims, recompute: str = "none", attention_fraction: float
     (4 * L * h * s), full recomputes the whole layer forward (2 * L * matrix params + 4 * L * h * s).
     """
     L, h, s = dm.layers, dm.hidden, dm.seq_len
-    matmul = L * layer_matrix_params(dm) + dm.vocab * h * output_fraction
+    matmul = matmul_params_per_token(dm) + dm.vocab * h * output_fraction
     attn = 12.0 * L * h * s * attention_fraction
     per_model_token = 6.0 * matmul + attn
     extra = {"none": 0.0, "selective": attn / 3,
-             "full": 2.0 * L * layer_matrix_params(dm) + attn / 3}[recompute]
+             "full": 2.0 * matmul_params_per_token(dm) + attn / 3}[recompute]
     ratio = dm.seq_len / dm.data_seq_len
     return {"model": per_model_token * ratio, "hardware": (per_model_token + extra) * ratio,
             "per_model_token": per_model_token}
@@ -233,7 +296,7 @@ def kernels_for(cfg: Config, on_gpu: bool = True) -> Kernels:
 
 
 def layer_activation_terms(dm: Dims, k: Kernels, recompute: str, *, tp: int, sp: bool, micro_batch: int,
-                           act_bytes: int) -> dict:
+                           act_bytes: int, moe: bool = False) -> dict:
     """Bytes one layer keeps for its backward, per token of one micro batch, term by term.
 
     Korthikanti et al. count, per layer, the LayerNorm inputs 4sbh, attention 11sbh + 5as^2b
@@ -263,6 +326,19 @@ def layer_activation_terms(dm: Dims, k: Kernels, recompute: str, *, tp: int, sp:
       positions), in the activation dtype, not divided by t.
     No dropout masks (dropout is 0). Full recompute keeps only the layer input h (divided
     by t with SP); its recomputed activations are part of the backward working set.
+    q/k norms (model.qk_layernorm, local RMSNorm per head): x*rstd of q and k (h + kv) and
+      rstd, one fp32 per head and token (their inputs are the pinned QKV output, their
+      outputs are rotated by RoPE into the q, k counted above).
+    MoE layer (``moe``; megatron-core's router, allgather/all-to-all dispatcher, SequentialMLP
+      or grouped GEMM), replacing the MLP term, per token with k experts per token:
+      router: fp32 [E] tensors kept for backward: the scores (softmax or sigmoid), the top-k
+              probabilities scattered back to [E], the aux loss's own scores, plus the
+              boolean routing maps (2E bytes);
+      experts: the k routed copies of the token (h each: the experts' fc1 inputs) and, per
+              copy, the local SwiGLU's 5 f_e of a dense MLP plus the activation scaled by the
+              routing probability (f_e): e * k * (h + 6 f_e); a shared expert adds a dense
+              MLP of f_s;
+      permutation indices: int64 (8 bytes) for the dispatch and the combine of each copy.
     """
     h, f, kv, a, s, d = dm.hidden, dm.ffn, dm.kv_dim, dm.heads, dm.seq_len, dm.head_dim
     e = act_bytes
@@ -287,13 +363,24 @@ def layer_activation_terms(dm: Dims, k: Kernels, recompute: str, *, tp: int, sp:
         else:
             probs_bytes = 4 + (e if e < 4 else 0)  # softmax in fp32, plus its bf16 copy
             t["attention_probs"] = probs_bytes * a * s / tp
-    t["mlp"] = e * (3 if k.impl == "fused" else 5) * f / tp
+    if dm.qk_norm:
+        t["qk_norm"] = e * (h + kv) / tp + 4 * (a + dm.kv_heads) / tp
+    per_f = 3 if k.impl == "fused" else 5
+    if moe:
+        E, kk = dm.experts, dm.topk
+        t["router"] = 3 * 4 * E + 2 * E
+        t["experts"] = e * kk * (h + (per_f + 1) * dm.expert_ffn) / tp
+        if dm.shared_ffn:
+            t["shared_expert"] = e * per_f * dm.shared_ffn / tp
+        t["permutation"] = 8 * 2 * kk
+    else:
+        t["mlp"] = e * per_f * f / tp
     t["rope"] = e * 4 * d * (1 if dm.explicit_positions else 1 / micro_batch)
     return t
 
 
 def _backward_working_terms(dm: Dims, k: Kernels, recompute: str, *, tp: int, sp: bool, micro_batch: int,
-                            act_bytes: int) -> float:
+                            act_bytes: int, moe: bool = False) -> float:
     """Bytes per token of gradients alive while the top layer of a stage runs its backward
     (on top of the saved activations): the incoming gradient h plus the larger of
       MLP:       the two input gradients of the SwiGLU product (2f; fc2's saved input is
@@ -304,16 +391,18 @@ def _backward_working_terms(dm: Dims, k: Kernels, recompute: str, *, tp: int, sp
     """
     e = act_bytes
     rep = tp if sp else 1
-    none = layer_activation_terms(dm, k, "none", tp=tp, sp=sp, micro_batch=micro_batch, act_bytes=e)
+    none = layer_activation_terms(dm, k, "none", tp=tp, sp=sp, micro_batch=micro_batch, act_bytes=e, moe=moe)
     incoming = e * dm.hidden / rep
-    w_mlp = incoming + e * 2 * dm.ffn / tp
+    # MoE: per routed copy the SwiGLU input gradients (2 f_e) and the copy's gradient (h)
+    w_mlp = incoming + (e * dm.topk * (2 * dm.expert_ffn + dm.hidden) / tp if moe else e * 2 * dm.ffn / tp)
+    mlp_saved = sum(none[n] for n in ("mlp", "router", "experts", "shared_expert", "permutation") if n in none)
     if k.attention == "dense":
         w_attn = 4 * 2 * dm.heads * dm.seq_len / tp
         if recompute == "selective":
             w_attn += none["attention_probs"]
     else:
         w_attn = e * (dm.hidden + 2 * dm.kv_dim) / tp
-    w_attn += incoming - none["mlp"] - none["norms"] / 2
+    w_attn += incoming - mlp_saved - none["norms"] / 2
     return max(w_mlp, w_attn)
 
 
@@ -333,8 +422,12 @@ def activation_memory(dm: Dims, k: Kernels, *, recompute: str, tp: int, pp: int,
     last = stage == "last" or pp == 1
     in_flight = min(pp, num_microbatches) if (first and pp > 1) else 1
     terms = layer_activation_terms(dm, k, recompute, tp=tp, sp=sp, micro_batch=b, act_bytes=e)
-    per_layer_tok = sum(terms.values())
+    moe_on_stage = dm.moe_layers * lps / dm.layers  # MoE layers spread evenly over the stages
+    moe_terms = layer_activation_terms(dm, k, recompute, tp=tp, sp=sp, micro_batch=b, act_bytes=e, moe=True) if moe_on_stage else terms
+    per_layer_tok = ((lps - moe_on_stage) * sum(terms.values()) + moe_on_stage * sum(moe_terms.values())) / lps
     saved = in_flight * lps * per_layer_tok * tokens
+    if moe_on_stage:
+        terms = moe_terms  # reported: a MoE layer's terms
     out = {"in_flight_microbatches": in_flight, "layers_on_stage": lps,
            "per_layer_per_token": per_layer_tok, "layer_terms_per_token": terms,
            "saved_layers": saved}
@@ -367,9 +460,10 @@ def activation_memory(dm: Dims, k: Kernels, *, recompute: str, tp: int, pp: int,
         logits += grad_bytes * dm.padded_vocab * dm.hidden / tp  # output layer weight gradient before accumulation
     out["logits_ce"] = logits
     # (b) backward of one layer (largest transient), plus its recomputation with full recompute.
-    work = _backward_working_terms(dm, k, recompute, tp=tp, sp=sp, micro_batch=b, act_bytes=e) * tokens
+    moe = moe_on_stage > 0  # the largest layer's backward: a MoE layer's where there is one
+    work = _backward_working_terms(dm, k, recompute, tp=tp, sp=sp, micro_batch=b, act_bytes=e, moe=moe) * tokens
     if recompute == "full":
-        work += sum(layer_activation_terms(dm, k, "none", tp=tp, sp=sp, micro_batch=b, act_bytes=e).values()) * tokens
+        work += sum(layer_activation_terms(dm, k, "none", tp=tp, sp=sp, micro_batch=b, act_bytes=e, moe=moe).values()) * tokens
     out["backward_working"] = work
     out["peak"] = saved + extra_saved + persistent + max(logits, work)
     out["peak_phase"] = "end of forward (logits/CE)" if logits >= work else "layer backward"
@@ -432,6 +526,35 @@ def state_memory(psi: int, *, bf16: bool, zero_stage: int, dp: int, largest_modu
     return res
 
 
+def expert_aware_state_memory(psi: int, psi_experts: int, lay, *, bf16: bool, largest_module: int) -> dict:
+    """``state_memory`` of one GPU with routed experts (``psi_experts`` of its ``psi``
+    parameters) sharded by the distributed optimizer over their own data-parallel group, dp/ep
+    ranks (megatron-core's expert-data-parallel group): with ep = 1 that is the whole dp group.
+    ``expert_states``: the experts' weights + gradients + optimizer states."""
+    dense = state_memory(psi - psi_experts, bf16=bf16, zero_stage=lay.zero_stage, dp=lay.dp,
+                         largest_module=largest_module, engine=lay.engine)
+    exp = state_memory(psi_experts, bf16=bf16, zero_stage=lay.zero_stage, dp=lay.dp // lay.ep,
+                       largest_module=largest_module, engine=lay.engine)
+    out = {k: dense[k] + (exp[k] if k != "zero_buffers" else 0.0) for k in dense}
+    out["expert_states"] = exp["weights"] + exp["gradients"] + exp["optimizer"]
+    return out
+
+
+def all_to_all_volume(dm: Dims, lay, act_bytes: int) -> dict:
+    """Bytes one GPU sends to other expert-parallel ranks per optimizer step (MoE, ep > 1).
+
+    Each of its tokens goes to k experts; with balanced routing (ep - 1) / ep of the copies
+    live on another rank. Per MoE layer and micro-batch token the forward dispatches and
+    combines k * h activations, the backward sends their gradients the same way: 4 * k * h *
+    (ep - 1) / ep elements. Counted for the all-to-all dispatcher (GPU); the allgather
+    dispatcher used on CPU moves more (every token to every rank)."""
+    if not dm.moe_layers or lay.ep == 1:
+        return {"bytes_per_step": 0.0, "bytes_per_token": 0.0}
+    per_token = 4 * dm.topk * dm.hidden * act_bytes * (lay.ep - 1) / lay.ep * dm.moe_layers
+    tokens = lay.global_batch_size * lay.model_seq_len / lay.dp
+    return {"bytes_per_step": per_token * tokens, "bytes_per_token": per_token}
+
+
 # ---------------------------------------------------------------------------------------
 # The plan
 
@@ -456,6 +579,8 @@ class Layout:
     attention: str
     optimizer_engine: str
     engine: str
+    ep: int = 1
+    """Expert-parallel size: each MoE layer's experts split over ep of the dp ranks."""
 
 
 def resolve_layout(cfg: Config, gpus: int, on_gpu: bool = True) -> Layout:
@@ -466,6 +591,8 @@ def resolve_layout(cfg: Config, gpus: int, on_gpu: bool = True) -> Layout:
     if gpus % (p.tp * p.pp):
         raise PlanError(f"--gpus {gpus} is not divisible by parallel.tp*parallel.pp={p.tp}*{p.pp}")
     dp = gpus // (p.tp * p.pp)
+    if dp % p.ep:
+        raise PlanError(f"parallel.ep={p.ep} does not divide the data-parallel size {dp} (--gpus {gpus} / (tp*pp))")
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise PlanError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
                         f"train.micro_batch_size*dp={t.micro_batch_size}*{dp}")
@@ -490,7 +617,7 @@ def resolve_layout(cfg: Config, gpus: int, on_gpu: bool = True) -> Layout:
                   precision="bf16" if bf16 else "fp32", recompute=m.recompute, objective=cfg.diffusion.objective,
                   data_seq_len=cfg.data.seq_len,
                   model_seq_len=cfg.data.seq_len * (2 if cfg.diffusion.objective == "block" else 1),
-                  kernels=k.impl, attention=k.attention, optimizer_engine=engine, engine=eng)
+                  kernels=k.impl, attention=k.attention, optimizer_engine=engine, engine=eng, ep=p.ep)
 
 
 def plan(cfg: Config, *, gpus: int, gpu_mem_gib: float, vocab_size: int, mfu: float = 0.4,
@@ -516,15 +643,14 @@ def plan(cfg: Config, *, gpus: int, gpu_mem_gib: float, vocab_size: int, mfu: fl
     k = Kernels(impl=lay.kernels, attention=lay.attention)
     bf16 = lay.precision == "bf16"
     e = 2 if bf16 else 4
-    params = param_counts(dm, lay.tp, lay.pp)
+    params = param_counts(dm, lay.tp, lay.pp, lay.ep)
     flops = flops_per_token(dm, lay.recompute, attention_fraction(cfg, on_gpu), output_fraction(cfg))
 
     largest_module = max(layer_matrix_params(dm) // lay.tp, dm.padded_vocab * dm.hidden // lay.tp)
     stages = {}
     for stage in (("first", "last") if lay.pp > 1 else ("first",)):
         psi = params[f"per_gpu_{stage}_stage"]
-        st = state_memory(psi, bf16=bf16, zero_stage=lay.zero_stage, dp=lay.dp, largest_module=largest_module,
-                          engine=lay.engine)
+        st = expert_aware_state_memory(psi, params["per_gpu_experts"], lay, bf16=bf16, largest_module=largest_module)
         act = activation_memory(dm, k, recompute=lay.recompute, tp=lay.tp, pp=lay.pp, sp=lay.sequence_parallel,
                                 micro_batch=lay.micro_batch_size, num_microbatches=lay.num_microbatches,
                                 act_bytes=e, grad_bytes=e, stage=stage)
@@ -533,6 +659,7 @@ def plan(cfg: Config, *, gpus: int, gpu_mem_gib: float, vocab_size: int, mfu: fl
         overhead = fragmentation * peak + overhead_gib * GIB
         stages[stage] = {
             "params": psi,
+            "expert_states": st["expert_states"],
             "weights": st["weights"], "gradients": st["gradients"], "optimizer": st["optimizer"],
             "zero_buffers": st["zero_buffers"],
             "activations": {k_: v for k_, v in act.items()},
@@ -557,7 +684,7 @@ def plan(cfg: Config, *, gpus: int, gpu_mem_gib: float, vocab_size: int, mfu: fl
         "hardware_flops_per_token": flops["hardware"],
         "memory": {
             "stage": worst_name,
-            **{k_: worst[k_] for k_ in ("params", "weights", "gradients", "optimizer", "zero_buffers",
+            **{k_: worst[k_] for k_ in ("params", "expert_states", "weights", "gradients", "optimizer", "zero_buffers",
                                        "activation_peak", "modeled_peak", "overhead", "total")},
             "activations": worst["activations"],
             "overhead_gib": overhead_gib,
@@ -567,6 +694,7 @@ def plan(cfg: Config, *, gpus: int, gpu_mem_gib: float, vocab_size: int, mfu: fl
             "headroom": capacity - worst["total"],
         },
         "stages": stages,
+        "all_to_all": all_to_all_volume(dm, lay, e),
         "throughput": {
             "mfu": mfu,
             "peak_tflops": peak_tflops,
@@ -604,6 +732,21 @@ def _state_note(lay: dict, term: str) -> str:
     return "AdamW " + ("fp32 master + m + v" if bf16 and (meg or z > 0) else "m + v" + (" + fp32 partition copy" if z > 0 and not meg else ""))
 
 
+def _moe_lines(p: dict) -> list[str]:
+    par, dm, lay = p["params"], p["model"], p["layout"]
+    if not dm["moe_layers"]:
+        return []
+    a2a = p["all_to_all"]
+    return [
+        f"mixture of experts: {dm['moe_layers']} MoE layers x {dm['experts']} experts (top-{dm['topk']}); "
+        f"active {_count(par['active'])} of {_count(par['total'])} parameters per token; experts {_count(par['experts'])}, "
+        f"per GPU {_count(par['per_gpu_experts'])} (ep {lay['ep']}), their weights + gradients + optimizer "
+        f"{p['memory']['expert_states'] / GIB:.2f} GiB",
+        f"all-to-all per GPU and step (ep {lay['ep']}): {a2a['bytes_per_step'] / GIB:.2f} GiB "
+        f"({a2a['bytes_per_token'] / 2**10:.1f} KiB per token)",
+    ]
+
+
 def format_plan(p: dict) -> str:
     lay, mem, par, thr = p["layout"], p["memory"], p["params"], p["throughput"]
     act = mem["activations"]
@@ -622,6 +765,7 @@ def format_plan(p: dict) -> str:
         f"parameters: {_count(par['total'])} total ({par['total']:,}); per GPU {_count(par['per_gpu'])}"
         + (f" (first stage {_count(par['per_gpu_first_stage'])}, last stage {_count(par['per_gpu_last_stage'])})"
            if lay["pp"] > 1 else ""),
+        *_moe_lines(p),
         f"FLOPs per token (training, incl. attention): {p['flops_per_token']:.4g}"
         f"  (with recompute: {p['hardware_flops_per_token']:.4g})",
         "",

@@ -46,8 +46,21 @@ class StopRequest:
 EXIT_PREEMPTED = 3
 
 
+def mlp_active_params(m) -> int:
+    """MLP weights one token passes through, summed over layers: dense SwiGLU layers, and in MoE
+    layers its top-k routed experts, the shared expert and the router (active parameters)."""
+    from .config import ffn_size, moe_ffn_size, moe_layer_pattern
+
+    h = m.hidden_size
+    pattern = moe_layer_pattern(m) or [0] * m.num_layers
+    moe = (m.moe_router_topk * 3 * h * moe_ffn_size(m) + 3 * h * m.moe_shared_expert_intermediate_size
+           + h * (m.num_moe_experts or 0))
+    return sum(moe if is_moe else 3 * h * ffn_size(m) for is_moe in pattern)
+
+
 def flops_per_token(cfg: Config, vocab: int, seq_len: int, on_gpu: bool | None = None) -> float:
-    """Training FLOPs per data token, counted as executed: 6 * matmul params (the output layer
+    """Training FLOPs per data token, counted as executed: 6 * matmul params (MoE: active ones,
+    see mlp_active_params; the output layer
     times the share of positions it runs on) + attention (12 * layers * h * s, times the share
     of pairs the attention kernel executes); doubled (with s = 2L) for block diffusion, whose
     model input is 2L tokens. See planner.output_fraction / attention_fraction and docs/planner.md."""
@@ -61,8 +74,8 @@ def flops_per_token(cfg: Config, vocab: int, seq_len: int, on_gpu: bool | None =
         on_gpu = torch.cuda.is_available()
     h, L = m.hidden_size, m.num_layers
     kv = (m.num_query_groups or m.num_attention_heads) * (h // m.num_attention_heads)
-    per_layer = h * (h + 2 * kv) + h * h + 3 * h * ffn_size(m)
-    matmul = L * per_layer + vocab * h * output_fraction(cfg)
+    attn = h * (h + 2 * kv) + h * h
+    matmul = L * attn + mlp_active_params(m) + vocab * h * output_fraction(cfg)
     frac = attention_fraction(cfg, on_gpu)
     if cfg.diffusion.objective == "block":
         # The model runs on x_t and x_0 (2L tokens, attention span 2L) per L data tokens.
@@ -201,6 +214,10 @@ class Trainer:
 
         self.dp_group, self.pp_group = ps.get_data_parallel_group(), ps.get_pipeline_model_parallel_group()
         self.loss_fn = LossFn(lay.device)
+        from .model.moe import RouterLoad
+
+        self.router_load = RouterLoad(self.engine.module) if cfg.model.num_moe_experts else None
+        self.moe_steps = 0  # optimizer steps whose routing the next metrics row summarises
         self.logger = MetricsLogger(cfg, self.out, is_rank0=self.rank0, config_dict=to_dict(cfg))
         self.fpt = flops_per_token(cfg, self.vocab, cfg.data.seq_len, on_gpu=lay.device.type == "cuda")
         self._fpt_at: dict[int, float] = {}
@@ -265,9 +282,9 @@ class Trainer:
 
         cfg, lay = self.cfg, self.lay
         self.model = model = build_model(cfg, self.vocab, pre_process=lay.is_first_stage, post_process=lay.is_last_stage,
-                                         params_dtype=model_params_dtype(cfg, self.bf16))
+                                         params_dtype=model_params_dtype(cfg, self.bf16), pp_rank=lay.pp_rank)
         model.to(lay.device)
-        init_weights(model, cfg, tp_rank=lay.tp_rank, pp_rank=lay.pp_rank)  # drawn on the device
+        init_weights(model, cfg, tp_rank=lay.tp_rank, pp_rank=lay.pp_rank, ep_rank=lay.ep_rank)  # drawn on the device
         self.weights_from = None
         if latest is not None and ckpt.read_meta(latest).get("engine") is None:
             self.weights_from = latest  # e.g. resharded offline: weights only, optimizer restarts
@@ -288,7 +305,7 @@ class Trainer:
         from .parallel import comm
 
         lay = self.lay
-        state, reader = ckpt.load_local_state(path, model, self.cfg, tp_rank=lay.tp_rank, pp_rank=lay.pp_rank)
+        state, reader = ckpt.load_local_state(path, model, self.cfg, tp_rank=lay.tp_rank, pp_rank=lay.pp_rank, ep_rank=lay.ep_rank)
         model.load_state_dict(state, strict=False)
         most = comm.max_host(float(reader.bytes_read))
         if self.rank0:
@@ -324,6 +341,9 @@ class Trainer:
             raise ConfigError(f"{latest} was written by the {meta.get('engine')} engine but this layout uses {engine_name(cfg)}; "
                               f"set parallel.engine={meta.get('engine')} (and the original parallel.pp) or convert the checkpoint")
         saved = meta.get("layout", {})
+        if saved.get("ep", 1) != lay.ep:
+            raise ConfigError(f"{latest} was written at parallel.ep={saved.get('ep', 1)} but this run uses parallel.ep={lay.ep}; "
+                              f"reshard it first: python tools/convert.py reshard --ckpt {latest} --output NEW_RUN --ep {lay.ep}")
         if (saved.get("tp"), saved.get("pp")) != (lay.tp, lay.pp):
             raise ConfigError(f"{latest} was written at tp={saved.get('tp')} pp={saved.get('pp')} but this run uses tp={lay.tp} pp={lay.pp}; "
                               f"reshard it first: python tools/convert.py reshard --ckpt {latest} --output NEW_RUN --tp {lay.tp} --pp {lay.pp}")
@@ -354,7 +374,7 @@ class Trainer:
         """(canonical name, parameter) of this rank's parameters, each once."""
         from .model.denoiser import canonical_params
 
-        return list(canonical_params(self.engine.module, self.cfg, self.lay.pp_rank, for_save=True))
+        return list(canonical_params(self.engine.module, self.cfg, self.lay.pp_rank, for_save=True, ep_rank=self.lay.ep_rank))
 
     def describe(self) -> str:
         """The start-up line: size, device, precision, attention kernel, layout, data."""
@@ -368,7 +388,7 @@ class Trainer:
         kernels = sorted({m.backend for m in model.modules() if isinstance(m, CoreAttention)}) or ["transformer_engine"]
         return (f"model: {n_params / 1e6:.2f}M parameters on this rank | {lay.device.type} {str(dtype)[6:]} params"
                 f"{' + bf16 autocast' if self.bf16 and dtype != torch.bfloat16 else ''} | attention {','.join(kernels)} | "
-                f"layout tp={lay.tp} pp={lay.pp} dp={lay.dp} engine={engine_name(cfg)} zero={cfg.parallel.zero_stage} | "
+                f"layout tp={lay.tp} pp={lay.pp} dp={lay.dp}{f' ep={lay.ep}' if cfg.model.num_moe_experts else ''} engine={engine_name(cfg)} zero={cfg.parallel.zero_stage} | "
                 f"objective={cfg.diffusion.objective} | train samples {len(self.train_ds)} x {cfg.data.seq_len} tokens")
 
     # -- batches --------------------------------------------------------------------------
@@ -408,6 +428,36 @@ class Trainer:
         return self.micro_batches(step, x, positions, seg_GL=seg)
 
     # -- reductions of logged values (host, once per logged step) -------------------------
+    def moe_metrics(self, num_microbatches: int) -> dict:
+        """MoE routing of the step just trained (empty for a dense model): ``moe_aux_loss``, the
+        load-balancing loss without its coefficient averaged over MoE layers and micro-batches
+        (as megatron-core defines it: 1 = uniform routing), and ``moe_max_load``, the heaviest
+        expert's share of tokens relative to an even split, worst layer (1 = balanced). Summed
+        over data-parallel ranks: every layout reports the same numbers. No token is dropped
+        (no expert capacity is set)."""
+        import torch
+
+        from .model import moe
+        from .parallel import comm
+
+        if self.router_load is None:
+            return {}
+        counts = self.router_load.take()
+        aux = moe.aux_loss_sums()
+        n_moe, steps, self.moe_steps = len(self.router_load.routers), max(self.moe_steps, 1), 0
+        if counts is None:  # no training forward since the last row
+            return {}
+        counts = comm.all_reduce_host(counts.cpu(), "sum", self.dp_group)
+        worst = moe.max_load(counts)
+        aux_sum, n_total = float(aux) if aux is not None else 0.0, float(n_moe)
+        if self.lay.pp > 1:  # each stage routes its own layers: worst over stages, mean over all layers
+            worst = comm.max_host(worst, self.pp_group)
+            aux_sum, n_total = (float(v) for v in comm.all_reduce_host([aux_sum, n_total], "sum", self.pp_group))
+        out = {"moe_max_load": worst}
+        if aux is not None:
+            out["moe_aux_loss"] = self.dp_mean(aux_sum / (n_total * num_microbatches * steps))
+        return out
+
     def pp_share(self, x: float) -> float:
         """Losses exist on the last pipeline stage only; give every stage its value."""
         from .parallel import comm
@@ -425,6 +475,7 @@ class Trainer:
         grad_norm, bad, lr, tokens and model FLOPs this step over all DP ranks)."""
         mbl = self.step_batches(step) if mbl is None else mbl
         lr = self.engine.set_lr(step)
+        self.moe_steps += 1
         losses, grad_norm, bad = self.engine.train_step(mbl, self.loss_fn, seq_len=mbl[0].tokens_BS.shape[1],
                                                         micro_batch_size=self.mbs,
                                                         poison="loss" if step in self.inject_nan else "grad" if step in self.inject_nan_grad else None)
@@ -491,14 +542,17 @@ class Trainer:
                                                                      pp_rank=lay.pp_rank, dp_rank=lay.dp_rank)
         meta = None
         if self.rank0:
-            meta = {"config": to_dict(cfg), "layout": {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "zero_stage": cfg.parallel.zero_stage},
+            meta = {"config": to_dict(cfg), "layout": {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "ep": lay.ep,
+                                                       "zero_stage": cfg.parallel.zero_stage},
                     "tokenizer_sha256": self.tok.sha256, "vocab_size": self.vocab, "consumed_samples": step * self.G,
                     "engine": engine_name(cfg), "optimizer": getattr(self.engine, "state_format", None)}
         self.saver.start(step, tmp, files, meta)
 
     def _stage_model(self, staging) -> list:
         """This (TP, PP) rank's weights (fp32) copied into ``staging``, on DP rank 0 (ZeRO-3
-        gathers them first: a collective over the DP group)."""
+        gathers them first: a collective over the DP group); with expert parallelism, DP rank
+        0 also writes expert-parallel rank 0's experts and every other expert-parallel rank's
+        first expert-data-parallel rank writes its own experts to a file of their own."""
         import torch
 
         from . import checkpoint as ckpt
@@ -507,10 +561,16 @@ class Trainer:
         cfg, lay, named = self.cfg, self.lay, self._named()
 
         def staged() -> list:
-            if lay.dp_rank != 0:
+            if lay.dp_rank == 0:
+                mine, ep = named, 0
+            elif lay.ep_rank > 0 and lay.expert_dp_rank == 0:
+                from .model.sharding import is_expert
+
+                mine, ep = [(n, p) for n, p in named if is_expert(n)], lay.ep_rank
+            else:
                 return []
-            return [StagedFile(f"model/{ckpt.shard_filename(lay.tp_rank, lay.pp_rank)}",
-                               {n: staging.copy(f"model/{n}", p, torch.float32) for n, p in named})]
+            return [StagedFile(f"model/{ckpt.shard_filename(lay.tp_rank, lay.pp_rank, ep)}",
+                               {n: staging.copy(f"model/{n}", p, torch.float32) for n, p in mine})]
 
         if cfg.parallel.zero_stage == 3 and engine_name(cfg) == "deepspeed":
             import deepspeed
@@ -568,7 +628,8 @@ class Trainer:
                 dt = max(time.time() - t_last, 1e-9)
                 tps = tokens_since / dt
                 row = {"step": done, "loss": loss_v, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tps,
-                       **({"mfu": flops_since / dt / (self.peak * lay.world_size)} if self.peak else {}), **memory_gib(lay.device)}
+                       **({"mfu": flops_since / dt / (self.peak * lay.world_size)} if self.peak else {}), **memory_gib(lay.device),
+                       **self.moe_metrics(len(losses))}
                 logger.log(row)
                 last = row
                 t_last, tokens_since, flops_since = time.time(), 0, 0.0

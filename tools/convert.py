@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--to", choices=("hf", "hf-llama", "gguf"),
                     help="export format (with --ckpt): hf = our modeling code in LLaDA's layout (AutoModel, trust_remote_code); "
                          "hf-llama = standard LlamaForCausalLM, or Qwen2ForCausalLM when q/k/v have biases (causal checkpoints only); "
-                         "gguf = llama.cpp 'llada' file ('dream' when q/k/v have biases)")
+                         "gguf = llama.cpp 'llada' file ('dream' when q/k/v have biases, 'llada-moe' for mixture-of-experts checkpoints)")
     ap.add_argument("--output", required=True, metavar="PATH",
                     help="hf/hf-llama: a folder; gguf: a .gguf file; --from-hf: a run directory (checkpoints/step_000000 + latest)")
     ap.add_argument("--dtype", default=None,
@@ -79,6 +79,7 @@ def build_reshard_parser() -> argparse.ArgumentParser:
     ap.add_argument("--output", required=True, metavar="DIR", help="run directory to write (checkpoints/step_XXXXXX + latest + config.yaml)")
     ap.add_argument("--tp", type=int, required=True, help="target tensor-parallel size")
     ap.add_argument("--pp", type=int, required=True, help="target pipeline-parallel size")
+    ap.add_argument("--ep", type=int, default=1, help="target expert-parallel size (mixture-of-experts models; default 1)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output")
     ap.add_argument("--quiet", action="store_true", help="no progress bars (they are shown only when stderr is a terminal)")
     return ap
@@ -94,7 +95,7 @@ def _run(argv: list[str]) -> str:
         a = build_reshard_parser().parse_args(argv[1:])
         from dlm_megatron.convert.reshard import reshard
 
-        path = reshard(a.ckpt, a.output, tp=a.tp, pp=a.pp, overwrite=a.overwrite, show_progress=_bars(a))
+        path = reshard(a.ckpt, a.output, tp=a.tp, pp=a.pp, ep=a.ep, overwrite=a.overwrite, show_progress=_bars(a))
         return f"wrote tp={a.tp} pp={a.pp} checkpoint {path} (weights only: optimizer state restarts)"
 
     ap = build_parser()

@@ -103,6 +103,19 @@ class Arch:
     init_std: float = 0.02
     qkv_bias: bool = False
     """model.add_qkv_bias: the q/k/v projections have biases (Qwen2 style)."""
+    qk_norm: bool = False
+    """model.qk_layernorm: per-head RMSNorm of q and k before RoPE."""
+    num_experts: int = 0
+    """Mixture of experts: routed experts per MoE layer (0 = dense model)."""
+    moe_topk: int = 0
+    moe_ffn_hidden_size: int = 0
+    moe_shared_ffn_hidden_size: int = 0
+    moe_layers: tuple = ()
+    """1 for each MoE layer, 0 for each dense one (config.moe_layer_pattern)."""
+    moe_pre_softmax: bool = False
+    """Softmax over all experts, top-k kept without renormalising (LLaDA-MoE; Qwen-MoE norm_topk_prob=false)."""
+    moe_score_function: str = "softmax"
+    moe_expert_bias: bool = False
 
     @property
     def heads_per_group(self) -> int:
@@ -111,7 +124,7 @@ class Arch:
 
 def arch_from_meta(meta: dict) -> Arch:
     """``Arch`` of a framework checkpoint's meta.json."""
-    from ..config import ffn_size, from_dict, padded_vocab_size
+    from ..config import ffn_size, from_dict, moe_ffn_size, moe_layer_pattern, padded_vocab_size
 
     cfg = from_dict(meta["config"])
     m, d = cfg.model, cfg.diffusion
@@ -136,6 +149,15 @@ def arch_from_meta(meta: dict) -> Arch:
         seq_len=cfg.data.seq_len,
         init_std=m.init_method_std,
         qkv_bias=bool(m.add_qkv_bias),
+        qk_norm=bool(m.qk_layernorm),
+        num_experts=m.num_moe_experts or 0,
+        moe_topk=m.moe_router_topk if m.num_moe_experts else 0,
+        moe_ffn_hidden_size=moe_ffn_size(m) if m.num_moe_experts else 0,
+        moe_shared_ffn_hidden_size=m.moe_shared_expert_intermediate_size if m.num_moe_experts else 0,
+        moe_layers=tuple(moe_layer_pattern(m)),
+        moe_pre_softmax=bool(m.moe_router_pre_softmax),
+        moe_score_function=m.moe_router_score_function,
+        moe_expert_bias=bool(m.moe_router_enable_expert_bias),
     )
 
 
@@ -151,12 +173,18 @@ class Layer:
     v: torch.Tensor  # [groups * head_dim, hidden]
     o: torch.Tensor  # [hidden, heads * head_dim]
     mlp_norm: torch.Tensor
-    gate: torch.Tensor  # [ffn, hidden] (silu applied to it)
-    up: torch.Tensor  # [ffn, hidden]
-    down: torch.Tensor  # [hidden, ffn]
+    gate: torch.Tensor | None  # [ffn, hidden] (silu applied to it); None in a MoE layer
+    up: torch.Tensor | None  # [ffn, hidden]
+    down: torch.Tensor | None  # [hidden, ffn]
     q_bias: torch.Tensor | None = None  # [heads * head_dim] (model.add_qkv_bias)
     k_bias: torch.Tensor | None = None  # [groups * head_dim]
     v_bias: torch.Tensor | None = None  # [groups * head_dim]
+    q_norm: torch.Tensor | None = None  # [head_dim] (model.qk_layernorm)
+    k_norm: torch.Tensor | None = None  # [head_dim]
+    router: torch.Tensor | None = None  # [experts, hidden] (MoE layer: then gate/up/down are None)
+    expert_bias: torch.Tensor | None = None  # [experts] (aux-free routing bias)
+    experts: list | None = None  # [(gate [f_e, hidden], up [f_e, hidden], down [hidden, f_e])] per expert
+    shared: tuple | None = None  # shared expert's (gate, up, down)
 
 
 @dataclass
@@ -206,7 +234,14 @@ _LAYER_FIELDS = {
     "mlp.linear_fc1.layer_norm_weight": "mlp_norm",
     "mlp.linear_fc1.weight": "fc1",
     "mlp.linear_fc2.weight": "down",
+    "self_attention.q_layernorm.weight": "q_norm",
+    "self_attention.k_layernorm.weight": "k_norm",
+    "mlp.router.weight": "router",
+    "mlp.router.expert_bias": "expert_bias",
+    "mlp.shared_experts.linear_fc1.weight": "shared_fc1",
+    "mlp.shared_experts.linear_fc2.weight": "shared_fc2",
 }
+_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.linear_fc([12])\.weight$")
 
 
 def weights_from_canonical(full: dict[str, torch.Tensor], arch: Arch) -> Weights:
@@ -218,6 +253,9 @@ def weights_from_canonical(full: dict[str, torch.Tensor], arch: Arch) -> Weights
         m = _LAYER.match(name)
         if m and m.group(2) in _LAYER_FIELDS:
             per_layer.setdefault(int(m.group(1)), {})[_LAYER_FIELDS[m.group(2)]] = t.float()
+        elif m and _EXPERT.match(m.group(2)):
+            e = _EXPERT.match(m.group(2))
+            per_layer.setdefault(int(m.group(1)), {})[f"expert{e.group(1)}_fc{e.group(2)}"] = t.float()
         elif name in ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight", "output_layer.weight"):
             top[name] = t.float()
         else:
@@ -234,7 +272,8 @@ def weights_from_canonical(full: dict[str, torch.Tensor], arch: Arch) -> Weights
     layers = []
     for i in range(arch.num_layers):
         d = per_layer[i]
-        missing = {"attn_norm", "qkv", "o", "mlp_norm", "fc1", "down"} - set(d)
+        moe = bool(arch.moe_layers) and arch.moe_layers[i] == 1
+        missing = {"attn_norm", "qkv", "o", "mlp_norm", *(("router",) if moe else ("fc1", "down"))} - set(d)
         if missing:
             raise ConvertError(f"layer {i} lacks {', '.join(sorted(missing))}")
         q, k, v = split_qkv(d["qkv"], arch)
@@ -242,11 +281,16 @@ def weights_from_canonical(full: dict[str, torch.Tensor], arch: Arch) -> Weights
             raise ConvertError(f"layer {i} {'lacks' if arch.qkv_bias else 'has'} linear_qkv.bias but the config says "
                                f"model.add_qkv_bias={str(arch.qkv_bias).lower()}")
         qb, kb, vb = split_qkv(d["qkv_bias"], arch) if "qkv_bias" in d else (None, None, None)
+        norms = {"q_norm": d.get("q_norm"), "k_norm": d.get("k_norm")}
+        if moe:
+            layers.append(Layer(attn_norm=d["attn_norm"], q=q, k=k, v=v, o=d["o"], mlp_norm=d["mlp_norm"], gate=None, up=None,
+                                down=None, q_bias=qb, k_bias=kb, v_bias=vb, **norms, **_moe_fields(d, arch, i)))
+            continue
         if d["fc1"].shape[0] != 2 * arch.ffn_hidden_size:
             raise ConvertError(f"layer {i} linear_fc1 has {d['fc1'].shape[0]} rows, expected 2 x ffn_hidden_size={arch.ffn_hidden_size}")
         gate, up = d["fc1"].chunk(2, dim=0)
         layers.append(Layer(attn_norm=d["attn_norm"], q=q, k=k, v=v, o=d["o"], mlp_norm=d["mlp_norm"],
-                            gate=gate.contiguous(), up=up.contiguous(), down=d["down"], q_bias=qb, k_bias=kb, v_bias=vb))
+                            gate=gate.contiguous(), up=up.contiguous(), down=d["down"], q_bias=qb, k_bias=kb, v_bias=vb, **norms))
     embed = top["embedding.word_embeddings.weight"]
     if embed.shape != (arch.padded_vocab_size, arch.hidden_size):
         raise ConvertError(f"embedding has shape {tuple(embed.shape)}, expected ({arch.padded_vocab_size}, {arch.hidden_size})")
@@ -255,6 +299,21 @@ def weights_from_canonical(full: dict[str, torch.Tensor], arch: Arch) -> Weights
     if not arch.tied and head is None:
         raise ConvertError("checkpoint lacks 'output_layer.weight' (untied output head)")
     return Weights(embed=embed, final_norm=top["decoder.final_layernorm.weight"], lm_head=head, layers=layers)
+
+
+def _moe_fields(d: dict, arch: Arch, i: int) -> dict:
+    """A MoE layer's router, experts' (gate, up, down) and shared expert from canonical tensors."""
+    experts = []
+    for e in range(arch.num_experts):
+        if f"expert{e}_fc1" not in d or f"expert{e}_fc2" not in d:
+            raise ConvertError(f"layer {i} lacks expert {e} (model.num_moe_experts={arch.num_experts})")
+        gate, up = d[f"expert{e}_fc1"].chunk(2, dim=0)
+        experts.append((gate.contiguous(), up.contiguous(), d[f"expert{e}_fc2"]))
+    shared = None
+    if "shared_fc1" in d:
+        g, u = d["shared_fc1"].chunk(2, dim=0)
+        shared = (g.contiguous(), u.contiguous(), d["shared_fc2"])
+    return {"router": d["router"], "expert_bias": d.get("expert_bias"), "experts": experts, "shared": shared}
 
 
 def canonical_from_weights(w: Weights, arch: Arch) -> dict[str, torch.Tensor]:
@@ -268,8 +327,22 @@ def canonical_from_weights(w: Weights, arch: Arch) -> dict[str, torch.Tensor]:
             out[p + "self_attention.linear_qkv.bias"] = fuse_qkv(L.q_bias, L.k_bias, L.v_bias, arch)
         out[p + "self_attention.linear_proj.weight"] = L.o
         out[p + "pre_mlp_layernorm.weight"] = L.mlp_norm
-        out[p + "mlp.linear_fc1.weight"] = torch.cat([L.gate, L.up], dim=0).contiguous()
-        out[p + "mlp.linear_fc2.weight"] = L.down
+        if L.q_norm is not None:
+            out[p + "self_attention.q_layernorm.weight"] = L.q_norm
+            out[p + "self_attention.k_layernorm.weight"] = L.k_norm
+        if L.router is None:
+            out[p + "mlp.linear_fc1.weight"] = torch.cat([L.gate, L.up], dim=0).contiguous()
+            out[p + "mlp.linear_fc2.weight"] = L.down
+            continue
+        out[p + "mlp.router.weight"] = L.router
+        if L.expert_bias is not None:
+            out[p + "mlp.router.expert_bias"] = L.expert_bias
+        for e, (g, u, dn) in enumerate(L.experts):
+            out[p + f"mlp.experts.local_experts.{e}.linear_fc1.weight"] = torch.cat([g, u], dim=0).contiguous()
+            out[p + f"mlp.experts.local_experts.{e}.linear_fc2.weight"] = dn
+        if L.shared is not None:
+            out[p + "mlp.shared_experts.linear_fc1.weight"] = torch.cat(L.shared[:2], dim=0).contiguous()
+            out[p + "mlp.shared_experts.linear_fc2.weight"] = L.shared[2]
     out["decoder.final_layernorm.weight"] = w.final_norm
     if w.lm_head is not None:
         out["output_layer.weight"] = w.lm_head

@@ -1,6 +1,10 @@
 """GGUF export for llama.cpp's ``llada`` architecture (masked / block diffusion denoisers),
 or its ``dream`` architecture for checkpoints with q/k/v biases (``model.add_qkv_bias``,
 e.g. adapted from Qwen2): ``llada`` has no bias tensors, ``dream`` (Qwen2-based) requires them.
+Mixture-of-experts checkpoints become ``llada-moe`` (LLaDA-MoE's layout: per-head q/k norms
+``attn_{q,k}_norm``, router ``ffn_gate_inp``, stacked experts ``ffn_{gate,up,down}_exps``,
+NEOX rope, softmax routing without top-k renormalisation; ``check_llada_moe`` refuses the
+rest).
 
 Written with the ``gguf`` PyPI package (the writer llama.cpp's own converters use). What
 llama.cpp's ``llada`` loader needs and gets here:
@@ -40,8 +44,29 @@ DTYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 def gguf_arch(arch: Arch) -> str:
-    """llama.cpp architecture of an export: ``dream`` when q/k/v have biases, else ``llada``."""
+    """llama.cpp architecture of an export: ``llada-moe`` for mixture-of-experts checkpoints,
+    ``dream`` when q/k/v have biases, else ``llada``."""
+    if arch.num_experts:
+        return "llada-moe"
     return "dream" if arch.qkv_bias else "llada"
+
+
+def check_llada_moe(arch: Arch) -> None:
+    """Refuse, in one line, what llama.cpp's ``llada-moe`` graph (src/models/llada-moe.cpp)
+    cannot compute: it has per-head q/k RMSNorm, a MoE MLP in every layer, no shared expert,
+    no biases, and softmax over all experts whose top-k weights are used as they are."""
+    problems = [
+        (arch.moe_shared_ffn_hidden_size > 0, "a shared expert (model.moe_shared_expert_intermediate_size=0)"),
+        (arch.moe_score_function != "softmax", "sigmoid routing (model.moe_router_score_function=softmax)"),
+        (arch.moe_expert_bias, "an expert bias (model.moe_router_enable_expert_bias=false)"),
+        (0 in arch.moe_layers, "dense layers between MoE layers (model.moe_first_k_dense=0, model.moe_layer_freq=1)"),
+        (not arch.moe_pre_softmax, "top-k renormalised routing weights (model.moe_router_pre_softmax=true)"),
+        (not arch.qk_norm, "attention without q/k norms (model.qk_layernorm=true)"),
+        (arch.qkv_bias, "q/k/v biases (model.add_qkv_bias=false)"),
+    ]
+    bad = [what for cond, what in problems if cond]
+    if bad:
+        raise ConvertError(f"llama.cpp's llada-moe architecture cannot express {bad[0]}; export with --to hf instead")
 
 # Split regexes of known HF pre-tokenizers -> llama.cpp pre-tokenizer names.
 _KNOWN_SPLIT_REGEXES = {
@@ -119,7 +144,8 @@ def tokenizer_vocab(tokenizer_file: Path, vocab_size: int, pre_override: str | N
 def gguf_tensors(w: Weights, arch: Arch) -> list[tuple[str, torch.Tensor]]:
     """(llama.cpp name, fp32 tensor) in file order; vocab rows cut to the real vocabulary."""
     V = arch.vocab_size
-    neox = gguf_arch(arch) == "dream"  # NEOX rope = our rotate-half order: no permutation
+    # NEOX rope (dream, llada-moe) = our rotate-half order: no permutation
+    neox = gguf_arch(arch) in ("dream", "llada-moe")
 
     def qk(t: torch.Tensor, heads: int) -> torch.Tensor:
         return t if neox else permute_rope_rows(t, heads)
@@ -135,14 +161,24 @@ def gguf_tensors(w: Weights, arch: Arch) -> list[tuple[str, torch.Tensor]]:
             out += [(b + "attn_q.bias", qk(L.q_bias, arch.num_heads)),
                     (b + "attn_k.bias", qk(L.k_bias, arch.num_groups)),
                     (b + "attn_v.bias", L.v_bias)]
+        if L.q_norm is not None:
+            out += [(b + "attn_q_norm.weight", L.q_norm), (b + "attn_k_norm.weight", L.k_norm)]
         out += [(b + "attn_output.weight", L.o),
-                (b + "ffn_norm.weight", L.mlp_norm),
-                (b + "ffn_gate.weight", L.gate),
+                (b + "ffn_norm.weight", L.mlp_norm)]
+        if L.router is not None:  # llada-moe: experts stacked [E, f_e, H] / [E, H, f_e]
+            out += [(b + "ffn_gate_inp.weight", L.router),
+                    (b + "ffn_gate_exps.weight", torch.stack([g for g, _, _ in L.experts])),
+                    (b + "ffn_up_exps.weight", torch.stack([u for _, u, _ in L.experts])),
+                    (b + "ffn_down_exps.weight", torch.stack([d for _, _, d in L.experts]))]
+            continue
+        out += [(b + "ffn_gate.weight", L.gate),
                 (b + "ffn_up.weight", L.up),
                 (b + "ffn_down.weight", L.down)]
     out.append(("output_norm.weight", w.final_norm))
     if w.lm_head is not None:
         out.append(("output.weight", w.lm_head[:V]))
+    elif arch.num_experts:  # llada-moe requires an output tensor: a tied head is written out
+        out.append(("output.weight", w.embed[:V]))
     return out
 
 
@@ -179,6 +215,8 @@ def export_gguf(ckpt: str | Path, output: str | Path, *, dtype: str = "f32", tok
     if arch.objective not in ("masked", "block"):
         raise ConvertError(f"llama.cpp's {gguf_arch(arch)} architecture is a masked-diffusion denoiser; this checkpoint is "
                            f"diffusion.objective={arch.objective!r} (export it with --to hf)")
+    if arch.num_experts:
+        check_llada_moe(arch)
     ids = special_ids(src.tokenizer_file)
     tokens, types, merges, pre = tokenizer_vocab(src.tokenizer_file, arch.vocab_size, tokenizer_pre)
 
@@ -191,7 +229,11 @@ def export_gguf(ckpt: str | Path, output: str | Path, *, dtype: str = "f32", tok
         writer.add_context_length(arch.seq_len)
         writer.add_embedding_length(arch.hidden_size)
         writer.add_block_count(arch.num_layers)
-        writer.add_feed_forward_length(arch.ffn_hidden_size)
+        writer.add_feed_forward_length(arch.moe_ffn_hidden_size * arch.moe_topk if arch.num_experts else arch.ffn_hidden_size)
+        if arch.num_experts:
+            writer.add_expert_count(arch.num_experts)
+            writer.add_expert_used_count(arch.moe_topk)
+            writer.add_expert_feed_forward_length(arch.moe_ffn_hidden_size)
         writer.add_head_count(arch.num_heads)
         writer.add_head_count_kv(arch.num_groups)
         writer.add_rope_freq_base(arch.rope_theta)

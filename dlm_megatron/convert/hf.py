@@ -8,7 +8,7 @@ standard ``LlamaForCausalLM`` layout for causal (``diffusion.objective=ar``) che
 or ``Qwen2ForCausalLM`` when the checkpoint has q/k/v biases (``model.add_qkv_bias``; a
 Llama config cannot express biases on q/k/v only).
 
-Import (``import_hf``): Llama- and Qwen2-style safetensors checkpoints (config.json +
+Import (``import_hf``): Llama-, Qwen2- and Qwen3-MoE-style safetensors checkpoints (config.json +
 model.safetensors[.index.json]) into a framework checkpoint (weights only, ``engine:
 null``) of any TP/PP layout. q/k/v biases (Qwen2; Llama with ``attention_bias``) set
 ``model.add_qkv_bias``; an output-projection bias must be zero (the framework has none).
@@ -118,8 +118,19 @@ def llada_state_dict(w: Weights, arch: Arch, dtype: torch.dtype) -> dict[str, to
     for i, L in enumerate(w.layers):
         b = f"{p}blocks.{i}."
         out.update({b + "attn_norm.weight": L.attn_norm, b + "q_proj.weight": L.q, b + "k_proj.weight": L.k,
-                    b + "v_proj.weight": L.v, b + "attn_out.weight": L.o, b + "ff_norm.weight": L.mlp_norm,
-                    b + "ff_proj.weight": L.gate, b + "up_proj.weight": L.up, b + "ff_out.weight": L.down})
+                    b + "v_proj.weight": L.v, b + "attn_out.weight": L.o, b + "ff_norm.weight": L.mlp_norm})
+        if L.q_norm is not None:
+            out.update({b + "q_norm.weight": L.q_norm, b + "k_norm.weight": L.k_norm})
+        if L.router is None:
+            out.update({b + "ff_proj.weight": L.gate, b + "up_proj.weight": L.up, b + "ff_out.weight": L.down})
+        else:  # MoE layer: router, experts.{e}.*, shared_expert.*
+            out[b + "moe.gate.weight"] = L.router
+            if L.expert_bias is not None:
+                out[b + "moe.gate.expert_bias"] = L.expert_bias
+            experts = list(enumerate(L.experts)) + ([("shared", L.shared)] if L.shared is not None else [])
+            for e, (g, u, dn) in experts:
+                m = f"{b}moe.{'shared_expert' if e == 'shared' else f'experts.{e}'}."
+                out.update({m + "ff_proj.weight": g, m + "up_proj.weight": u, m + "ff_out.weight": dn})
         if L.q_bias is not None:
             out.update({b + "q_proj.bias": L.q_bias, b + "k_proj.bias": L.k_bias, b + "v_proj.bias": L.v_bias})
     out[p + "ln_f.weight"] = w.final_norm
@@ -169,6 +180,14 @@ def llada_config(arch: Arch, ids: dict[str, int], dtype_name: str, meta: dict) -
     }
     if arch.block_size is not None:
         cfg["block_size"] = arch.block_size
+    if arch.qk_norm:
+        cfg["qk_norm"] = True
+    if arch.num_experts:
+        cfg.update({"moe_num_experts": arch.num_experts, "moe_top_k": arch.moe_topk,
+                    "moe_intermediate_size": arch.moe_ffn_hidden_size,
+                    "moe_shared_expert_intermediate_size": arch.moe_shared_ffn_hidden_size,
+                    "moe_layers": list(arch.moe_layers), "moe_pre_softmax": arch.moe_pre_softmax,
+                    "moe_score_function": arch.moe_score_function, "moe_expert_bias": arch.moe_expert_bias})
     return cfg
 
 
@@ -263,6 +282,9 @@ def export_hf_llama(ckpt: str | Path, output: str | Path, *, dtype: str = "auto"
     max_bytes = parse_size(max_shard_size)
     check_output_dir(output, overwrite=overwrite)
     src = open_checkpoint(ckpt, show_progress=show_progress)
+    if src.arch.num_experts or src.arch.qk_norm:
+        raise ConvertError("--to hf-llama writes a dense Llama/Qwen2 model without q/k norms; this checkpoint has "
+                           "model.num_moe_experts or model.qk_layernorm: use --to hf")
     if src.arch.objective != "ar" or src.arch.shift_logits:
         raise ConvertError(f"--to hf-llama writes a causal LM, but this checkpoint is diffusion.objective={src.arch.objective!r}"
                            f"{' with shift_logits' if src.arch.shift_logits else ''}; use --to hf (bidirectional denoiser)")
@@ -283,7 +305,7 @@ def export_hf_llama(ckpt: str | Path, output: str | Path, *, dtype: str = "auto"
 # Import: Llama / Qwen2 safetensors -> framework checkpoint
 
 
-SUPPORTED_IMPORT = ("llama", "qwen2", "mistral")
+SUPPORTED_IMPORT = ("llama", "qwen2", "mistral", "qwen3_moe")
 
 
 def read_hf_config(hf_dir: Path) -> dict:
@@ -358,11 +380,28 @@ def arch_from_hf(cfg: dict) -> tuple[Arch, dict]:
     if nh % nkv:
         raise ConvertError(f"num_attention_heads={nh} is not a multiple of num_key_value_heads={nkv}")
     theta = _rope_theta(cfg)
+    moe = _moe_from_hf(cfg, L) if mt == "qwen3_moe" else {}
     arch = Arch(num_layers=L, hidden_size=H, num_heads=nh, num_groups=nkv, head_dim=hd, ffn_hidden_size=ffn,
                 vocab_size=V, padded_vocab_size=V, rope_theta=theta, norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
                 tied=bool(cfg.get("tie_word_embeddings", False)), objective="ar", block_size=None, shift_logits=False,
-                seq_len=int(cfg.get("max_position_embeddings", 2048)), init_std=float(cfg.get("initializer_range", 0.02)))
+                seq_len=int(cfg.get("max_position_embeddings", 2048)), init_std=float(cfg.get("initializer_range", 0.02)),
+                **moe)
     return arch, {"model_type": mt}
+
+
+def _moe_from_hf(cfg: dict, num_layers: int) -> dict:
+    """Arch fields of a Qwen3-MoE config: per-head q/k RMSNorm, softmax routing over all experts
+    with the top-k renormalised iff norm_topk_prob (megatron-core: moe_router_pre_softmax =
+    not norm_topk_prob), MoE in every layer, no shared expert."""
+    if cfg.get("mlp_only_layers") or int(cfg.get("decoder_sparse_step", 1)) != 1:
+        raise ConvertError("Qwen3-MoE with dense layers (mlp_only_layers / decoder_sparse_step != 1) is not supported: "
+                           "the framework's dense layers come first (model.moe_first_k_dense) or every n-th")
+    if cfg.get("attention_bias"):
+        raise ConvertError("attention_bias=true is not supported for Qwen3-MoE import")
+    E = int(cfg.get("num_experts") or cfg["num_local_experts"])  # transformers 5 writes num_local_experts
+    return {"qk_norm": True, "num_experts": E, "moe_topk": int(cfg["num_experts_per_tok"]),
+            "moe_ffn_hidden_size": int(cfg["moe_intermediate_size"]), "moe_layers": (1,) * num_layers,
+            "moe_pre_softmax": not bool(cfg.get("norm_topk_prob", False)), "moe_score_function": "softmax"}
 
 
 def _hf_dtype_name(cfg: dict, first: torch.Tensor) -> str:
@@ -418,13 +457,22 @@ def load_hf_weights(hf_dir: Path, arch: Arch, model_type: str, *, show_progress:
             if bool(o_bias.float().abs().max() > 0):
                 raise ConvertError(f"{model_type} checkpoint has a nonzero output-projection bias '{b}self_attn.o_proj.bias'; "
                                    f"the framework has biases only on q/k/v (model.add_qkv_bias), so it cannot be imported exactly")
-        layers.append(Layer(
+        attn = dict(
             attn_norm=take(b + "input_layernorm.weight", (H,)).float(),
             q=take(b + "self_attn.q_proj.weight", (arch.num_heads * hd, H)).float(),
             k=take(b + "self_attn.k_proj.weight", (arch.num_groups * hd, H)).float(),
             v=take(b + "self_attn.v_proj.weight", (arch.num_groups * hd, H)).float(),
             o=take(b + "self_attn.o_proj.weight", (H, arch.num_heads * hd)).float(),
             mlp_norm=take(b + "post_attention_layernorm.weight", (H,)).float(),
+        )
+        if arch.num_experts:
+            layers.append(Layer(**attn, gate=None, up=None, down=None,
+                                q_norm=take(b + "self_attn.q_norm.weight", (hd,)).float(),
+                                k_norm=take(b + "self_attn.k_norm.weight", (hd,)).float(),
+                                **_hf_experts(take, b, arch)))
+            continue
+        layers.append(Layer(
+            **attn,
             gate=take(b + "mlp.gate_proj.weight", (arch.ffn_hidden_size, H)).float(),
             up=take(b + "mlp.up_proj.weight", (arch.ffn_hidden_size, H)).float(),
             down=take(b + "mlp.down_proj.weight", (H, arch.ffn_hidden_size)).float(),
@@ -441,6 +489,15 @@ def load_hf_weights(hf_dir: Path, arch: Arch, model_type: str, *, show_progress:
         raise ConvertError(f"{hf_dir} has tensors the importer does not understand: {', '.join(leftover[:4])}"
                            f"{', ...' if len(leftover) > 4 else ''}")
     return Weights(embed=embed.float(), final_norm=final_norm, lm_head=head, layers=layers), dtype_name
+
+
+def _hf_experts(take, b: str, arch: Arch) -> dict:
+    """A Qwen3-MoE layer's router (``mlp.gate``) and experts (``mlp.experts.{e}.*_proj``)."""
+    H, f = arch.hidden_size, arch.moe_ffn_hidden_size
+    experts = [(take(f"{b}mlp.experts.{e}.gate_proj.weight", (f, H)).float(),
+                take(f"{b}mlp.experts.{e}.up_proj.weight", (f, H)).float(),
+                take(f"{b}mlp.experts.{e}.down_proj.weight", (H, f)).float()) for e in range(arch.num_experts)]
+    return {"router": take(b + "mlp.gate.weight", (arch.num_experts, H)).float(), "experts": experts}
 
 
 def _tokenizer_for_import(hf_dir: Path, tokenizer: str | None, out: Path) -> tuple[Path, list[str]]:
@@ -509,6 +566,10 @@ def import_hf(hf_dir: str | Path, output: str | Path, *, tp: int = 1, pp: int = 
     m.rotary_base, m.norm_epsilon, m.tie_embeddings = int(arch.rope_theta), arch.norm_eps, arch.tied
     m.init_method_std = arch.init_std
     m.add_qkv_bias = arch.qkv_bias
+    if arch.num_experts:
+        m.qk_layernorm, m.num_moe_experts, m.moe_router_topk = True, arch.num_experts, arch.moe_topk
+        m.moe_ffn_hidden_size, m.moe_router_pre_softmax = arch.moe_ffn_hidden_size, arch.moe_pre_softmax
+        m.moe_aux_loss_coeff = float(hf_cfg.get("router_aux_loss_coef", 0.0))
     cfg.diffusion.objective = objective
     cfg.data.tokenizer = str(tok_file.resolve())
     cfg.data.seq_len = int(seq_len or min(arch.seq_len, 4096))

@@ -81,7 +81,7 @@ def write_layout(full, meta: dict, out: Path, *, step: int, show_progress: bool 
     from ..model import sharding
 
     cfg = from_dict(meta["config"])
-    tp, pp = meta["layout"]["tp"], meta["layout"]["pp"]
+    tp, pp, ep = meta["layout"]["tp"], meta["layout"]["pp"], meta["layout"].get("ep", 1)
     if isinstance(full, ck.ShardReader):
         names, part = full.names(), full.read
     else:
@@ -105,37 +105,58 @@ def write_layout(full, meta: dict, out: Path, *, step: int, show_progress: bool 
         for p in range(pp):
             for t in range(tp):
                 tensors = {n: part(n, t, tp).float().contiguous().clone() for n in stages[p]}
-                save_file(tensors, str(tmp / "model" / ck.shard_filename(t, p)))
+                for e, names_e in enumerate(expert_split(list(tensors), cfg.model.num_moe_experts, ep)):
+                    save_file({n: tensors[n] for n in names_e}, str(tmp / "model" / ck.shard_filename(t, p, e)))
                 bar.update()
     final = ck.commit_save(out, tmp, step, meta, keep_last=1)
     (out / "config.yaml").write_text(dump_yaml(cfg))
     return final
 
 
-def check_layout(meta: dict, tp: int, pp: int) -> dict:
-    """The meta config with parallel.tp/pp replaced, validated (one-line errors)."""
+def expert_split(names: list[str], num_experts: int | None, ep: int) -> list[list[str]]:
+    """The names each expert-parallel rank's file holds: rank 0 the non-expert weights and its
+    experts, rank e > 0 its experts only (checkpoint.shard_filename(t, p, e))."""
+    from ..model.sharding import is_expert
+
+    if ep == 1:
+        return [names]
+    import re
+
+    per_rank = num_experts // ep
+    out: list[list[str]] = [[] for _ in range(ep)]
+    for n in names:
+        m = re.search(r"\.local_experts\.(\d+)\.", n) if is_expert(n) else None
+        out[int(m.group(1)) // per_rank if m else 0].append(n)
+    return out
+
+
+def check_layout(meta: dict, tp: int, pp: int, ep: int = 1) -> dict:
+    """The meta config with parallel.tp/pp/ep replaced, validated (one-line errors)."""
     from ..config import ConfigError, from_dict, padded_vocab_size
 
-    if tp < 1 or pp < 1:
-        raise ConvertError(f"--tp and --pp must be >= 1, got tp={tp} pp={pp}")
+    if tp < 1 or pp < 1 or ep < 1:
+        raise ConvertError(f"--tp, --pp and --ep must be >= 1, got tp={tp} pp={pp} ep={ep}")
     cfgd = copy.deepcopy(meta["config"])
-    cfgd["parallel"]["tp"], cfgd["parallel"]["pp"] = tp, pp
+    cfgd["parallel"]["tp"], cfgd["parallel"]["pp"], cfgd["parallel"]["ep"] = tp, pp, ep
+    if ep > 1 and cfgd["parallel"].get("engine") == "deepspeed":
+        cfgd["parallel"]["engine"] = "megatron"  # expert parallelism runs on the megatron engine
     try:
         cfg = from_dict(cfgd)
         padded_vocab_size(int(meta["vocab_size"]), cfg.model, tp)
     except ConfigError as e:
-        raise ConvertError(f"layout tp={tp} pp={pp} does not fit this model: {e}") from None
+        raise ConvertError(f"layout tp={tp} pp={pp} ep={ep} does not fit this model: {e}") from None
     return cfgd
 
 
-def reshard(ckpt: str | Path, output: str | Path, *, tp: int, pp: int, overwrite: bool = False,
+def reshard(ckpt: str | Path, output: str | Path, *, tp: int, pp: int, ep: int = 1, overwrite: bool = False,
             show_progress: bool = True) -> Path:
-    """Checkpoint of any layout -> run directory with a weights-only checkpoint in TP x PP."""
+    """Checkpoint of any layout -> run directory with a weights-only checkpoint in TP x PP (x EP:
+    the experts of MoE layers split over expert-parallel ranks)."""
     from .. import checkpoint as ck
 
     src = ck.resolve(ckpt)
     meta = ck.read_meta(src)
-    cfgd = check_layout(meta, tp, pp)
+    cfgd = check_layout(meta, tp, pp, ep)
     out_path = Path(output).resolve()
     if out_path == src.resolve() or src.resolve().is_relative_to(out_path):
         raise ConvertError(f"--output {output} would overwrite the source checkpoint; choose another folder")
@@ -145,7 +166,7 @@ def reshard(ckpt: str | Path, output: str | Path, *, tp: int, pp: int, overwrite
     out = prepare_output_dir(output, overwrite=overwrite)
     new_meta = {k: v for k, v in meta.items() if k not in ("format_version", "step")}
     new_meta["config"] = cfgd
-    new_meta["layout"] = dict(meta["layout"], tp=tp, pp=pp)
+    new_meta["layout"] = dict(meta["layout"], tp=tp, pp=pp, ep=ep)
     new_meta["engine"] = None
     new_meta["resharded_from"] = {"path": str(src.resolve()), "layout": meta["layout"], "engine": meta.get("engine")}
     return write_layout(reader, new_meta, out, step=int(meta["step"]), show_progress=show_progress, placement=placement)

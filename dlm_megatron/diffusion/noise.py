@@ -14,6 +14,7 @@ import torch
 TAG_SAMPLE = 1      # per-sample noise (t and token uniforms)
 TAG_STEP = 2        # per-step decisions (random length, antithetic offset)
 TAG_EVAL = 3        # validation noise (fixed across runs for comparability)
+TAG_PROMPT_DROP = 4  # SFT prompt dropout: one uniform per training sample (diffusion.prompt_dropout)
 
 
 def generator(seed: int, tag: int, index: int) -> torch.Generator:

@@ -15,7 +15,7 @@ import torch
 
 from . import block as bd
 from . import masked as md
-from .noise import TAG_EVAL, TAG_SAMPLE, TAG_STEP, generator
+from .noise import TAG_EVAL, TAG_PROMPT_DROP, TAG_SAMPLE, TAG_STEP, generator
 
 
 @dataclass
@@ -269,9 +269,20 @@ class SFTMaskedDiffusion(MaskedDiffusion):
     Samples come from data/sft.py: int64 [L + 1] = tokens then the prompt length P. Noise
     keyed like MaskedDiffusion (t, then L token uniforms per global sample position), so an
     example's mask does not depend on the layout. Used when data.sft_path is set.
+
+    ``diffusion.prompt_dropout`` p: with probability p a training example (never a validation
+    one) also has its whole prompt masked, which trains the unconditional model that
+    classifier-free guidance needs (LLaDA's unsupervised CFG masks the prompt at sampling time).
+    The draw is one uniform per global sample position from its own stream, so the response's
+    noise, the loss weights and the layout independence are unchanged.
     """
 
     name = "sft_masked"
+
+    def prompt_drop_uniforms(self, positions_B: torch.Tensor) -> torch.Tensor:
+        """One U[0, 1) per sample, keyed by (seed, global sample position).  -> [B] float64"""
+        return torch.stack([torch.rand((), generator=generator(self.seed, TAG_PROMPT_DROP, int(p)), dtype=torch.float64)
+                            for p in positions_B])
 
     def make_batch(self, x_BW, positions_B, *, step, global_batch_size, eval=False):
         stream = TAG_EVAL if eval else TAG_SAMPLE
@@ -282,6 +293,11 @@ class SFTMaskedDiffusion(MaskedDiffusion):
         response_BL = torch.arange(L)[None, :] >= P_B[:, None]
         u_BL = torch.where(response_BL, u_BL, torch.full_like(u_BL, 2.0))  # u >= 1: prompt never masked
         xt_BL, is_masked_BL = md.mask_tokens(x0_BL, t_B, u_BL, self.mask_id)
+        p_drop = float(getattr(self.dcfg, "prompt_dropout", 0.0))
+        if p_drop > 0.0 and not eval:
+            drop_B = self.prompt_drop_uniforms(positions_B) < p_drop
+            # The prompt carries no loss weight, so only the model's input changes.
+            xt_BL = xt_BL.masked_fill(drop_B[:, None] & ~response_BL, self.mask_id)
         resp_len_B = response_BL.sum(1).clamp_min(1).to(torch.float32)
         # weighted_token_loss divides by B*L: scale by L / |response| to get LLaDA's per-sample normalisation.
         w_BL = md.masked_loss_weights(is_masked_BL, t_B) * (L / resp_len_B)[:, None]

@@ -129,6 +129,12 @@ class DeepSpeedEngine:
         pz.check(poison)
         stage = self.cfg.parallel.zero_stage
         losses, bad_dev = [], None
+        if self.cfg.model.num_moe_experts:
+            from ..model.moe import set_aux_loss_scale
+
+            # DeepSpeed divides each micro-batch's loss by gas; the routers' aux loss joins the
+            # gradient on its own (megatron-core's autoscaler) and needs the same 1/gas.
+            set_aux_loss_scale(1.0 / len(micro_batches), next(self.module.parameters()).device)
         for i, b in enumerate(micro_batches):
             out = loss_fn.forward(self.engine, b)
             loss, _ = loss_fn.reduce(b, out)

@@ -166,6 +166,8 @@ class MegatronEngine:
         from megatron.core import parallel_state as ps
 
         tag = f"tp{ps.get_tensor_model_parallel_rank()}_pp{ps.get_pipeline_model_parallel_rank()}"
+        ep_rank = ps.get_expert_model_parallel_rank()
+        tag += f"_ep{ep_rank}" if ep_rank else ""  # MoE: each expert-parallel rank has its own experts' states
         return f"optim_{tag}.pt", f"common_{tag}.pt"
 
     state_format = None  # megatron-core's own (DP-gathered) optimizer state under engine/
@@ -184,13 +186,21 @@ class MegatronEngine:
         optim_name, common_name = self._names()
         files = []
         if self.cfg.parallel.zero_stage == 1:
-            # what save_parameter_state writes (one state, or a list for a ChainedOptimizer of
-            # several), gathered into CPU buffers of its own on DP rank 0
+            # what save_parameter_state writes, gathered into CPU buffers of megatron's own:
+            # one state, or for a ChainedOptimizer (MoE: dense + expert parameters) a list
+            # with None where this rank is not rank 0 of that optimizer's DP group
             opts = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
-            states = [o.get_parameter_state_dp_zero() for o in opts if hasattr(o, "get_parameter_state_dp_zero")]
-            if ps.get_data_parallel_rank() == 0:
+            states, mine = [], False
+            for o in opts:
+                if hasattr(o, "get_parameter_state_dp_zero"):
+                    st = o.get_parameter_state_dp_zero()  # a collective over o's DP group
+                    first = o.data_parallel_group.rank() == 0
+                    states.append(st if first else None)
+                    mine = mine or first
+            if mine:
                 files.append(StagedFile(f"engine/{optim_name}", obj=states[0] if len(opts) == 1 else states))
-        if ps.get_data_parallel_rank() == 0:
+        # expert-data-parallel rank 0 of every expert-parallel rank (without MoE: DP rank 0)
+        if ps.get_data_parallel_rank() == 0 or (ps.get_expert_model_parallel_rank() > 0 and ps.get_expert_data_parallel_rank() == 0):
             files.append(StagedFile(f"engine/{common_name}", obj=host_tree(
                 {"optimizer": self.optimizer.state_dict(), "client": {}, "adam_step": self._adam_step()})))
         return files

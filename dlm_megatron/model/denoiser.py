@@ -62,8 +62,49 @@ def transformer_config(cfg: Config, *, params_dtype: torch.dtype = torch.float32
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         cross_entropy_loss_fusion=False,
+        qk_layernorm=m.qk_layernorm,
         **recompute,
+        **moe_settings(cfg, on_gpu),
     )
+
+
+def moe_settings(cfg: Config, on_gpu: bool) -> dict:
+    """megatron-core's MoE fields of the TransformerConfig (none for a dense model).
+
+    Token dispatcher: all-to-all on GPU; allgather on CPU, because megatron-core 0.16.1's
+    all-to-all dispatcher creates a torch.cuda.Stream unconditionally (gloo runs the
+    allgather dispatcher's all-gather / reduce-scatter over the TP x EP group). Experts: grouped
+    GEMM with Transformer Engine on GPU, SequentialMLP otherwise (checkpoint names are the same,
+    see sharding.py). The aux loss is megatron's per-micro-batch Switch loss ('aux_loss')."""
+    m = cfg.model
+    if m.num_moe_experts is None:
+        return {}
+    from ..config import moe_ffn_size, moe_layer_pattern
+
+    return dict(
+        num_moe_experts=m.num_moe_experts,
+        moe_router_topk=m.moe_router_topk,
+        moe_ffn_hidden_size=moe_ffn_size(m),
+        # megatron-core: None (not 0) means no shared expert
+        moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size or None,
+        moe_layer_freq=moe_layer_pattern(m),
+        moe_aux_loss_coeff=m.moe_aux_loss_coeff,
+        moe_router_load_balancing_type="aux_loss" if m.moe_aux_loss_coeff > 0 else "none",
+        moe_router_score_function=m.moe_router_score_function,
+        moe_router_pre_softmax=m.moe_router_pre_softmax,
+        moe_router_enable_expert_bias=m.moe_router_enable_expert_bias,
+        moe_router_bias_update_rate=m.moe_router_bias_update_rate,
+        moe_router_dtype="fp32",
+        moe_token_dispatcher_type="alltoall" if on_gpu else "allgather",
+        moe_grouped_gemm=moe_grouped_gemm(cfg, on_gpu),
+        moe_permute_fusion=False,
+        expert_model_parallel_size=cfg.parallel.ep,
+    )
+
+
+def moe_grouped_gemm(cfg: Config, on_gpu: bool) -> bool:
+    """Grouped GEMM experts (Transformer Engine's TEGroupedMLP) on GPU with TE; SequentialMLP otherwise."""
+    return on_gpu and effective_transformer_impl(cfg, warn=False) == "transformer_engine"
 
 
 def attn_mask_type_for(objective) -> AttnMaskType:
@@ -107,25 +148,49 @@ def effective_transformer_impl(cfg: Config, *, warn: bool = True) -> str:
     return cfg.model.transformer_impl
 
 
-def layer_spec(cfg: Config, mask_type: AttnMaskType) -> ModuleSpec:
+def layer_spec(cfg: Config, mask_type: AttnMaskType, *, moe: bool = False) -> ModuleSpec:
+    """One transformer layer's spec: megatron-core's (local or TE), with our mask type and
+    attention kernel; ``moe``: its MLP is megatron-core's MoE layer."""
     from .attention import core_attention_builder
 
     block = cfg.diffusion.objective == "block"
+    m = cfg.model
+    experts = dict(num_experts=m.num_moe_experts, moe_grouped_gemm=moe_grouped_gemm(cfg, torch.cuda.is_available())) if moe else {}
     if effective_transformer_impl(cfg) == "transformer_engine":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        spec = get_gpt_layer_with_transformer_engine_spec()
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=m.qk_layernorm, **experts)
         # TE's fused attention covers no-mask / causal / padding; block diffusion's 2L mask
         # would fall back to TE's unfused path, so it gets our flex/sdpa kernel instead.
         replace = block
     else:
-        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=m.qk_layernorm, **experts)
         replace = True
     spec.submodules.self_attention.params = dict(spec.submodules.self_attention.params, attn_mask_type=mask_type)
     if replace:
         spec.submodules.self_attention.submodules.core_attention = core_attention_builder(
             cfg.model.attention_backend, cfg.diffusion.block_size if block else None, block=block)
     return spec
+
+
+def decoder_spec(cfg: Config, mask_type: AttnMaskType, pp_rank: int):
+    """The decoder's spec: one layer spec (dense model), or this pipeline stage's per-layer specs
+    with MoE and dense layers as model.moe_layer_freq / moe_first_k_dense say."""
+    if cfg.model.num_moe_experts is None:
+        return layer_spec(cfg, mask_type)
+    from megatron.core.transformer.transformer_block import LayerNormImpl, TransformerBlockSubmodules
+
+    from ..config import moe_layer_pattern
+
+    dense, moe = layer_spec(cfg, mask_type), layer_spec(cfg, mask_type, moe=True)
+    per_stage = cfg.model.num_layers // cfg.parallel.pp
+    pattern = moe_layer_pattern(cfg.model)[pp_rank * per_stage: (pp_rank + 1) * per_stage]
+    norm = LayerNormImpl
+    if effective_transformer_impl(cfg, warn=False) == "transformer_engine":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        norm = TENorm
+    return TransformerBlockSubmodules(layer_specs=[moe if is_moe else dense for is_moe in pattern], layer_norm=norm)
 
 
 class Denoiser(GPTModel):
@@ -252,12 +317,14 @@ def mark_tensor_parallel(model: torch.nn.Module) -> None:
         set_tensor_model_parallel_attributes(p, True, dim, 1)
 
 
-def build_model(cfg: Config, vocab_size: int, *, pre_process: bool, post_process: bool, params_dtype=torch.float32) -> Denoiser:
-    """Build this rank's part of the denoiser (its TP shard of its PP stage's layers)."""
+def build_model(cfg: Config, vocab_size: int, *, pre_process: bool, post_process: bool, params_dtype=torch.float32,
+                pp_rank: int = 0) -> Denoiser:
+    """Build this rank's part of the denoiser (its TP shard of its PP stage's layers, and its
+    expert-parallel share of the experts)."""
     tcfg = transformer_config(cfg, params_dtype=params_dtype)
     model = Denoiser(
         config=tcfg,
-        transformer_layer_spec=layer_spec(cfg, attn_mask_type_for(cfg)),
+        transformer_layer_spec=decoder_spec(cfg, attn_mask_type_for(cfg), pp_rank),
         vocab_size=padded_vocab_size(vocab_size, cfg.model, cfg.parallel.tp),
         max_sequence_length=cfg.data.seq_len * (2 if cfg.diffusion.objective == "block" else 1),
         pre_process=pre_process,
@@ -277,25 +344,35 @@ def layer_offset(cfg: Config, pp_rank: int) -> int:
     return pp_rank * (cfg.model.num_layers // cfg.parallel.pp)
 
 
-def canonical_params(model: torch.nn.Module, cfg: Config, pp_rank: int, *, for_save: bool = False):
-    """Yield (canonical_name, local_param) for this rank's parameters. ``for_save`` leaves out
-    the last stage's copy of tied embeddings (the first stage saves the same tensor)."""
-    off = layer_offset(cfg, pp_rank)
+def expert_offset(cfg: Config, ep_rank: int) -> int:
+    """Global index of this expert-parallel rank's first expert."""
+    return ep_rank * (cfg.model.num_moe_experts or 0) // cfg.parallel.ep
+
+
+def canonical_params(model: torch.nn.Module, cfg: Config, pp_rank: int, *, for_save: bool = False, ep_rank: int = 0):
+    """Yield (canonical_name, local_param) for this rank's parameters, and the aux-free router
+    bias buffers (``mlp.router.expert_bias``: state that is not a parameter but must be saved,
+    resharded and exported). ``for_save`` leaves out the last stage's copy of tied embeddings
+    (the first stage saves the same tensor)."""
+    off, eoff = layer_offset(cfg, pp_rank), expert_offset(cfg, ep_rank)
     tied = cfg.model.tie_embeddings
     for name, p in model.named_parameters():
         if for_save and tied and name == sharding.TIED_OUTPUT:
             continue
-        yield sharding.canonical_name(name, off, tied), p
+        yield sharding.canonical_name(name, off, tied, eoff), p
+    for name, b in model.named_buffers():
+        if name.endswith(".router.expert_bias"):
+            yield sharding.canonical_name(name, off, tied, eoff), b
 
 
 @torch.no_grad()
-def init_weights(model: torch.nn.Module, cfg: Config, *, tp_rank: int, pp_rank: int) -> None:
+def init_weights(model: torch.nn.Module, cfg: Config, *, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> None:
     """Layout-independent init: every parameter is drawn at full size from (seed, canonical
     name) and this rank keeps its slice, so TP/PP layouts start from identical weights.
     Draws happen on the parameters' device (move the model to the GPU first: an 8B model's
     draws then take seconds instead of minutes of single-threaded CPU work)."""
     tp = cfg.parallel.tp
-    for name, p in canonical_params(model, cfg, pp_rank):
+    for name, p in canonical_params(model, cfg, pp_rank, ep_rank=ep_rank):
         full = sharding.init_full(name, sharding.full_shape(p.shape, name, tp), seed=cfg.train.seed,
                                   std=cfg.model.init_method_std, num_layers=cfg.model.num_layers, device=p.device)
         p.copy_(sharding.shard(full, name, tp_rank, tp).to(p.dtype))

@@ -58,11 +58,37 @@ TIED_OUTPUT = "output_layer.weight"
 EMBEDDING = "embedding.word_embeddings.weight"
 
 
-def canonical_name(local_name: str, layer_offset: int, tie_embeddings: bool = False) -> str:
-    """A rank's parameter name -> its layout-free name: global layer index, TE's fused norm
-    names as the local spec's, and (tied embeddings) the last pipeline stage's copy of the
-    embedding as the embedding itself, so both stages start from the same draw."""
-    name = to_global_name(local_name, layer_offset)
+# Routed experts: SequentialMLP names them ``mlp.experts.local_experts.{i}.linear_fc1.weight``,
+# Transformer Engine's grouped GEMM ``mlp.experts.linear_fc1.weight{i}``, both with i local to
+# the expert-parallel rank. Canonical: SequentialMLP's form with the global expert index.
+_SEQUENTIAL_EXPERT_RE = re.compile(r"^(.*\.mlp\.experts\.)local_experts\.(\d+)\.(linear_fc[12])\.(weight|bias)$")
+_GROUPED_EXPERT_RE = re.compile(r"^(.*\.mlp\.experts\.)(linear_fc[12])\.(weight|bias)(\d+)$")
+
+
+def global_expert_name(name: str, expert_offset: int) -> str:
+    """An expert parameter's name with its global expert index (local index + ``expert_offset``
+    = ep_rank * experts per rank), in SequentialMLP's form; other names unchanged."""
+    m = _SEQUENTIAL_EXPERT_RE.match(name)
+    if m:
+        return f"{m.group(1)}local_experts.{int(m.group(2)) + expert_offset}.{m.group(3)}.{m.group(4)}"
+    m = _GROUPED_EXPERT_RE.match(name)
+    if m:
+        return f"{m.group(1)}local_experts.{int(m.group(4)) + expert_offset}.{m.group(2)}.{m.group(3)}"
+    return name
+
+
+def is_expert(name: str) -> bool:
+    """A routed expert's parameter (split over expert-parallel ranks); shared experts and the
+    router are replicated like dense weights."""
+    return ".mlp.experts." in name
+
+
+def canonical_name(local_name: str, layer_offset: int, tie_embeddings: bool = False, expert_offset: int = 0) -> str:
+    """A rank's parameter name -> its layout-free name: global layer index, global expert index
+    (in one form whatever the expert implementation), TE's fused norm names as the local
+    spec's, and (tied embeddings) the last pipeline stage's copy of the embedding as the
+    embedding itself, so both stages start from the same draw."""
+    name = global_expert_name(to_global_name(local_name, layer_offset), expert_offset)
     for te, local in _TE_TO_LOCAL:
         if name.endswith(te):
             return name[: -len(te)] + local
@@ -128,7 +154,7 @@ def init_full(name: str, shape: tuple[int, ...], *, seed: int, std: float, num_l
     ``device`` seeded by (seed, name): a pure function of the name for a given device type
     (CPU and CUDA generators differ, so all ranks of a run draw on the same device type).
     """
-    if name.endswith((".bias", "layer_norm_bias")):
+    if name.endswith((".bias", "layer_norm_bias", ".expert_bias")):
         return torch.zeros(shape, device=device)
     if is_norm_scale(name):
         return torch.ones(shape, device=device)

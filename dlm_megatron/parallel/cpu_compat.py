@@ -21,6 +21,7 @@ def cuda_available() -> bool:
 def apply() -> None:
     """Install the CPU shims (idempotent; a no-op when CUDA is available)."""
     global _APPLIED
+    _moe_without_transformer_engine()  # CPU or GPU: wherever TE is missing
     if _APPLIED or cuda_available():
         return
     _APPLIED = True
@@ -68,8 +69,34 @@ def apply() -> None:
     fused_softmax.get_default_causal_mask = _causal_mask
 
     _patch_literal_cuda_tensors()
+    _expert_bias_count_uncompiled()
     _autocast_aware_linear_on_cpu()
     _tied_embedding_sync_on_cpu()
+
+
+def _moe_without_transformer_engine() -> None:
+    """megatron-core 0.16.1's router gating (moe_utils.RouterGatingLinearFunction) tests
+    ``te_general_gemm is not None``, but the name is only bound when Transformer Engine imports:
+    without TE every MoE forward raises NameError. Bind it to None so the torch.mm path runs
+    (the same matmuls; TE's GEMM is only faster)."""
+    try:
+        from megatron.core.transformer.moe import moe_utils
+    except Exception:  # pragma: no cover
+        return
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def _expert_bias_count_uncompiled() -> None:
+    """megatron-core decorates the router's token count for the aux-free expert bias
+    (TopKRouter._apply_expert_bias, one in-place add) with torch.compile: on CPU that is a C++
+    build in every process (tens of seconds on 2 cores) for a fusion of one op. Run the
+    undecorated function, which does the same add."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    orig = getattr(TopKRouter._apply_expert_bias, "_torchdynamo_orig_callable", None)
+    if orig is not None:
+        TopKRouter._apply_expert_bias = orig
 
 
 def _tied_embedding_sync_on_cpu() -> None:
@@ -134,6 +161,10 @@ def _patch_literal_cuda_tensors() -> None:
         "megatron.core.optimizer.clip_grads",
         "megatron.core.distributed.param_and_grad_buffer",
         "megatron.core.utils",
+        # MoE: the aux-loss tracker's initialisation (track_moe_metrics) allocates on "cuda".
+        # (The all-to-all token dispatcher creates a torch.cuda.Stream; on CPU the model uses
+        # the allgather dispatcher instead, see model/denoiser.moe_settings.)
+        "megatron.core.transformer.moe.moe_utils",
     ):
         try:
             mod = importlib.import_module(modname)

@@ -30,6 +30,10 @@ class Layout:
     pp_rank: int
     dp_rank: int
     device: torch.device
+    ep: int = 1
+    ep_rank: int = 0
+    expert_dp_rank: int = 0
+    """Rank in the expert-data-parallel group (ranks holding the same experts)."""
 
     @property
     def is_first_stage(self) -> bool:
@@ -87,6 +91,10 @@ def init_distributed(cfg, timeout_minutes: int = 30) -> Layout:
             f"launch a multiple of {tp * pp} processes (NPROC=...) or change the layout"
         )
     dp = world // (tp * pp)
+    ep = cfg.parallel.ep
+    if dp % ep:
+        raise ConfigError(f"parallel.ep={ep} must divide the data-parallel size {dp} (world {world} / (tp*pp)); "
+                          f"launch a multiple of {tp * pp * ep} processes or change parallel.ep")
     gbs, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
     if gbs % (mbs * dp):
         raise ConfigError(
@@ -122,12 +130,16 @@ def init_distributed(cfg, timeout_minutes: int = 30) -> Layout:
 
     if ps.model_parallel_is_initialized() and (
         ps.get_tensor_model_parallel_world_size() != tp or ps.get_pipeline_model_parallel_world_size() != pp
+        or ps.get_expert_model_parallel_world_size() != ep
     ):
         # Another layout in the same process (tests run several layouts per torchrun launch):
         # subgroups can be rebuilt, the default group stays.
         ps.destroy_model_parallel()
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        # Expert-parallel groups (MoE) are carved out of the data-parallel ranks here, with the
+        # others: megatron-core's MoE layers and DDP read them from parallel_state.
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                     expert_model_parallel_size=ep)
     if use_cuda:
         from megatron.core import tensor_parallel
 
@@ -143,6 +155,9 @@ def init_distributed(cfg, timeout_minutes: int = 30) -> Layout:
         pp_rank=ps.get_pipeline_model_parallel_rank(),
         dp_rank=ps.get_data_parallel_rank(),
         device=device,
+        ep=ep,
+        ep_rank=ps.get_expert_model_parallel_rank(),
+        expert_dp_rank=ps.get_expert_data_parallel_rank(),
     )
 
 

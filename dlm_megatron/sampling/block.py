@@ -27,24 +27,14 @@ C cached (clean) tokens, V vocabulary.
 """
 from __future__ import annotations
 
-import contextlib
-import math
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..diffusion.block import block_causal_mask
-from .masked import (
-    SamplerConfig,
-    confidence,
-    num_transfer_tokens,
-    remask_committed,
-    sample_tokens,
-    select_top,
-    temperature_at,
-)
+from .hooks import _attention_modules, attached
+from .masked import SamplerConfig, block_steps, denoise_step, fill_after_eos, guided_logits, remask_committed, renoise_rate
 
 __all__ = ["CachedDenoiser", "KVCache", "RecomputeDenoiser", "generate_blocks", "prefix_block_mask"]
 
@@ -76,28 +66,6 @@ class KVCache:
         if self.append:
             self._kv[module] = (key, value)
         return key, value
-
-
-def _attention_modules(model: torch.nn.Module) -> list:
-    from ..model.attention import CoreAttention
-
-    mods = [m for m in model.modules() if isinstance(m, CoreAttention)]
-    if not mods:
-        raise ValueError("the model has no CoreAttention layers: build it with diffusion.objective=block")
-    return mods
-
-
-@contextlib.contextmanager
-def attached(model: torch.nn.Module, cache: KVCache):
-    """Route the model's attention through ``cache`` for the duration of the block."""
-    mods = _attention_modules(model)
-    for m in mods:
-        m.kv_cache = cache
-    try:
-        yield
-    finally:
-        for m in mods:
-            m.kv_cache = None
 
 
 def _logits(model, tokens_BN: Tensor, start: int, mask, vocab_size: int) -> Tensor:
@@ -151,25 +119,6 @@ class RecomputeDenoiser:
         return logits[:, start:]
 
 
-def denoise_step(logits_BKV: Tensor, masked_BK: Tensor, i: int, k: int, cfg: SamplerConfig, suppress: Sequence[int],
-                 generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Step i of k on one block: (candidate tokens [B, K], which to commit [B, K] bool).
-
-    The same rule as the masked sampler: candidates drawn at temperature T(t = 1 - i/k),
-    ranked by the remasking rule on the untempered probabilities, and as many committed as
-    the linear acceptance profile over the remaining steps asks (at least every position
-    above the confidence threshold, and at least one)."""
-    logits = logits_BKV.double().index_fill(-1, torch.tensor(list(suppress), device=logits_BKV.device), -math.inf)
-    x0 = sample_tokens(logits, temperature_at(1.0 - i / k, cfg), generator)
-    score = confidence(F.softmax(logits, dim=-1), x0, cfg.remasking, generator)
-    masked = masked_BK.to(logits.device)
-    n = num_transfer_tokens(masked.sum(dim=1), k - i)[:, 0]
-    if cfg.confidence_threshold is not None:
-        n_confident = ((score >= cfg.confidence_threshold) & masked).sum(dim=1)
-        n = torch.maximum(torch.maximum(n, n_confident), masked.any(dim=1).long())
-    return x0, select_top(score, masked, n)
-
-
 @torch.no_grad()
 def generate_blocks(
     model: torch.nn.Module,
@@ -186,15 +135,25 @@ def generate_blocks(
     """Generate ``cfg.gen_length`` tokens after ``prompt_ids`` [B, P] with a block-diffusion model.
 
     ``cfg.block_length`` must be the block size the model was trained with;
-    ``cfg.steps_per_block`` denoising steps per block. Returns [B, P + gen_length].
+    ``cfg.steps_per_block`` denoising steps per block, with the masked sampler's knobs
+    (acceptance profile, renoising profile, thresholds, temperature schedule; denoise_step).
+    Returns [B, P + gen_length].
     use_cache=False recomputes the whole prefix at every step (reference / benchmark).
     on_logits(block_start, step, logits [B, K, V]) sees every step's logits (tests).
     Rows that produced ``eos_id`` in a finished block get their later blocks filled with
-    it; generation stops when every row has.
+    it; generation stops when every row has. ``cfg.stop_at_eos``: a committed EOS also fills
+    the rest of its block. ``cfg.cfg_scale`` > 0: classifier-free guidance, the unconditional
+    rows (prompt masked) run alongside with their own cache. ``cfg.cache`` is the masked
+    sampler's option: finished blocks here are always cached exactly.
     """
     cfg.validate()
     if prompt_ids.dim() != 2:
         raise ValueError(f"prompt_ids must be [B, P], got shape {tuple(prompt_ids.shape)}")
+    if cfg.cache != "none":
+        raise ValueError(f"cache={cfg.cache} is the masked sampler's approximate cache; the block sampler "
+                         f"always caches finished blocks exactly (use_cache), set cache=none")
+    if cfg.stop_at_eos and eos_id is None:
+        raise ValueError("stop_at_eos needs eos_id")
     batch, prompt_len = prompt_ids.shape
     bs, k = cfg.block_length, cfg.steps_per_block
     total = prompt_len + cfg.gen_length
@@ -203,12 +162,21 @@ def generate_blocks(
     device = prompt_ids.device
     generator = torch.Generator().manual_seed(cfg.seed)
     suppress = sorted({int(mask_id), *(int(i) for i in suppress_ids)})
+    guided = cfg.cfg_scale > 0.0
+
+    def rows(tokens_BN: Tensor, start: int) -> Tensor:
+        """Model rows for positions [start, start + N): with guidance, also the prompt-masked copy."""
+        if not guided:
+            return tokens_BN
+        unc = tokens_BN.clone()
+        unc[:, : max(0, min(prompt_len - start, unc.shape[1]))] = mask_id
+        return torch.cat([tokens_BN, unc])
 
     x = torch.full((batch, end), mask_id, dtype=torch.long, device=device)
     x[:, :prompt_len] = prompt_ids
     runner = (CachedDenoiser if use_cache else RecomputeDenoiser)(model, vocab_size, bs)
     if first > 0:
-        runner.commit(x[:, :first])
+        runner.commit(rows(x[:, :first], 0))
     done = torch.zeros(batch, dtype=torch.bool, device=device)
 
     for lo in range(first, end, bs):
@@ -217,27 +185,41 @@ def generate_blocks(
             blk = x[:, lo:hi]
             x[:, lo:hi] = torch.where(done[:, None] & (blk == mask_id), eos_id, blk)
         committed = torch.zeros(batch, bs, dtype=torch.bool, device=device)
-        for i in range(k):
-            if cfg.renoise_prob > 0.0:
+        block_total = (x[:, lo:hi] == mask_id).sum(dim=1)  # M: positions this block decodes (not the prompt's)
+        for i in range(block_steps(cfg, bs)):
+            sigma = renoise_rate(i, k, cfg) if cfg.parallel_threshold is None else 0.0
+            if sigma > 0.0:
                 # Only tokens sampled in this block are renoised, never the prompt.
-                remask = remask_committed(committed, cfg.renoise_prob, generator)
+                remask = remask_committed(committed, sigma, generator)
                 x[:, lo:hi] = x[:, lo:hi].masked_fill(remask, mask_id)
                 committed &= ~remask
             masked = x[:, lo:hi] == mask_id
             if not bool(masked.any()):
                 break
-            logits = runner.block_logits(x[:, lo:hi])
+            logits = runner.block_logits(rows(x[:, lo:hi], lo))
+            if guided:
+                logits = guided_logits(logits[:batch], logits[batch:], cfg.cfg_scale)
             if on_logits is not None:
                 on_logits(lo, i, logits)
-            x0, commit = denoise_step(logits, masked, i, k, cfg, suppress, generator)
+            t = None
+            if cfg.parallel_threshold is not None:  # noise level = the block's masked fraction
+                t = float(masked.sum(dim=1).max()) / bs
+            x0, commit = denoise_step(logits, masked, i, k, cfg, suppress, generator, block_total_B=block_total, t=t)
             commit = commit.to(device)
             x[:, lo:hi] = torch.where(commit, x0.to(device), x[:, lo:hi])
             committed |= commit
+            if cfg.stop_at_eos:
+                # only generated positions count: a prompt token equal to EOS does not stop the block
+                blk = x[:, lo:hi].clone()
+                gen = torch.arange(lo, hi, device=device) >= prompt_len
+                fill = fill_after_eos(blk.masked_fill(~gen[None, :] & (blk == eos_id), -1), eos_id) & gen[None, :]
+                x[:, lo:hi] = blk.masked_fill(fill, eos_id)
+                committed &= ~fill
         if eos_id is not None:
             done |= (x[:, prompt_len:hi] == eos_id).any(dim=1)
             if bool(done.all()):
                 x[:, hi:] = eos_id
                 break
         if hi < end:
-            runner.commit(x[:, lo:hi])
+            runner.commit(rows(x[:, lo:hi], lo))
     return x[:, :total]

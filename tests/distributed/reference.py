@@ -22,6 +22,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from common import COMMON_OVERRIDES, REPO  # noqa: E402
 
 
+def torch_no_grad_lazy(fn):
+    def wrapper(*a, **k):
+        import torch
+
+        with torch.no_grad():
+            return fn(*a, **k)
+    return wrapper
+
+
 def main():
     out, overrides = sys.argv[1], sys.argv[2:]
     from dlm_megatron.train import quiet_warnings
@@ -54,6 +63,10 @@ def main():
     obj = build_objective(cfg.diffusion, tok.mask_id, t.seed, vocab_size=tok.vocab_size)
     G, mbs = t.global_batch_size, t.micro_batch_size
     gas = G // mbs
+    if cfg.model.num_moe_experts:
+        from dlm_megatron.model.moe import set_aux_loss_scale
+
+        set_aux_loss_scale(1.0 / gas, "cpu")  # the routers' aux loss, like the loss: mean over micro-batches
     losses, lengths = [], []
     for step in range(t.steps):
         idx = sample_indices(step, G, len(ds), t.seed)
@@ -87,6 +100,7 @@ def main():
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
+        update_expert_bias(model, cfg)
         losses.append(sum(step_losses) / len(step_losses))
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "losses.json"), "w") as f:
@@ -136,6 +150,16 @@ def sft_loss(model, obj, x, P, pos, step: int, G: int, mask_id: int):
     nll = model(torch.where(masked, torch.full_like(x, mask_id), x), None, None, labels=x)
     per = [(nll[b][masked[b]].double() / t[b]).sum() / (Lb - P[b]) for b in range(B)]
     return torch.stack(per).mean().float()
+
+
+@torch_no_grad_lazy
+def update_expert_bias(model, cfg):
+    """Aux-loss-free balancing written out (DeepSeek-V3): after the step, each router's bias
+    moves by rate * sign(mean load - load), loads counted over the whole global batch."""
+    for r in (m for m in model.modules() if getattr(m, "expert_bias", None) is not None):
+        load = r.local_tokens_per_expert
+        r.expert_bias += (load.mean() - load).sign() * cfg.model.moe_router_bias_update_rate
+        load.zero_()
 
 
 if __name__ == "__main__":

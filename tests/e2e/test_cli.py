@@ -83,6 +83,77 @@ def test_generate_prints_text(small_run):
     assert q.stdout == p.stdout
 
 
+GENERATE_FLAGS = ("--steps", "--temperature", "--temperature-schedule", "--acceptance-profile", "--renoise-profile",
+                  "--renoise-eta", "--renoise-t-on", "--renoise-t-off", "--renoise-alpha-on", "--renoise-prob", "--cache",
+                  "--parallel-threshold", "--confidence-threshold", "--cfg-scale", "--stop-at-eos", "--remasking",
+                  "--gen-length", "--block-length", "--seed")
+
+
+def test_generate_knobs_reach_the_sampler_and_defaults_are_unchanged(small_run, monkeypatch, capsys):
+    """Every sampler flag lands in the SamplerConfig the sampler runs with (in-process main(),
+    the sampler spied on); without flags the text is the pre-issue-14 sampler's (frozen copy);
+    the generate.* config keys of the same names are the defaults."""
+    import sys as _sys
+
+    _sys.path.insert(0, str(Path(REPO) / "tests" / "unit"))
+    import legacy_masked_sampler as legacy
+
+    from dlm_megatron import generate as gen_mod
+    from dlm_megatron import sampling
+
+    base = ["--ckpt", str(small_run), "--prompt", "ROMEO:", "--gen-length", "16", "--steps", "16", "--block-length", "8"]
+    assert gen_mod.main(base) == 0
+    plain = capsys.readouterr().out
+    model, tok, cfg, _ = gen_mod.load_model(str(small_run))
+    ids = tok.encode("ROMEO:")
+    want = legacy.generate(gen_mod.logits_fn_for(model, tok.vocab_size), torch.tensor([ids]), tok.mask_id,
+                           legacy.SamplerConfig(steps=16, gen_length=16, block_length=8, temperature=cfg.generate.temperature,
+                                                remasking=cfg.generate.remasking, seed=cfg.generate.seed), eos_id=tok.eot_id,
+                           suppress_ids=(tok.pad_id,))[0, len(ids):].tolist()
+    want = want[: want.index(tok.eot_id)] if tok.eot_id in want else want
+    assert plain.strip() == tok.decode(ids + want).strip()
+
+    seen = []
+    real = sampling.generate
+    monkeypatch.setattr(sampling, "generate", lambda fn, x, m, scfg, **kw: seen.append(scfg) or real(fn, x, m, scfg, **kw))
+    flags = ["--temperature", "0.7", "--temperature-schedule", "cosine", "--acceptance-profile", "cosine",
+             "--renoise-profile", "loop", "--renoise-eta", "0.1", "--renoise-t-on", "0.6", "--renoise-t-off", "0.1",
+             "--renoise-alpha-on", "0.8", "--cache", "dual", "--cfg-scale", "0.5", "--stop-at-eos", "--remasking", "margin",
+             "--seed", "4"]
+    assert gen_mod.main(base + flags) == 0
+    s = seen[-1]
+    assert (s.temperature, s.temperature_schedule, s.acceptance_profile, s.renoise_profile, s.renoise_eta, s.renoise_t_on,
+            s.renoise_t_off, s.renoise_alpha_on, s.cache, s.cfg_scale, s.stop_at_eos, s.remasking, s.seed) == (
+        0.7, "cosine", "cosine", "loop", 0.1, 0.6, 0.1, 0.8, "dual", 0.5, True, "margin", 4)
+    assert gen_mod.main(base + ["--parallel-threshold", "0.8", "--cache", "prefix"]) == 0
+    assert (seen[-1].parallel_threshold, seen[-1].cache) == (0.8, "prefix")
+    assert gen_mod.main(base + ["--renoise-prob", "0.2", "--confidence-threshold", "0.5"]) == 0
+    assert (seen[-1].renoise, seen[-1].confidence_threshold) == (("constant", 0.2), 0.5)
+    # config keys are the defaults
+    cfg.generate.acceptance_profile, cfg.generate.cache, cfg.generate.cfg_scale = "cosine", "prefix", 2.0
+    gen_mod.sample_text(model, tok, cfg, device="cpu", prompt="ROMEO:", gen_length=16, steps=16, block_length=8)
+    assert (seen[-1].acceptance_profile, seen[-1].cache, seen[-1].cfg_scale) == ("cosine", "prefix", 2.0)
+    capsys.readouterr()
+
+
+def test_generate_help_and_bad_knobs_are_one_line(small_run, tmp_path):
+    h = run([PY, "-m", "dlm_megatron.generate", "--help"]).stdout
+    for flag in GENERATE_FLAGS:
+        assert flag in h, flag
+    base = [PY, "-m", "dlm_megatron.generate", "--ckpt", str(small_run), "--prompt", "x", "--gen-length", "8", "--steps", "8",
+            "--block-length", "8"]
+    for bad, needle in ((["--cache", "full"], "--cache"), (["--renoise-eta", "1.5", "--renoise-profile", "cap"], "--renoise-eta"),
+                        (["--parallel-threshold", "0.9", "--renoise-profile", "constant"], "--parallel-threshold"),
+                        (["--acceptance-profile", "square"], "--acceptance-profile"), (["--cfg-scale", "-1"], "--cfg-scale"),
+                        (["--renoise-profile", "loop", "--renoise-t-on", "0.1", "--renoise-t-off", "0.5"], "--renoise-t-off")):
+        p = run(base + bad, check=False)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (bad, p.stderr)
+    # a real run with Fast-dLLM's dual cache + threshold, guidance and stop-at-EOS prints a completion
+    p = run(base + ["--cache", "dual", "--parallel-threshold", "0.9", "--cfg-scale", "1", "--stop-at-eos"])
+    assert p.stdout.startswith("x")
+
+
 def test_missing_checkpoint_is_one_line(tmp_path):
     p = run([PY, "-m", "dlm_megatron.generate", "--ckpt", str(tmp_path / "nope"), "--prompt", "x"], check=False)
     assert p.returncode == 2

@@ -94,11 +94,14 @@ def sample_tokens(vocab: int, mask_id: int, B: int = 2, S: int = 24, seed: int =
 
 
 def gguf_reference_logits(path, tokens_S) -> torch.Tensor:
-    """Forward pass of a ``llada`` or ``dream`` GGUF file in llama.cpp's conventions, in fp64:
-    tensors as stored (dequantised), llada's NORM rope rotating adjacent pairs (2i, 2i+1) or
-    dream's NEOX rope rotating (i, i + d/2), q/k/v biases when stored, GQA broadcast of
-    kv head h // (heads / kv_heads), bidirectional attention, output = ``output`` or
-    ``token_embd``."""
+    """Forward pass of a ``llada``, ``dream`` or ``llada-moe`` GGUF file in llama.cpp's
+    conventions, in fp64: tensors as stored (dequantised), llada's NORM rope rotating adjacent
+    pairs (2i, 2i+1) or dream's / llada-moe's NEOX rope rotating (i, i + d/2), q/k/v biases
+    when stored, per-head q/k RMSNorm when stored (llada-moe), GQA broadcast of kv head
+    h // (heads / kv_heads), bidirectional attention; llada-moe's MLP as its graph computes
+    it: softmax over all ``expert_count`` router logits, the ``expert_used_count`` largest
+    weights used as they are (no renormalisation), SwiGLU experts from the stacked
+    ``ffn_{gate,up,down}_exps``; output = ``output`` or ``token_embd``."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
@@ -134,12 +137,24 @@ def gguf_reference_logits(path, tokens_S) -> torch.Tensor:
     for i in range(kv["block_count"]):
         p = f"blk.{i}."
         h = norm(x, T[p + "attn_norm.weight"])
-        q = rope(proj(h, p + "attn_q").view(S, nh, d))
-        k = rope(proj(h, p + "attn_k").view(S, nkv, d)).repeat_interleave(nh // nkv, 1)
+        q, k = proj(h, p + "attn_q").view(S, nh, d), proj(h, p + "attn_k").view(S, nkv, d)
+        if p + "attn_q_norm.weight" in T:
+            q, k = norm(q, T[p + "attn_q_norm.weight"]), norm(k, T[p + "attn_k_norm.weight"])
+        q = rope(q)
+        k = rope(k).repeat_interleave(nh // nkv, 1)
         v = proj(h, p + "attn_v").view(S, nkv, d).repeat_interleave(nh // nkv, 1)
         att = torch.softmax(torch.einsum("qhd,khd->hqk", q, k) / d ** 0.5, -1)
         x = x + torch.einsum("hqk,khd->qhd", att, v).reshape(S, H) @ T[p + "attn_output.weight"].T
         h = norm(x, T[p + "ffn_norm.weight"])
+        if p + "ffn_gate_inp.weight" in T:
+            w, idx = torch.softmax(h @ T[p + "ffn_gate_inp.weight"].T, -1).topk(kv["expert_used_count"], -1)
+            out = torch.zeros_like(x)
+            for s_ in range(S):
+                for w_e, e in zip(w[s_], idx[s_].tolist()):
+                    g = T[p + "ffn_gate_exps.weight"][e] @ h[s_]
+                    out[s_] += w_e * (T[p + "ffn_down_exps.weight"][e] @ (g * torch.sigmoid(g) * (T[p + "ffn_up_exps.weight"][e] @ h[s_])))
+            x = x + out
+            continue
         g = h @ T[p + "ffn_gate.weight"].T
         x = x + (g * torch.sigmoid(g) * (h @ T[p + "ffn_up.weight"].T)) @ T[p + "ffn_down.weight"].T
     x = norm(x, T["output_norm.weight"])
@@ -278,6 +293,171 @@ def test_hf_export_block_checkpoint(ckpts, tmp_path):
     assert cached < sum(seen) / 2
 
 
+def _sharpened_copy(ckpt, dest: Path, factor: float = 40.0) -> Path:
+    """A copy of a checkpoint with its output layer scaled: the 2-step models spread their
+    probability thinly (max ~6e-4 over 8192 tokens), so confidence thresholds would sit on
+    near-ties; scaled, the first-step confidences are ~0.77 and 3e-4 apart."""
+    from safetensors.torch import load_file, save_file
+
+    from dlm_megatron.checkpoint import resolve
+
+    shutil.copytree(resolve(ckpt), dest)
+    for f in sorted((dest / "model").glob("*.safetensors")):
+        sd = load_file(str(f))
+        save_file({k: (v * factor if k.startswith("output_layer") else v) for k, v in sd.items()}, str(f))
+    return dest
+
+
+def _median_confidence(ckpt, prompt) -> float:
+    """Median of the first step's max-probabilities of the generated positions: a threshold
+    that some positions pass and some do not."""
+    from dlm_megatron.generate import load_model, logits_fn_for
+
+    model, tok, _, _ = load_model(str(ckpt))
+    x = torch.cat([prompt, torch.full((prompt.shape[0], 8), tok.mask_id)], dim=1)
+    p = torch.softmax(logits_fn_for(model, tok.vocab_size)(x)[:, prompt.shape[1]:].double(), -1).max(-1).values
+    return float(p.flatten().median())
+
+
+def _framework_and_hf(ckpt, prompt, knobs, *, block: bool, eos=None):
+    """(the framework's tokens for these knobs, the matching HF generate() keywords)."""
+    from dlm_megatron.generate import load_model, logits_fn_for
+    from dlm_megatron.sampling import SamplerConfig, generate, generate_blocks
+
+    model, tok, fcfg, _ = load_model(str(ckpt))
+    eos = tok.eot_id if eos is None else eos
+    scfg = SamplerConfig(steps=16, gen_length=16, block_length=8, seed=3, **knobs)
+    if block:
+        want = generate_blocks(model, prompt, tok.mask_id, scfg, vocab_size=tok.vocab_size, eos_id=eos, suppress_ids=(tok.pad_id,))
+    else:
+        want = generate(logits_fn_for(model, tok.vocab_size, shift=fcfg.diffusion.shift_logits), prompt, tok.mask_id, scfg,
+                        eos_id=eos, suppress_ids=(tok.pad_id,))
+    return want, dict(gen_length=16, steps=16, seed=3, eos_token_id=eos, **({} if block else {"block_length": 8}), **knobs)
+
+
+MASKED_KNOBS = [
+    dict(temperature=1.0, temperature_schedule="linear"),
+    dict(temperature=0.8, temperature_schedule="cosine", acceptance_profile="cosine"),
+    dict(temperature=1.0, renoise_profile="constant", renoise_eta=0.3),
+    dict(temperature=1.0, renoise_prob=0.3),
+    dict(temperature=1.0, renoise_profile="cap", renoise_eta=0.5),
+    dict(temperature=1.0, renoise_profile="rescale", renoise_eta=0.8, remasking="random"),
+    dict(temperature=1.0, renoise_profile="loop", renoise_eta=0.4, renoise_t_on=0.8, renoise_t_off=0.2, renoise_alpha_on=0.5),
+    dict(confidence_threshold="median"),
+    dict(parallel_threshold="median"),
+    dict(cache="prefix"),
+    dict(cache="dual", temperature=0.7),
+    dict(cache="dual", parallel_threshold="median", cfg_scale=1.0),
+    dict(cfg_scale=2.0, temperature=0.5),
+    dict(stop_at_eos=True),
+]
+
+
+def _knob_run(hf, ckpt, prompt, knobs, *, block, plain, frequent):
+    """(framework tokens, HF tokens, token positions HF ran, whether the knob changed anything)."""
+    knobs = dict(knobs)
+    for key in ("confidence_threshold", "parallel_threshold"):
+        if knobs.get(key) == "median":
+            knobs[key] = _median_confidence(ckpt, prompt)
+    eos = frequent if knobs.get("stop_at_eos") else None
+    want, kw = _framework_and_hf(ckpt, prompt, knobs, block=block, eos=eos)
+    seen = []
+    hook = hf.model.transformer.wte.register_forward_hook(lambda _m, args, _out: seen.append(args[0].numel()))
+    try:
+        got = hf.generate(prompt, **kw)
+    finally:
+        hook.remove()
+    base = plain if eos is None else _framework_and_hf(ckpt, prompt, {}, block=block, eos=eos)[0]
+    return want, got, sum(seen), not torch.equal(want, base)
+
+
+def _exports(ckpt, tmp_path, name):
+    """(checkpoint, HF export) as trained, and a copy with a sharpened output layer for the
+    threshold knobs (whose decisions must not sit on near-ties)."""
+    sharp = _sharpened_copy(ckpt, tmp_path / f"sharp_{name}")
+    pairs = {}
+    for kind, ck in (("plain", ckpt), ("sharp", sharp)):
+        out = tmp_path / f"hf_{name}_{kind}"
+        assert convert("--ckpt", ck, "--to", "hf", "--output", out) == 0
+        pairs[kind] = (ck, _load_hf(out))
+    return pairs
+
+
+def _check_knobs(pairs, prompt, knob_sets, *, block: bool):
+    """Each knob set: HF tokens == framework tokens, and the knob changed the default call's
+    tokens or (thresholds, cache) the positions the network ran."""
+    P = prompt.shape[1]
+    ref = {}
+    for kind, (ck, hf) in pairs.items():
+        plain, kw = _framework_and_hf(ck, prompt, {}, block=block)
+        seen = []
+        hook = hf.model.transformer.wte.register_forward_hook(lambda _m, args, _out: seen.append(args[0].numel()))
+        assert torch.equal(hf.generate(prompt, **kw), plain)
+        hook.remove()
+        ref[kind] = (plain, int(plain[:, P:].flatten().mode().values), sum(seen))
+    positions = {}
+    for knobs in knob_sets:
+        kind = "sharp" if "median" in knobs.values() else "plain"
+        (ck, hf), (plain, frequent, plain_positions) = pairs[kind], ref[kind]
+        want, got, pos, changed = _knob_run(hf, ck, prompt, knobs, block=block, plain=plain, frequent=frequent)
+        assert torch.equal(got, want), knobs
+        assert changed or pos < plain_positions, (knobs, pos, plain_positions)
+        positions[str(knobs)] = pos
+    return positions
+
+
+def test_hf_generate_equals_the_framework_for_every_knob(ckpts, tmp_path):
+    """The exported generate() takes every sampler knob of dlm_megatron.sampling and, for the
+    same seed, returns the framework's tokens (masked checkpoint)."""
+    from dlm_megatron.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("builtin")
+    prompt = torch.tensor([tok.encode("ROMEO: But soft")[:5], tok.encode("JULIET: Ay me, ")[:5]])
+    pairs = _exports(ckpts["masked"], tmp_path, "masked")
+    positions = _check_knobs(pairs, prompt, MASKED_KNOBS, block=False)
+    # Fast-dLLM's cache: per block one refresh over all 21 positions, then 7 steps over the
+    # block (dual) or the block and everything after it (prefix); 2 rows
+    assert positions[str(dict(cache="dual", temperature=0.7))] == 2 * (2 * 21 + 2 * 7 * 8)
+    assert positions[str(dict(cache="prefix"))] == 2 * (2 * 21 + 7 * 16 + 7 * 8)
+    # bad knobs: a ValueError naming the keyword, as SamplerConfig does
+    hf = pairs["plain"][1]
+    for bad, name in ((dict(acceptance_profile="square"), "acceptance_profile"), (dict(renoise_eta=1.5), "renoise_eta"),
+                      (dict(renoise_t_on=0.1, renoise_t_off=0.3), "renoise_t_off"), (dict(cache="full"), "cache"),
+                      (dict(parallel_threshold=2.0), "parallel_threshold"), (dict(cfg_scale=-1.0), "cfg_scale"),
+                      (dict(parallel_threshold=0.5, renoise_prob=0.1), "parallel_threshold")):
+        with pytest.raises(ValueError, match=name):
+            hf.generate(prompt, gen_length=8, steps=8, **bad)
+
+
+BLOCK_KNOBS = [
+    dict(temperature=0.8, temperature_schedule="cosine", acceptance_profile="cosine"),
+    dict(temperature=1.0, renoise_profile="loop", renoise_eta=0.4, renoise_t_on=0.8, renoise_t_off=0.2, renoise_alpha_on=0.5),
+    dict(temperature=1.0, renoise_profile="cap", renoise_eta=0.5),
+    dict(parallel_threshold="median"),
+    dict(confidence_threshold="median"),
+    dict(cfg_scale=1.5, temperature=0.5),
+    dict(stop_at_eos=True),
+]
+
+
+def test_hf_block_generate_equals_the_framework_for_every_knob(ckpts, tmp_path):
+    """Same for a block-diffusion checkpoint (KV cache on; the uncached reference path too)."""
+    from dlm_megatron.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("builtin")
+    prompt = torch.tensor([tok.encode("ROMEO: But soft, what light")[:11]] * 2)  # not on the block grid
+    prompt[1, 3] = tok.encode(" the")[0]
+    pairs = _exports(ckpts["block"], tmp_path, "block")
+    _check_knobs(pairs, prompt, BLOCK_KNOBS, block=True)
+    ck, hf = pairs["plain"]
+    for knobs in BLOCK_KNOBS:
+        if "median" not in knobs.values():
+            eos = int(_framework_and_hf(ck, prompt, {}, block=True)[0][:, 11:].flatten().mode().values) \
+                if knobs.get("stop_at_eos") else None
+            want, kw = _framework_and_hf(ck, prompt, knobs, block=True, eos=eos)
+            assert torch.equal(hf.generate(prompt, use_cache=False, **kw), want), knobs
+
+
 def test_hf_export_tp2_gqa_sharded_and_bf16(ckpts, tmp_path):
     out = tmp_path / "hf_tp2"
     assert convert("--ckpt", ckpts["tp2"], "--to", "hf", "--output", out, "--max-shard-size", "1MB") == 0
@@ -337,6 +517,17 @@ def test_shift_logits_flag_reaches_hf_and_gguf(ckpts, tmp_path):
                     suppress_ids=(tok.pad_id,))
     got = _load_hf(out).generate(prompt, gen_length=8, steps=8)
     assert torch.equal(got, want)
+    # the Fast-dLLM cache reads token i from output i-1 too (its window starts one position early)
+    for cache in ("prefix", "dual"):
+        scfg = SamplerConfig(steps=8, gen_length=8, block_length=4, temperature=0.0, cache=cache)
+        want = generate(logits_fn_for(model, tok.vocab_size, shift=True), prompt, tok.mask_id, scfg, eos_id=tok.eot_id,
+                        suppress_ids=(tok.pad_id,))
+        assert torch.equal(_load_hf(out).generate(prompt, gen_length=8, steps=8, block_length=4, cache=cache), want), cache
+    # guidance: the unconditional row keeps token 0 (a shifted model never sees it masked)
+    scfg = SamplerConfig(steps=8, gen_length=8, block_length=8, temperature=0.0, cfg_scale=1.0)
+    want = generate(logits_fn_for(model, tok.vocab_size, shift=True), prompt, tok.mask_id, scfg, eos_id=tok.eot_id,
+                    suppress_ids=(tok.pad_id,))
+    assert torch.equal(_load_hf(out).generate(prompt, gen_length=8, steps=8, cfg_scale=1.0), want)
 
 
 # ---------------------------------------------------------------------------------------

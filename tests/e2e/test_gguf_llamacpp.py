@@ -268,5 +268,38 @@ def test_qwen2_biased_checkpoint_runs_in_llama_cpp_as_dream(request, tmp_path):
     assert got.shape == ref.shape and diff < 1e-3
 
 
+def test_moe_checkpoint_runs_in_llama_cpp_as_llada_moe(request, tmp_path):
+    """A mixture-of-experts denoiser in LLaDA-MoE's layout (per-head q/k norms, MoE in every
+    layer, softmax over all experts without top-k renormalisation, NEOX rope) exported as a
+    ``llada-moe`` GGUF: llama.cpp loads it as a diffusion model and its logits match the
+    framework's within the dense f32 export's limit."""
+    ensure_llama_cpp(request)
+    from test_convert_cli import convert, framework_logits, perturb_norms, sample_tokens, train_tiny, wait_all
+
+    from dlm_megatron.data.tokenizer import load_tokenizer
+
+    run_dir = tmp_path / "run"
+    wait_all([train_tiny(run_dir, "model.num_moe_experts=4", "model.moe_router_topk=2", "model.moe_ffn_hidden_size=96",
+                         "model.qk_layernorm=true", "model.moe_router_pre_softmax=true", "model.moe_aux_loss_coeff=0.01")])
+    perturb_norms(run_dir)  # q/k norms included
+    tok = load_tokenizer("builtin")
+    x = sample_tokens(tok.vocab_size, tok.mask_id, B=1, S=24)
+    ref = framework_logits(run_dir, x)[0, :, : tok.vocab_size].numpy()
+    req = tmp_path / "request.json"
+    req.write_text(json.dumps({"tokens": x[0].tolist(), "text": "ROMEO: But soft"}))
+    gguf_file = tmp_path / "moe.gguf"
+    assert convert("--ckpt", run_dir, "--to", "gguf", "--output", gguf_file) == 0
+    out = str(tmp_path / "llama-moe")
+    p = subprocess.run([sys.executable, __file__, str(gguf_file), str(req), out], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert p.returncode == 0, f"llama.cpp child failed ({p.returncode}):\n{p.stderr[-3000:]}"
+    facts = json.loads(Path(out + ".json").read_text())
+    got = np.load(out + ".npy")
+    assert facts["arch"] == "llada-moe" and facts["is_diffusion"] and facts["mask_id"] == tok.mask_id, facts
+    diff = float(np.abs(got - ref).max())
+    print(f"\n[gguf/llama.cpp] llada-moe f32: max |logit diff| vs framework = {diff:.2e} (max |logit| {np.abs(ref).max():.2f})")
+    assert got.shape == ref.shape and diff < 1e-3
+
+
 if __name__ == "__main__":
     sys.exit(_child_main(sys.argv[1:]))

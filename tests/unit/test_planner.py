@@ -43,6 +43,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 SMALL = ["model.num_layers=4", "model.hidden_size=128", "model.num_attention_heads=4", "model.ffn_hidden_size=384"]
+MOE = ["model.num_moe_experts=8", "model.moe_router_topk=2", "model.qk_layernorm=true", "model.moe_router_pre_softmax=true",
+       "model.moe_aux_loss_coeff=0.01"]
 MEASURE_CASES = {
     "states": ["model.num_layers=4", "model.hidden_size=384", "model.num_attention_heads=6",
                "model.ffn_hidden_size=1024", "data.seq_len=64", "train.micro_batch_size=2", "train.global_batch_size=4"],
@@ -50,6 +52,12 @@ MEASURE_CASES = {
     "full": SMALL + ["data.seq_len=256", "train.micro_batch_size=8", "train.global_batch_size=8", "model.recompute=full"],
     "selective": SMALL + ["data.seq_len=256", "train.micro_batch_size=8", "train.global_batch_size=8",
                           "model.recompute=selective", "model.num_query_groups=2"],
+    # Mixture of experts (megatron-core's MoE layer, SequentialMLP, LLaDA-MoE routing with aux loss):
+    # 8 experts' states dominate; then top-2 routed activations at a long sequence.
+    "moe_states": MOE + ["model.num_layers=2", "model.hidden_size=384", "model.num_attention_heads=6",
+                         "model.moe_ffn_hidden_size=512", "data.seq_len=64", "train.micro_batch_size=2", "train.global_batch_size=4"],
+    "moe_activations": MOE + SMALL + ["model.moe_ffn_hidden_size=192", "data.seq_len=256", "train.micro_batch_size=8",
+                                      "train.global_batch_size=8"],
 }
 BASE = ["train.precision=fp32", "parallel.zero_stage=0", "parallel.tp=1", "parallel.pp=1", "logging.wandb=disabled",
         "diffusion.random_length_prob=0.0", f"data.cache_dir={REPO}/.cache/data", "train.steps=2"]
@@ -127,7 +135,11 @@ def _measure(names: list[str]) -> None:
         obj = build_objective(cfg.diffusion, tok.mask_id, t.seed)
         xs = [torch.from_numpy(np.stack([ds[int(i)] for i in sample_indices(s, G, len(ds), t.seed)]))
               for s in range(MEASURE_STEPS)]
-        # Fresh megatron global buffer (QK^T scratch of the dense attention) for every case.
+        # Fresh MoE aux-loss tracker (process-global, sized by the first model's layers) and
+        # megatron global buffer (QK^T scratch of the dense attention) for every case.
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        get_moe_layer_wise_logging_tracker().clear()
         ps.destroy_global_memory_buffer()
         ps._set_global_memory_buffer()
         gc.collect()
@@ -218,7 +230,7 @@ def test_memory_prediction_within_15_percent_of_measured_peak(measured):
         if abs(err) > 0.15:
             failures.append(name)
         # Each case tests what it claims to test.
-        if name == "states":
+        if name in ("states", "moe_states"):
             assert states / pred > 0.75
         else:
             assert mem["activation_peak"] / pred > 0.5
@@ -453,3 +465,66 @@ def test_mfu_peak_per_card_and_none_on_cpu(monkeypatch):
     assert peak_flops(torch.device("cuda", 0), bf16=False) == 67e12
     monkeypatch.setenv("DLM_PEAK_TFLOPS", "736")
     assert peak_flops(torch.device("cuda", 0)) == 736e12
+
+
+# ---------------------------------------------------------------------------------------
+# Mixture of experts
+
+
+def test_moe_7b_a1b_counts_like_llada_moe():
+    """LLaDA-MoE-7B-A1B: 16 x (attention 4 h^2 + 64 experts x 3 h 1024 + router 64 h + norms
+    2h + q/k norms 2 x 128) + untied embedding and output layer + final norm; active: 8 experts."""
+    cfg = _cfg("configs/moe_7b_a1b.yaml")
+    p = _plan(cfg, gpus=32, vocab=157184)["params"]
+    h, V = 2048, 157184
+    per_layer = 4 * h * h + 64 * 3 * h * 1024 + 64 * h + 2 * h + 2 * 128
+    assert p["total"] == 16 * per_layer + 2 * V * h + h
+    assert p["experts"] == 16 * 64 * 3 * h * 1024
+    assert p["active"] == p["total"] - 16 * 56 * 3 * h * 1024  # 56 of 64 experts idle per token
+    assert 7.3e9 < p["total"] < 7.4e9 and 1.0e9 < p["active"] - 2 * V * h < 1.1e9
+    # ep 8: each GPU holds 8 of the 64 experts of every layer
+    assert p["per_gpu_experts"] == p["experts"] // 8
+    assert p["per_gpu"] == p["total"] - p["experts"] + p["experts"] // 8
+
+
+def test_moe_expert_states_shard_over_expert_data_parallel_ranks():
+    """Distributed optimizer: dense parameters' master + m + v over dp ranks, experts' over
+    the dp / ep ranks that hold the same experts; weights and fp32 gradients are not sharded."""
+    cfg = _cfg("configs/moe_7b_a1b.yaml")
+    p = _plan(cfg, gpus=32, vocab=157184)
+    par, mem = p["params"], p["memory"]
+    dense, exp = par["per_gpu"] - par["per_gpu_experts"], par["per_gpu_experts"]
+    assert mem["optimizer"] == pytest.approx(12 * dense / 32 + 12 * exp / (32 // 8))
+    assert mem["weights"] == pytest.approx(2 * par["per_gpu"]) and mem["gradients"] == pytest.approx(4 * par["per_gpu"])
+    assert mem["expert_states"] == pytest.approx((2 + 4) * exp + 12 * exp / 4)
+
+
+def test_moe_all_to_all_volume():
+    """Per GPU and step: 4 (dispatch + combine, forward + backward) x k copies x h x bf16 x the
+    share of copies on other ranks (ep - 1) / ep, per MoE layer and token; none at ep 1."""
+    cfg = _cfg("configs/moe_7b_a1b.yaml")
+    a2a = _plan(cfg, gpus=32, vocab=157184)["all_to_all"]
+    tokens = 1024 * 4096 / 32
+    assert a2a["bytes_per_step"] == pytest.approx(4 * 8 * 2048 * 2 * 7 / 8 * 16 * tokens)
+    assert _plan(_cfg("configs/tiny_moe.yaml"), vocab=8192)["all_to_all"]["bytes_per_step"] == 0
+
+
+def test_moe_flops_count_active_parameters_and_mfu_uses_them():
+    """tiny_moe routes each token through 2 experts of 352 units: the same 704 SwiGLU units per
+    layer as tiny.yaml's dense MLP, so its FLOPs per token exceed tiny's only by the router
+    (6 x E x h per layer), in the planner and in the trainer's MFU alike."""
+    from dlm_megatron.train import flops_per_token
+
+    moe, dense = _cfg("configs/tiny_moe.yaml"), _cfg("configs/tiny.yaml")
+    router = 6 * 4 * 8 * 256
+    assert _plan(moe)["flops_per_token"] == pytest.approx(_plan(dense)["flops_per_token"] + router, rel=1e-12)
+    for on_gpu in (True, False):
+        assert flops_per_token(moe, 8192, 128, on_gpu=on_gpu) == pytest.approx(
+            _plan(moe, on_gpu=on_gpu)["flops_per_token"], rel=1e-12)
+    text = __import__("dlm_megatron.planner", fromlist=["format_plan"]).format_plan(_plan(moe))
+    assert "mixture of experts: 4 MoE layers x 8 experts (top-2)" in text and "all-to-all per GPU" in text
+
+
+def test_moe_ep_must_divide_dp():
+    with pytest.raises(PlanError, match="parallel.ep=8 does not divide the data-parallel size 4"):
+        _plan(_cfg("configs/moe_7b_a1b.yaml"), gpus=4, vocab=157184)

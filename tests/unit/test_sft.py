@@ -85,6 +85,46 @@ def test_response_tokens_are_masked_at_rate_t():
     assert torch.equal(b.loss_weight_BS != 0, masked)  # the loss sees exactly the masked response tokens
 
 
+def test_prompt_dropout_masks_whole_prompts_at_rate_p():
+    """diffusion.prompt_dropout p: each training example has its whole prompt masked with
+    probability p (Binomial(B, p) examples, within 4 standard errors), all or nothing per
+    example; the response's noise, the labels and the loss weights are those of p = 0;
+    validation batches never drop; the draw depends on the global sample position only."""
+    L, B, p = 24, 2000, 0.3
+    g = torch.Generator().manual_seed(1)
+    rows = [encode_example(list(range(2, 2 + int(n))), list(range(40, 48)), L, EOT)
+            for n in torch.randint(1, 12, (B,), generator=g)]
+    x = torch.from_numpy(np.stack(rows))
+    dcfg = dict(eps=1e-3, antithetic=False, random_length_prob=0.0)
+    off = SFTMaskedDiffusion(SimpleNamespace(**dcfg), MASK, seed=5).make_batch(x, torch.arange(B), step=0, global_batch_size=B)
+    obj = SFTMaskedDiffusion(SimpleNamespace(**dcfg, prompt_dropout=p), MASK, seed=5)
+    on = obj.make_batch(x, torch.arange(B), step=0, global_batch_size=B)
+    prompt = torch.arange(L)[None, :] < x[:, -1:]
+    masked_prompt = (on.tokens_BS == MASK) & prompt
+    dropped = masked_prompt.any(1)
+    assert torch.equal(masked_prompt.sum(1), torch.where(dropped, prompt.sum(1), 0))  # whole prompt or none of it
+    assert abs(int(dropped.sum()) - B * p) < 4 * (B * p * (1 - p)) ** 0.5, int(dropped.sum())
+    assert torch.equal(on.tokens_BS[~prompt], off.tokens_BS[~prompt])  # response noise unchanged
+    assert torch.equal(on.loss_weight_BS, off.loss_weight_BS) and torch.equal(on.labels_BS, off.labels_BS)
+    assert torch.equal(on.tokens_BS[~dropped], off.tokens_BS[~dropped])
+    val = obj.make_batch(x, torch.arange(B), step=0, global_batch_size=B, eval=True)
+    assert not bool(((val.tokens_BS == MASK) & prompt).any())
+    # layout independence: samples 100..109 drop the same way when they come in another batch
+    part = obj.make_batch(x[100:110], torch.arange(100, 110), step=7, global_batch_size=10)
+    assert torch.equal(part.tokens_BS == MASK, on.tokens_BS[100:110] == MASK)
+
+
+@pytest.mark.parametrize("overrides,msg", [
+    (["diffusion.prompt_dropout=1.0", "data.sft_path=x.jsonl"], "diffusion.prompt_dropout must be in"),
+    (["diffusion.prompt_dropout=0.1"], "set data.sft_path"),
+])
+def test_prompt_dropout_config_errors(overrides, msg):
+    from dlm_megatron.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=msg):
+        load_config("configs/tiny.yaml", overrides)
+
+
 # --------------------------------------------------------------------------- variable length
 
 

@@ -5,7 +5,8 @@ Key names follow LLaDA's published ``configuration_llada.py`` where the architec
 same (d_model, n_heads, n_kv_heads, n_layers, mlp_hidden_size, vocab_size, embedding_size,
 rope_theta, rms_norm_eps, max_sequence_length, weight_tying, mask_token_id, ...). Keys of
 our own: ``objective`` (masked | block | ar | uniform | hybrid), ``block_size`` (block
-diffusion), ``shift_logits`` (token i read from output i-1, DiffuLLaMA/Dream style).
+diffusion), ``shift_logits`` (token i read from output i-1, DiffuLLaMA/Dream style),
+``qk_norm`` and the mixture-of-experts keys ``moe_*``.
 """
 from transformers import PretrainedConfig
 
@@ -47,6 +48,15 @@ class DLMConfig(PretrainedConfig):
         activation_type: str = "silu",
         rope: bool = True,
         alibi: bool = False,
+        qk_norm: bool = False,
+        moe_num_experts: int = 0,
+        moe_top_k: int = 0,
+        moe_intermediate_size: int = 0,
+        moe_shared_expert_intermediate_size: int = 0,
+        moe_layers: list | None = None,
+        moe_pre_softmax: bool = False,
+        moe_score_function: str = "softmax",
+        moe_expert_bias: bool = False,
         **kwargs,
     ):
         self.d_model = d_model
@@ -72,6 +82,20 @@ class DLMConfig(PretrainedConfig):
         self.activation_type = activation_type
         self.rope = rope
         self.alibi = alibi
+        # Per-head RMSNorm of q and k before RoPE.
+        self.qk_norm = qk_norm
+        # Mixture of experts (megatron-core's router semantics): moe_layers[i] = 1 marks a MoE
+        # layer; moe_pre_softmax: softmax over all experts, top-k not renormalised; otherwise
+        # softmax over the top-k logits; sigmoid: top-k of sigmoid (+ expert_bias for the
+        # choice only), renormalised over the top-k.
+        self.moe_num_experts = moe_num_experts
+        self.moe_top_k = moe_top_k
+        self.moe_intermediate_size = moe_intermediate_size
+        self.moe_shared_expert_intermediate_size = moe_shared_expert_intermediate_size
+        self.moe_layers = list(moe_layers) if moe_layers is not None else [0] * n_layers
+        self.moe_pre_softmax = moe_pre_softmax
+        self.moe_score_function = moe_score_function
+        self.moe_expert_bias = moe_expert_bias
         # The output head is tied by the modeling code itself (weight_tying), not by
         # transformers' generic tying.
         kwargs["tie_word_embeddings"] = False

@@ -16,6 +16,11 @@ LLaDA's published layout::
     model.transformer.ln_f.weight                     final RMSNorm
     model.transformer.ff_out.weight                   output head (absent when weight_tying)
 
+With ``qk_norm``: ``blocks.{i}.{q,k}_norm.weight``, RMSNorm of each head's q and k before
+RoPE. Mixture-of-experts layers (``moe_layers[i] == 1``) replace the MLP by ``blocks.{i}.moe``:
+``gate.weight`` [experts, d_model] (router; ``gate.expert_bias`` for aux-free routing),
+``experts.{e}.{ff_proj,up_proj,ff_out}.weight`` and an optional ``shared_expert``.
+
 Attention is bidirectional (the denoiser sees the whole sequence) unless
 ``config.objective == "ar"``. ``forward`` returns logits over ``embedding_size`` columns
 (the vocabulary padded for efficient matmuls); ids >= ``vocab_size`` are never tokens.
@@ -23,7 +28,10 @@ Attention is bidirectional (the denoiser sees the whole sequence) unless
 ``generate()`` is the masked-diffusion sampler the checkpoint was trained for: the
 generation region starts as [MASK] tokens and is denoised block by block
 (semi-autoregressive), committing the most confident predictions at every step
-(LLaDA's low-confidence remasking). Block-diffusion checkpoints (``config.block_size``)
+(LLaDA's low-confidence remasking). It takes dlm_megatron's sampler knobs with the same
+names, defaults and random stream (acceptance and ReMDM renoising profiles, temperature
+schedule, Fast-dLLM prefix/dual cache and parallel threshold, classifier-free guidance,
+stop-at-EOS), so the same call gives the framework's tokens. Block-diffusion checkpoints (``config.block_size``)
 are sampled on their training grid: each block sees itself bidirectionally and every
 earlier clean token, earlier blocks see each other block-causally. Finished blocks never
 change, so their keys/values are cached (``use_cache=True``, the default; ``False``
@@ -78,6 +86,61 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
 
 
+class DLMExpert(nn.Module):
+    """One SwiGLU MLP (an expert, or the shared expert)."""
+
+    def __init__(self, d: int, f: int):
+        super().__init__()
+        self.ff_proj = nn.Linear(d, f, bias=False)
+        self.up_proj = nn.Linear(d, f, bias=False)
+        self.ff_out = nn.Linear(f, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ff_out(F.silu(self.ff_proj(x)) * self.up_proj(x))
+
+
+class DLMMoE(nn.Module):
+    """Top-k mixture of experts with the router of megatron-core (which trained it)."""
+
+    def __init__(self, config: DLMConfig):
+        super().__init__()
+        d, E = config.d_model, config.moe_num_experts
+        self.config = config
+        self.gate = nn.Linear(d, E, bias=False)
+        if config.moe_expert_bias:
+            self.gate.register_buffer("expert_bias", torch.zeros(E))
+        self.experts = nn.ModuleList([DLMExpert(d, config.moe_intermediate_size) for _ in range(E)])
+        fs = config.moe_shared_expert_intermediate_size
+        self.shared_expert = DLMExpert(d, fs) if fs else None
+
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 router logits [N, E] -> (weights [N, k], expert ids [N, k])."""
+        c, k = self.config, self.config.moe_top_k
+        if c.moe_score_function == "sigmoid":
+            scores = torch.sigmoid(logits)
+            choose = scores + self.gate.expert_bias if c.moe_expert_bias else scores
+            idx = choose.topk(k, dim=-1).indices
+            w = scores.gather(-1, idx)
+            return (w / (w.sum(-1, keepdim=True) + 1e-20) if k > 1 else w), idx
+        if c.moe_pre_softmax:
+            return torch.softmax(logits, dim=-1).topk(k, dim=-1)
+        top, idx = logits.topk(k, dim=-1)
+        return torch.softmax(top, dim=-1), idx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, d = x.shape
+        flat = x.reshape(-1, d)
+        weights, idx = self.route(F.linear(flat.float(), self.gate.weight.float()))
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            rows, slot = (idx == e).nonzero(as_tuple=True)
+            if rows.numel():
+                out.index_add_(0, rows, expert(flat[rows]) * weights[rows, slot, None].to(flat.dtype))
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(flat)
+        return out.reshape(B, S, d)
+
+
 class DLMBlock(nn.Module):
     """One pre-norm transformer layer (LLaDA's "llama" block)."""
 
@@ -92,29 +155,43 @@ class DLMBlock(nn.Module):
         self.v_proj = nn.Linear(d, nkv * self.head_dim, bias=config.include_qkv_bias)
         self.attn_out = nn.Linear(nh * self.head_dim, d, bias=config.include_bias)
         self.ff_norm = DLMRMSNorm(d, config.rms_norm_eps)
-        self.ff_proj = nn.Linear(d, config.mlp_hidden_size, bias=config.include_bias)
-        self.up_proj = nn.Linear(d, config.mlp_hidden_size, bias=config.include_bias)
-        self.ff_out = nn.Linear(config.mlp_hidden_size, d, bias=config.include_bias)
+        if getattr(config, "qk_norm", False):
+            self.q_norm = DLMRMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = DLMRMSNorm(self.head_dim, config.rms_norm_eps)
+        moe_layers = getattr(config, "moe_layers", None) or []
+        if layer_id < len(moe_layers) and moe_layers[layer_id]:
+            self.moe = DLMMoE(config)
+        else:
+            self.ff_proj = nn.Linear(d, config.mlp_hidden_size, bias=config.include_bias)
+            self.up_proj = nn.Linear(d, config.mlp_hidden_size, bias=config.include_bias)
+            self.ff_out = nn.Linear(config.mlp_hidden_size, d, bias=config.include_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, allowed: Optional[torch.Tensor],
-                past: Optional[tuple] = None):
+                past: Optional[tuple] = None, after: Optional[tuple] = None):
         """x [B, S, d] -> (x, (k, v)): keys/values [B, kv_heads, C + S, head_dim] including the
-        ``past`` ones (C cached earlier positions, prepended)."""
+        ``past`` ones (C cached earlier positions, prepended); ``after``: cached keys/values of
+        later positions, appended for attention only (Fast-dLLM's dual cache)."""
         B, S, _ = x.shape
         h = self.attn_norm(x)
         q = self.q_proj(h).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         kv = (k, v)
+        if after is not None:
+            k, v = torch.cat([k, after[0]], dim=2), torch.cat([v, after[1]], dim=2)
         if self.n_kv_heads != self.n_heads:  # query head j reads key/value head j // (heads / kv_heads)
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=1.0 / math.sqrt(self.head_dim))
         x = x + self.attn_out(att.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
         h = self.ff_norm(x)
+        if hasattr(self, "moe"):
+            return x + self.moe(h), kv
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h)), kv
 
 
@@ -133,14 +210,16 @@ class DLMModel(nn.Module):
             self.transformer["ff_out"] = nn.Linear(config.d_model, config.embedding_size, bias=False)
 
     def forward(self, input_ids: torch.Tensor, allowed: Optional[torch.Tensor], position_ids: torch.Tensor,
-                output_hidden_states: bool = False, past: Optional[list] = None, kv_out: Optional[list] = None):
+                output_hidden_states: bool = False, past: Optional[list] = None, kv_out: Optional[list] = None,
+                after: Optional[list] = None):
         """``past``: per layer (k, v) of earlier positions to attend to (``allowed`` then has
-        C + S key columns); ``kv_out``: a list that receives each layer's (k, v), past included."""
+        C + S key columns); ``after``: per layer (k, v) of later positions (no mask allowed);
+        ``kv_out``: a list that receives each layer's (k, v), past included."""
         x = self.transformer.wte(input_ids)
         cos, sin = rotary_cos_sin(position_ids, self.config.d_model // self.config.n_heads, self.config.rope_theta)
         hidden = [x] if output_hidden_states else None
         for i, block in enumerate(self.transformer.blocks):
-            x, kv = block(x, cos, sin, allowed, None if past is None else past[i])
+            x, kv = block(x, cos, sin, allowed, None if past is None else past[i], None if after is None else after[i])
             if kv_out is not None:
                 kv_out.append(kv)
             if hidden is not None:
@@ -229,13 +308,14 @@ class DLMModelLM(DLMPreTrainedModel):
         return MaskedLMOutput(logits=logits, hidden_states=hidden)
 
     # ------------------------------------------------------------------------------------
-    # Sampling
+    # Sampling (the same knobs and the same random stream as dlm_megatron.sampling)
 
     def _denoiser_logits(self, tokens: torch.Tensor, allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits over the real vocabulary, float32, token i read from output i-1 when shifted."""
         logits = self.forward(tokens, attention_mask=allowed).logits
         if self.config.shift_logits:  # token i is predicted by output i-1
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-        return logits[..., : self.config.vocab_size].double()
+        return logits[..., : self.config.vocab_size].float()
 
     @staticmethod
     def _temperature(temperature: float, schedule: str, t: float) -> float:
@@ -248,10 +328,62 @@ class DLMModelLM(DLMPreTrainedModel):
         raise ValueError(f"temperature_schedule must be constant, linear or cosine, got {schedule!r}")
 
     @staticmethod
-    def _step(logits: torch.Tensor, masked: torch.Tensor, steps_left: int, temperature: float, remasking: str,
-              confidence_threshold: Optional[float], suppress: Sequence[int], generator: torch.Generator):
+    def _accept(u: float, profile: str) -> float:
+        """Acceptance profile F(u): linear u, cosine 1 - cos(pi u / 2)."""
+        if u >= 1.0:
+            return 1.0
+        if u <= 0.0:
+            return 0.0
+        return u if profile == "linear" else 1.0 - math.cos(0.5 * math.pi * u)
+
+    @classmethod
+    def _alpha(cls, t: float, k: dict) -> float:
+        """Committed fraction at noise level t (ReMDM-loop: alpha_on held on [t_off, t_on])."""
+        prof = k["acceptance_profile"]
+        if k["renoise_profile"] != "loop":
+            return cls._accept(1.0 - t, prof)
+        t_on, t_off, a_on = k["renoise_t_on"], k["renoise_t_off"], k["renoise_alpha_on"]
+        if t >= t_on:
+            return a_on * cls._accept((1.0 - t) / (1.0 - t_on), prof) if t_on < 1.0 else 0.0
+        if t >= t_off:
+            return a_on
+        return a_on + (1.0 - a_on) * cls._accept((t_off - t) / t_off, prof)
+
+    @classmethod
+    def _renoise_rate(cls, i: int, steps: int, k: dict) -> float:
+        """ReMDM sigma at step i: constant eta, cap min(eta, (1-a_s)/a_t), rescale eta*min(1, (1-a_s)/a_t),
+        loop eta for t_off < t <= t_on."""
+        profile, eta = k["renoise_profile"], k["renoise_eta"]
+        if profile == "none" or eta <= 0.0 or k["parallel_threshold"] is not None:
+            return 0.0
+        if profile == "constant":
+            return eta
+        if profile == "loop":
+            t = 1.0 - i / steps
+            return eta if (i < steps - 1 and k["renoise_t_off"] < t <= k["renoise_t_on"]) else 0.0
+        a_t, a_s = cls._alpha(1.0 - i / steps, k), cls._alpha(1.0 - (i + 1) / steps, k)
+        bound = min(1.0, (1.0 - a_s) / a_t) if a_t > 0.0 else 1.0
+        return min(eta, bound) if profile == "cap" else eta * bound
+
+    @classmethod
+    def _commit_count(cls, masked: torch.Tensor, total: torch.Tensor, i: int, steps: int, k: dict) -> torch.Tensor:
+        """How many to commit at step i of steps: linear ceil(m / (steps - i)); cosine/loop
+        m - floor(M (1 - alpha_s)); the last step everything."""
+        count = masked.sum(dim=1)
+        if i >= steps - 1:
+            return count
+        if k["acceptance_profile"] == "linear" and k["renoise_profile"] != "loop":
+            left = steps - i
+            return torch.div(count, left, rounding_mode="floor") + (count % left > 0).long()
+        a_s = cls._alpha(1.0 - (i + 1) / steps, k)
+        keep = torch.floor(total.double() * (1.0 - a_s) + 1e-9).long()
+        return torch.clamp(count - keep, min=0)
+
+    @classmethod
+    def _step(cls, logits: torch.Tensor, masked: torch.Tensor, total: torch.Tensor, i: int, steps: int, temperature: float,
+              k: dict, suppress: Sequence[int], generator: torch.Generator):
         """One denoising step on a block: candidates [B, K] and which of them to commit [B, K]."""
-        logits = logits.index_fill(-1, torch.tensor(list(suppress), device=logits.device), -math.inf)
+        logits = logits.double().index_fill(-1, torch.tensor(list(suppress), device=logits.device), -math.inf)
         if temperature > 0:  # Gumbel-max sampling, float64 noise from a CPU generator
             u = torch.rand(tuple(logits.shape), generator=generator, dtype=torch.float64).to(logits.device)
             gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(torch.float64).tiny)))
@@ -259,6 +391,7 @@ class DLMModelLM(DLMPreTrainedModel):
         else:
             x0 = logits.argmax(dim=-1)
         probs = F.softmax(logits, dim=-1)
+        remasking = k["remasking"]
         if remasking == "low_confidence":
             score = probs.gather(-1, x0[..., None])[..., 0]
         elif remasking == "margin":
@@ -270,16 +403,34 @@ class DLMModelLM(DLMPreTrainedModel):
             score = torch.rand(tuple(x0.shape), generator=generator, dtype=torch.float64).to(probs.device).to(probs.dtype)
         else:
             raise ValueError(f"remasking must be low_confidence, margin, entropy or random, got {remasking!r}")
-        count = masked.sum(dim=1)
-        # Linear acceptance profile over the remaining steps: ceil(masked / steps_left).
-        n = torch.div(count, steps_left, rounding_mode="floor") + (count % steps_left > 0).long()
-        if confidence_threshold is not None:
-            n_conf = ((score >= confidence_threshold) & masked).sum(dim=1)
-            n = torch.maximum(torch.maximum(n, n_conf), masked.any(dim=1).long())
+        if k["parallel_threshold"] is not None:  # Fast-dLLM: every confident position, at least one
+            n = torch.maximum(((score >= k["parallel_threshold"]) & masked).sum(dim=1), masked.any(dim=1).long())
+        else:
+            n = cls._commit_count(masked, total, i, steps, k)
+            if k["confidence_threshold"] is not None:
+                n_conf = ((score >= k["confidence_threshold"]) & masked).sum(dim=1)
+                n = torch.maximum(torch.maximum(n, n_conf), masked.any(dim=1).long())
         score = score.masked_fill(~masked, -math.inf)
         order = score.argsort(dim=-1, descending=True, stable=True)  # ties: leftmost first
         ranks = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
         return x0, (ranks < n[:, None]) & masked
+
+    @staticmethod
+    def _renoise(x_blk: torch.Tensor, committed: torch.Tensor, sigma: float, mask_id: int, generator: torch.Generator):
+        """Mask each committed token again with probability sigma (float64 uniforms, CPU generator)."""
+        if sigma <= 0.0 or not bool(committed.any()):
+            return x_blk, committed
+        remask = committed & (torch.rand(tuple(committed.shape), generator=generator, dtype=torch.float64).to(committed.device) < sigma)
+        return x_blk.masked_fill(remask, mask_id), committed & ~remask
+
+    @staticmethod
+    def _fill_after_eos(blk: torch.Tensor, eos: int, generated: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """stop_at_eos: positions of the block after its first generated EOS (bool [B, K])."""
+        is_eos = blk == eos
+        if generated is not None:
+            is_eos = is_eos & generated[None, :]
+        fill = (is_eos.long().cumsum(dim=1) > 0) & ~is_eos
+        return fill if generated is None else fill & generated[None, :]
 
     @torch.no_grad()
     def generate(
@@ -296,16 +447,38 @@ class DLMModelLM(DLMPreTrainedModel):
         eos_token_id: Optional[int] = None,
         suppress_token_ids: Optional[Sequence[int]] = None,
         use_cache: bool = True,
+        acceptance_profile: str = "linear",
+        renoise_profile: str = "none",
+        renoise_eta: float = 0.02,
+        renoise_t_on: float = 0.55,
+        renoise_t_off: float = 0.05,
+        renoise_alpha_on: float = 0.9,
+        renoise_prob: float = 0.0,
+        cache: str = "none",
+        parallel_threshold: Optional[float] = None,
+        cfg_scale: float = 0.0,
+        stop_at_eos: bool = False,
         **kwargs,
     ) -> torch.LongTensor:
         """Masked-diffusion generation of ``gen_length`` tokens after ``input_ids`` [B, P]
-        (prompts of equal length). Returns [B, P + gen_length].
+        (prompts of equal length). Returns [B, P + gen_length]. The knobs are dlm_megatron's
+        (same names, same defaults, same tokens for the same seed):
 
-        steps: denoising steps in total (default gen_length), split evenly over the blocks;
+        steps: denoising steps N in total (default gen_length), split evenly over the blocks;
         block_length: semi-autoregressive block length (default: the trained block size of a
-        block-diffusion checkpoint, else gen_length); temperature 0 is greedy; remasking:
-        which predictions are committed first (low_confidence, margin, entropy, random);
-        confidence_threshold: also commit every prediction at least this confident;
+        block-diffusion checkpoint, else gen_length); temperature T0 (0 = greedy) with
+        temperature_schedule constant | linear (T0 t) | cosine (T0 (1 - cos(pi t)) / 2);
+        remasking: which predictions are committed first (low_confidence, margin, entropy,
+        random); acceptance_profile: fraction of a block committed after step n of K, linear
+        n/K (LLaDA) or cosine 1 - cos(pi n / 2K) (MaskGIT); renoise_profile none | constant |
+        cap | rescale | loop with renoise_eta (and renoise_t_on / renoise_t_off /
+        renoise_alpha_on for loop): ReMDM remasking of committed tokens (renoise_prob p is
+        constant with eta p); confidence_threshold: also commit every prediction at least this
+        confident; parallel_threshold: Fast-dLLM's policy, every prediction at least this
+        confident and at least one, ignoring the step schedule; cache none | prefix | dual:
+        Fast-dLLM's KV cache for masked checkpoints, refreshed when each block starts;
+        cfg_scale W: classifier-free guidance u + (1 + W)(c - u), u with the prompt masked;
+        stop_at_eos: a committed EOS also fills the rest of its block;
         eos_token_id (default config.eos_token_id): rows that produced it get their later
         blocks filled with it; suppress_token_ids (default: [pad]) are never sampled, nor is
         the mask token; use_cache (block-diffusion checkpoints): keep finished blocks'
@@ -328,32 +501,115 @@ class DLMModelLM(DLMPreTrainedModel):
         num_blocks = gen_length // block_length
         if steps < 1 or steps % num_blocks:
             raise ValueError(f"steps ({steps}) must be a positive multiple of the number of blocks ({num_blocks})")
-        k = steps // num_blocks
+        if acceptance_profile not in ("linear", "cosine"):
+            raise ValueError(f"acceptance_profile must be linear or cosine, got {acceptance_profile!r}")
+        if renoise_profile not in ("none", "constant", "cap", "rescale", "loop"):
+            raise ValueError(f"renoise_profile must be none, constant, cap, rescale or loop, got {renoise_profile!r}")
+        if renoise_prob > 0.0:
+            if renoise_profile != "none":
+                raise ValueError("renoise_prob is an alias of renoise_profile='constant' with renoise_eta=renoise_prob; set one")
+            renoise_profile, renoise_eta = "constant", renoise_prob
+        if cache not in ("none", "prefix", "dual"):
+            raise ValueError(f"cache must be none, prefix or dual, got {cache!r}")
+        if cache != "none" and block_size is not None:
+            raise ValueError("cache is the masked sampler's Fast-dLLM cache; block checkpoints cache finished blocks (use_cache)")
+        if parallel_threshold is not None and (renoise_profile != "none" or confidence_threshold is not None):
+            raise ValueError("parallel_threshold ignores the step schedule: use it without renoising or confidence_threshold")
+        if not (cfg_scale >= 0 and math.isfinite(cfg_scale)):
+            raise ValueError(f"cfg_scale must be a finite value >= 0, got {cfg_scale}")
+        if not 0.0 <= renoise_eta < 1.0:
+            raise ValueError(f"renoise_eta must be in [0, 1), got {renoise_eta}")
+        if not (0.0 <= renoise_t_off < renoise_t_on <= 1.0) or not (0.0 < renoise_alpha_on < 1.0):
+            raise ValueError("loop needs 0 <= renoise_t_off < renoise_t_on <= 1 and 0 < renoise_alpha_on < 1, got "
+                             f"{renoise_t_off}, {renoise_t_on}, {renoise_alpha_on}")
+        if parallel_threshold is not None and not (0.0 <= parallel_threshold <= 1.0):
+            raise ValueError(f"parallel_threshold must be in [0, 1], got {parallel_threshold}")
+        steps_per_block = steps // num_blocks
         eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
+        if stop_at_eos and eos is None:
+            raise ValueError("stop_at_eos needs an eos_token_id")
         if suppress_token_ids is None:
             suppress_token_ids = [] if cfg.pad_token_id is None else [cfg.pad_token_id]
+        knobs = dict(remasking=remasking, confidence_threshold=confidence_threshold, acceptance_profile=acceptance_profile,
+                     renoise_profile=renoise_profile, renoise_eta=renoise_eta, renoise_t_on=renoise_t_on,
+                     renoise_t_off=renoise_t_off, renoise_alpha_on=renoise_alpha_on, parallel_threshold=parallel_threshold,
+                     temperature=temperature, temperature_schedule=temperature_schedule, cfg_scale=cfg_scale,
+                     stop_at_eos=stop_at_eos)
         suppress = sorted({int(cfg.mask_token_id), *(int(i) for i in suppress_token_ids)})
         generator = torch.Generator().manual_seed(seed)
-        opts = dict(remasking=remasking, confidence_threshold=confidence_threshold, suppress=suppress, generator=generator)
         if block_size is not None:
-            return self._generate_blocks(input_ids, gen_length, block_size, k, temperature, temperature_schedule, eos, opts,
+            return self._generate_blocks(input_ids, gen_length, block_size, steps_per_block, eos, knobs, suppress, generator,
                                          use_cache=use_cache)
+        return self._generate_masked(input_ids, gen_length, block_length, num_blocks, steps_per_block, eos, knobs, suppress,
+                                     generator, cache)
 
-        mask_id, device = cfg.mask_token_id, input_ids.device
+    def _guided(self, logits: torch.Tensor, B: int, scale: float) -> torch.Tensor:
+        """Rows [cond; uncond] -> u + (1 + W)(c - u) (float32, as the framework)."""
+        if scale <= 0.0:
+            return logits
+        cond, unc = logits[:B], logits[B:]
+        return unc + (1.0 + scale) * (cond - unc)
+
+    def _window_logits(self, tokens: torch.Tensor, a: int, lo: int, hi: int, past, after) -> torch.Tensor:
+        """Logits of positions [lo, hi) from running positions [a, a + N) with cached keys/values."""
+        B, N = tokens.shape
+        pos = torch.arange(a, a + N, device=tokens.device).expand(B, N)
+        kv: list = []
+        out, _ = self.model(tokens, None, pos, past=past, after=after, kv_out=kv)
+        out = out[..., : self.config.vocab_size].float()
+        if self.config.shift_logits:
+            idx = (torch.arange(lo, hi, device=out.device) - 1).clamp_min(0) - a
+            return out[:, idx]
+        return out[:, lo - a: hi - a]
+
+    def _generate_masked(self, input_ids, gen_length, block_length, num_blocks, k, eos, knobs, suppress, generator, cache):
+        mask_id, device = self.config.mask_token_id, input_ids.device
         B, P = input_ids.shape
-        x = torch.full((B, P + gen_length), mask_id, dtype=torch.long, device=device)
+        S = P + gen_length
+        x = torch.full((B, S), mask_id, dtype=torch.long, device=device)
         x[:, :P] = input_ids
         done = torch.zeros(B, dtype=torch.bool, device=device)
+        W, thr = knobs["cfg_scale"], knobs["parallel_threshold"]
+        shift = 1 if self.config.shift_logits else 0
+
+        def rows(x):  # a shifted model's token 0 stays clean in the unconditional row, as in training
+            return torch.cat([x, x.index_fill(1, torch.arange(shift, P, device=x.device), mask_id)]) if W > 0 else x
+
         for b in range(num_blocks):
             lo, hi = P + b * block_length, P + (b + 1) * block_length
-            for i in range(k):
+            committed = torch.zeros(B, block_length, dtype=torch.bool, device=device)
+            total = (x[:, lo:hi] == mask_id).sum(dim=1)
+            kv: list = []
+            for i in range(max(k, block_length) if thr is not None else k):
+                x[:, lo:hi], committed = self._renoise(x[:, lo:hi], committed, self._renoise_rate(i, k, knobs), mask_id, generator)
                 masked = x[:, lo:hi] == mask_id
                 if not bool(masked.any()):
                     break
-                logits = self._denoiser_logits(x)[:, lo:hi]
-                temp = self._temperature(temperature, temperature_schedule, 1.0 - i / k)
-                x0, commit = self._step(logits, masked, k - i, temp, **opts)
+                if cache == "none":
+                    logits = self._denoiser_logits(rows(x))[:, lo:hi]
+                elif i == 0:  # Fast-dLLM: a full forward refreshes every position's keys/values
+                    kv = []
+                    full, _ = self.model(rows(x), None, torch.arange(S, device=device).expand(rows(x).shape[0], S), kv_out=kv)
+                    full = full[..., : self.config.vocab_size].float()
+                    if shift:
+                        full = torch.cat([full[:, :1], full[:, :-1]], dim=1)
+                    logits = full[:, lo:hi]
+                else:
+                    a = max(lo - shift, 0)
+                    e = hi if cache == "dual" else S
+                    past = [(kk[:, :, :a], vv[:, :, :a]) for kk, vv in kv]
+                    after = [(kk[:, :, e:], vv[:, :, e:]) for kk, vv in kv] if cache == "dual" else None
+                    logits = self._window_logits(rows(x)[:, a:e], a, lo, hi, past, after)
+                logits = self._guided(logits, B, W)
+                t = float(masked.sum(dim=1).max()) / block_length if thr is not None else 1.0 - i / k
+                temp = self._temperature(knobs["temperature"], knobs["temperature_schedule"], t)
+                x0, commit = self._step(logits, masked, total, i, k, temp, knobs, suppress, generator)
                 x[:, lo:hi] = torch.where(commit, x0, x[:, lo:hi])
+                committed |= commit
+                if knobs["stop_at_eos"]:
+                    fill = self._fill_after_eos(x[:, lo:hi], eos)
+                    x[:, lo:hi] = x[:, lo:hi].masked_fill(fill, eos)
+                    committed &= ~fill
             if eos is not None:
                 done |= (x[:, P:hi] == eos).any(dim=1)
                 tail = x[:, hi:]
@@ -364,27 +620,35 @@ class DLMModelLM(DLMPreTrainedModel):
 
     def _cached_logits(self, tokens: torch.Tensor, start: int, past: Optional[list], allowed: Optional[torch.Tensor],
                        kv_out: Optional[list] = None) -> torch.Tensor:
-        """Logits of ``tokens`` [B, N] at positions start..start+N-1 after ``past`` (start cached positions)."""
+        """Logits of ``tokens`` [B, N] at positions start..start+N-1 after ``past`` (start cached positions), float32."""
         B, N = tokens.shape
         pos = torch.arange(start, start + N, device=tokens.device).expand(B, N)
         logits, _ = self.model(tokens, allowed, pos, past=past, kv_out=kv_out)
-        return logits[..., : self.config.vocab_size].double()
+        return logits[..., : self.config.vocab_size].float()
 
-    def _generate_blocks(self, input_ids, gen_length, bs, k, temperature, temperature_schedule, eos, opts, use_cache=True):
+    def _generate_blocks(self, input_ids, gen_length, bs, k, eos, knobs, suppress, generator, use_cache=True):
         """Block diffusion on the training grid (block j = positions [j*bs, (j+1)*bs))."""
         mask_id, device = self.config.mask_token_id, input_ids.device
         B, P = input_ids.shape
-        total = P + gen_length
-        first, end = P // bs * bs, -(-total // bs) * bs
+        total_len = P + gen_length
+        first, end = P // bs * bs, -(-total_len // bs) * bs
         x = torch.full((B, end), mask_id, dtype=torch.long, device=device)
         x[:, :P] = input_ids
         done = torch.zeros(B, dtype=torch.bool, device=device)
         past = None  # per layer (k, v) of x[:, :lo]: finished blocks, block-causal among themselves
+        W, thr = knobs["cfg_scale"], knobs["parallel_threshold"]
+
+        def rows(tokens, start):  # with guidance, also the prompt-masked copy of these positions
+            if W <= 0:
+                return tokens
+            unc = tokens.clone()
+            unc[:, : max(0, min(P - start, unc.shape[1]))] = mask_id
+            return torch.cat([tokens, unc])
 
         def commit(lo: int, hi: int):
             nonlocal past
             kv: list = []
-            self._cached_logits(x[:, lo:hi], lo, past, block_causal_allowed(hi, bs, device)[..., lo:, :], kv)
+            self._cached_logits(rows(x[:, lo:hi], lo), lo, past, block_causal_allowed(hi, bs, device)[..., lo:, :], kv)
             past = kv
 
         if use_cache and first > 0:
@@ -395,17 +659,28 @@ class DLMModelLM(DLMPreTrainedModel):
                 blk = x[:, lo:hi]
                 x[:, lo:hi] = torch.where(done[:, None] & (blk == mask_id), eos, blk)
             allowed = block_causal_allowed(hi, bs, device)
-            for i in range(k):
+            committed = torch.zeros(B, bs, dtype=torch.bool, device=device)
+            total = (x[:, lo:hi] == mask_id).sum(dim=1)
+            generated = torch.arange(lo, hi, device=device) >= P
+            for i in range(max(k, bs) if thr is not None else k):
+                x[:, lo:hi], committed = self._renoise(x[:, lo:hi], committed, self._renoise_rate(i, k, knobs), mask_id, generator)
                 masked = x[:, lo:hi] == mask_id
                 if not bool(masked.any()):
                     break
                 if use_cache:  # the block sees every cached position and itself: no mask needed
-                    logits = self._cached_logits(x[:, lo:hi], lo, past, None)
+                    logits = self._cached_logits(rows(x[:, lo:hi], lo), lo, past, None)
                 else:
-                    logits = self._denoiser_logits(x[:, :hi], allowed)[:, lo:hi]
-                temp = self._temperature(temperature, temperature_schedule, 1.0 - i / k)
-                x0, commit_BK = self._step(logits, masked, k - i, temp, **opts)
+                    logits = self._denoiser_logits(rows(x[:, :hi], 0), allowed)[:, lo:hi]
+                logits = self._guided(logits, B, W)
+                t = float(masked.sum(dim=1).max()) / bs if thr is not None else 1.0 - i / k
+                temp = self._temperature(knobs["temperature"], knobs["temperature_schedule"], t)
+                x0, commit_BK = self._step(logits, masked, total, i, k, temp, knobs, suppress, generator)
                 x[:, lo:hi] = torch.where(commit_BK, x0, x[:, lo:hi])
+                committed |= commit_BK
+                if knobs["stop_at_eos"]:
+                    fill = self._fill_after_eos(x[:, lo:hi], eos, generated)
+                    x[:, lo:hi] = x[:, lo:hi].masked_fill(fill, eos)
+                    committed &= ~fill
             if eos is not None:
                 done |= (x[:, P:hi] == eos).any(dim=1)
                 if bool(done.all()):
@@ -413,4 +688,4 @@ class DLMModelLM(DLMPreTrainedModel):
                     break
             if use_cache and hi < end:
                 commit(lo, hi)
-        return x[:, :total]
+        return x[:, :total_len]

@@ -1,0 +1,162 @@
+"""Mixture of experts at every proven layout: the same per-step losses and final weights as one
+plain process (tests/distributed/reference.py), exact resume at EP2, offline EP2 -> EP1
+resharding, and every discrete objective training with MoE.
+
+Launches: 3 plain reference processes, one single process running the objectives in sequence,
+one torchrun of 2 and one of 4 processes (tests/distributed/run_layouts.py runs several
+layouts per launch).
+"""
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from common import PY, metrics, run, torchrun, train_losses
+
+from dlm_megatron.checkpoint import load_full_state_dict
+
+pytestmark = pytest.mark.distributed
+
+# 4 experts of 96 SwiGLU units, top-2, per-head q/k norm, LLaDA-MoE's routing (softmax over all
+# experts, no top-k renormalisation) and a load-balancing loss large enough to move the router.
+MOE = ("model.num_moe_experts=4,model.moe_router_topk=2,model.moe_ffn_hidden_size=96,model.qk_layernorm=true,"
+       "model.moe_router_pre_softmax=true,model.moe_aux_loss_coeff=0.05")
+# DeepSeek-V3 / LLaDA 2.0 routing: sigmoid scores, aux-loss-free expert bias (megatron engine).
+BIAS = ("model.num_moe_experts=4,model.moe_router_topk=2,model.moe_ffn_hidden_size=96,model.moe_router_score_function=sigmoid,"
+        "model.moe_router_enable_expert_bias=true,model.moe_router_bias_update_rate=0.01,parallel.engine=megatron")
+BLOCK = "diffusion.objective=block,diffusion.block_size=8"
+MEGATRON = "parallel.engine=megatron"
+COMPARE = "train.adam_eps=1e-5"  # see tests/distributed/test_layouts.py: COMPARE
+
+# name: (reference, settings, processes)
+LAYOUTS = {
+    "moe_ep2": ("ref_moe", f"{MOE},{MEGATRON},parallel.ep=2,parallel.zero_stage=1", 2),
+    "moe_dp2_deepspeed_zero1": ("ref_moe", f"{MOE},parallel.zero_stage=1", 2),
+    "moe_block_ep2": ("ref_moe_block", f"{MOE},{BLOCK},{MEGATRON},parallel.ep=2,parallel.zero_stage=1", 2),
+    "moe_bias_ep2": ("ref_moe_bias", f"{BIAS},parallel.ep=2,parallel.zero_stage=1", 2),
+    "moe_pp2": ("ref_moe", f"{MOE},parallel.pp=2,parallel.zero_stage=1", 2),
+    "moe_ep2_dp2_zero1": ("ref_moe", f"{MOE},{MEGATRON},parallel.ep=2,parallel.zero_stage=1", 4),
+    "moe_ep4_zero0": ("ref_moe", f"{MOE},{MEGATRON},parallel.ep=4,parallel.zero_stage=0", 4),
+    # stopped after step 2 (checkpoint), then resumed in the same launch at EP2
+    "moe_resume_ep2": ("ref_moe", f"{MOE},{MEGATRON},parallel.ep=2,parallel.zero_stage=1", 2),
+}
+REFERENCES = {"ref_moe": MOE, "ref_moe_block": f"{MOE},{BLOCK}", "ref_moe_bias": BIAS}
+OBJECTIVES = ("masked", "block", "ar", "uniform", "hybrid", "sft")
+
+
+def _sft_data(path: Path) -> Path:
+    r = random.Random(0)
+    words = "king queen sword crown night love death rose".split()
+    with path.open("w") as f:
+        for _ in range(64):
+            w = r.choice(words)
+            f.write(json.dumps({"prompt": f"Repeat: {w}\n", "response": f"{w} {w} {w}"}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe")
+    for name, settings in REFERENCES.items():
+        run([PY, "tests/distributed/reference.py", str(root / name), *settings.split(","), COMPARE])
+    specs = {n: [] for n in (2, 4)}
+    for name, (_, settings, n) in LAYOUTS.items():
+        if name == "moe_resume_ep2":
+            specs[n] += [f"{name}:{settings},{COMPARE},@stop=2", f"{name}:{settings},{COMPARE}"]
+        else:
+            specs[n].append(f"{name}:{settings},{COMPARE}")
+    for n in (2, 4):
+        torchrun(n, "tests/distributed/run_layouts.py", str(root), *specs[n])
+    sft = _sft_data(root / "sft.jsonl")
+    objectives = [f"obj_{o}:{MOE},train.steps=16,train.lr=3e-3,"
+                  + (f"data.sft_path={sft},data.seq_len=16" if o == "sft" else f"diffusion.objective={o}")
+                  + (",diffusion.block_size=8" if o == "block" else "") for o in OBJECTIVES]
+    run([PY, "tests/distributed/run_layouts.py", str(root), *objectives])
+    return root
+
+
+# fp32 reduction order (gradients summed over ranks, ZeRO-1's partitioned clipping norm) moves
+# weights by float32 rounding per step, which Adam (eps 1e-5, see COMPARE) turns into at most a
+# few 1e-5 after 4 steps of lr 1e-2: measured 1.5e-5 (DeepSpeed ZeRO-1 and EP2 x DP2 with the
+# distributed optimizer), 5e-7 for EP2 / EP4 without DP reduction of expert gradients.
+TOL = 5e-5
+LOSS_TOL = 1e-5  # measured 2.7e-6
+
+
+def _final(run_dir: Path) -> dict:
+    return load_full_state_dict(sorted((run_dir / "checkpoints").glob("step_*"))[-1])
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_moe_layout_matches_one_process(runs, layout):
+    refname = LAYOUTS[layout][0]
+    ref_losses = json.loads((runs / refname / "losses.json").read_text())
+    losses = train_losses(runs / layout)
+    assert len(losses) == len(ref_losses) == 4, losses
+    for step, (a, b) in enumerate(zip(losses, ref_losses), 1):
+        assert a == pytest.approx(b, abs=LOSS_TOL), f"{layout}: step {step} loss {a} != one process {b}"
+    ref = load_file(str(runs / refname / "params.safetensors"))
+    got = _final(runs / layout)
+    assert set(got) == set(ref)
+    assert sum(".local_experts." in k for k in ref) == 2 * 4 * 2  # 2 layers x 4 experts x (fc1, fc2)
+    for k in ref:
+        diff = (got[k] - ref[k]).abs().max().item()
+        assert diff <= TOL, f"{layout}: {k} differs from one process by {diff:.2e}"
+
+
+def test_moe_metrics_are_layout_independent(runs):
+    """moe_aux_loss and moe_max_load are sums over data-parallel ranks: every layout of the
+    same model reports the same numbers, and the router moved (aux loss is not constant)."""
+    rows = {k: [r for r in metrics(runs / k) if r.get("split") != "val"]
+            for k in ("moe_ep2", "moe_dp2_deepspeed_zero1", "moe_ep2_dp2_zero1", "moe_ep4_zero0", "moe_pp2")}
+    base = rows["moe_ep2"]
+    assert all(1.0 <= r["moe_max_load"] <= 4.0 and r["moe_aux_loss"] >= 1.0 - 1e-6 for r in base), base
+    for name, rs in rows.items():
+        for a, b in zip(rs, base):
+            assert a["moe_aux_loss"] == pytest.approx(b["moe_aux_loss"], abs=1e-5), name
+            assert a["moe_max_load"] == pytest.approx(b["moe_max_load"], abs=1e-9), name
+    assert len({round(r["moe_aux_loss"], 6) for r in base}) > 1
+
+
+def test_expert_bias_moved_and_is_saved(runs):
+    got = _final(runs / "moe_bias_ep2")
+    biases = [v for k, v in got.items() if k.endswith(".router.expert_bias")]
+    assert len(biases) == 2 and all(b.abs().max() > 0 for b in biases)
+
+
+def test_resume_at_ep2_is_exact(runs):
+    """Stopped after step 2 and resumed: the same losses and weights as the uninterrupted run."""
+    a, b = train_losses(runs / "moe_resume_ep2"), train_losses(runs / "moe_ep2")
+    assert len(a) == 4 and a == b  # bitwise: weights, Adam moments and step restored exactly
+    got, want = _final(runs / "moe_resume_ep2"), _final(runs / "moe_ep2")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    ckpt = sorted((runs / "moe_ep2" / "checkpoints").glob("step_*"))[-1]
+    assert sorted(p.name for p in (ckpt / "model").iterdir()) == ["tp0_pp0.safetensors", "tp0_pp0_ep1.safetensors"]
+    ep1 = load_file(str(ckpt / "model" / "tp0_pp0_ep1.safetensors"))
+    assert ep1 and all(".local_experts.2." in k or ".local_experts.3." in k for k in ep1)
+
+
+def test_reshard_ep2_to_ep1_offline(runs, tmp_path):
+    from dlm_megatron.checkpoint import read_meta
+    from dlm_megatron.convert.reshard import reshard
+
+    src = runs / "moe_ep2"
+    out = reshard(src, tmp_path / "ep1", tp=1, pp=1, ep=1, show_progress=False)
+    assert [p.name for p in (out / "model").iterdir()] == ["tp0_pp0.safetensors"]
+    assert read_meta(out)["layout"]["ep"] == 1
+    a, b = _final(src), load_full_state_dict(out)
+    assert set(a) == set(b) and all((a[k] == b[k]).all() for k in a)
+    back = reshard(out, tmp_path / "ep2", tp=1, pp=1, ep=2, show_progress=False)
+    assert sorted(p.name for p in (back / "model").iterdir()) == ["tp0_pp0.safetensors", "tp0_pp0_ep1.safetensors"]
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_objectives_train_with_moe(runs, objective):
+    rows = [r for r in metrics(runs / f"obj_{objective}") if r.get("split") != "val"]
+    losses = [r["loss"] for r in rows]
+    assert len(losses) == 16 and all(r["moe_max_load"] >= 1 and r["moe_aux_loss"] > 0 for r in rows)
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < first - 0.3, f"{objective}: loss did not fall: {first:.3f} -> {last:.3f}"
