@@ -62,3 +62,35 @@ def metrics(run_dir) -> list[dict]:
 
 def train_losses(run_dir) -> list[float]:
     return [r["loss"] for r in metrics(run_dir) if r.get("split") != "val"]
+
+
+class RecordingEngine:
+    """Stands in for the training engine in tests that drive ``train.run`` in one process:
+    records each train_step's micro-batches and when it started; a step takes
+    ``step_seconds`` (0: returns at once). Its losses are zeros."""
+
+    def __init__(self, model, step_seconds: float = 0.0):
+        self.module = model
+        self.step_seconds = step_seconds
+        self.steps: list[list] = []
+        self.times: list[float] = []
+
+    def set_lr(self, step):
+        return 1e-3
+
+    def train(self):
+        pass
+
+    def eval(self):
+        pass
+
+    def train_step(self, micro_batches, loss_fn, **_):
+        import time
+
+        import torch
+
+        self.times.append(time.perf_counter())
+        self.steps.append(micro_batches)
+        if self.step_seconds:
+            time.sleep(self.step_seconds)
+        return [torch.zeros(()) for _ in micro_batches], 0.0, False

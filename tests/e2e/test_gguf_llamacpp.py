@@ -198,9 +198,25 @@ def ensure_llama_cpp(request) -> None:
 # The test
 
 
+def _run_in_llama_cpp(tmp_path, run_dir, tokens, text: str, name: str, dtype: str = "f32"):
+    """Export ``run_dir`` to GGUF and run ``tokens`` through real llama.cpp in a child process.
+    -> (facts the child reports, its logits [S, n_vocab] as numpy)"""
+    from test_convert_cli import convert
+
+    req = tmp_path / f"request-{name}.json"
+    req.write_text(json.dumps({"tokens": tokens, "text": text}))
+    gguf_file = tmp_path / f"{name}.gguf"
+    assert convert("--ckpt", run_dir, "--to", "gguf", "--output", gguf_file, "--dtype", dtype) == 0
+    out = str(tmp_path / f"llama-{name}")
+    p = subprocess.run([sys.executable, __file__, str(gguf_file), str(req), out], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert p.returncode == 0, f"llama.cpp child failed ({p.returncode}):\n{p.stderr[-3000:]}"
+    return json.loads(Path(out + ".json").read_text()), np.load(out + ".npy")
+
+
 def test_gguf_runs_in_llama_cpp_and_matches_framework_logits(request, tmp_path):
     ensure_llama_cpp(request)
-    from test_convert_cli import convert, framework_logits, perturb_norms, sample_tokens, train_tiny, wait_all
+    from test_convert_cli import framework_logits, perturb_norms, sample_tokens, train_tiny, wait_all
 
     from dlm_megatron.data.tokenizer import load_tokenizer
 
@@ -211,19 +227,10 @@ def test_gguf_runs_in_llama_cpp_and_matches_framework_logits(request, tmp_path):
     x = sample_tokens(tok.vocab_size, tok.mask_id, B=1, S=24)
     ref = framework_logits(run_dir, x)[0, :, : tok.vocab_size].numpy()
     text = "ROMEO: But soft, what light through yonder window breaks?\nIt is the east."
-    req = tmp_path / "request.json"
-    req.write_text(json.dumps({"tokens": x[0].tolist(), "text": text}))
 
     limits = {"f32": 1e-3, "q8_0": 0.05}
     for dtype, limit in limits.items():
-        gguf_file = tmp_path / f"model-{dtype}.gguf"
-        assert convert("--ckpt", run_dir, "--to", "gguf", "--output", gguf_file, "--dtype", dtype) == 0
-        out = str(tmp_path / f"llama-{dtype}")
-        p = subprocess.run([sys.executable, __file__, str(gguf_file), str(req), out], capture_output=True, text=True,
-                           timeout=300, env=dict(os.environ, OMP_NUM_THREADS="2"))
-        assert p.returncode == 0, f"llama.cpp child failed ({p.returncode}):\n{p.stderr[-3000:]}"
-        facts = json.loads(Path(out + ".json").read_text())
-        got = np.load(out + ".npy")
+        facts, got = _run_in_llama_cpp(tmp_path, run_dir, x[0].tolist(), text, f"model-{dtype}", dtype)
         assert facts["arch"] == "llada" and facts["is_diffusion"], facts
         assert facts["mask_id"] == tok.mask_id and facts["eos_id"] == tok.eot_id, facts
         assert facts["n_vocab"] == tok.vocab_size and facts["shift_logits"] == "false", facts
@@ -231,7 +238,6 @@ def test_gguf_runs_in_llama_cpp_and_matches_framework_logits(request, tmp_path):
         diff = float(np.abs(got - ref).max())
         print(f"\n[gguf/llama.cpp] {dtype}: max |logit diff| vs framework = {diff:.2e} (max |logit| {np.abs(ref).max():.2f})")
         assert got.shape == ref.shape and diff < limit, (dtype, diff)
-
 
 
 def test_qwen2_biased_checkpoint_runs_in_llama_cpp_as_dream(request, tmp_path):
@@ -250,16 +256,7 @@ def test_qwen2_biased_checkpoint_runs_in_llama_cpp_as_dream(request, tmp_path):
     x = sample_tokens(tok.vocab_size, tok.mask_id, B=1, S=24)
     V = 8200  # the Qwen2 config's vocabulary (tokenizer ids + unused rows)
     ref = framework_logits(run_dir, x)[0, :, :V].numpy()
-    req = tmp_path / "request.json"
-    req.write_text(json.dumps({"tokens": x[0].tolist(), "text": "ROMEO: But soft"}))
-    gguf_file = tmp_path / "dream.gguf"
-    assert convert("--ckpt", run_dir, "--to", "gguf", "--output", gguf_file) == 0
-    out = str(tmp_path / "llama-dream")
-    p = subprocess.run([sys.executable, __file__, str(gguf_file), str(req), out], capture_output=True, text=True,
-                       timeout=300, env=dict(os.environ, OMP_NUM_THREADS="2"))
-    assert p.returncode == 0, f"llama.cpp child failed ({p.returncode}):\n{p.stderr[-3000:]}"
-    facts = json.loads(Path(out + ".json").read_text())
-    got = np.load(out + ".npy")
+    facts, got = _run_in_llama_cpp(tmp_path, run_dir, x[0].tolist(), "ROMEO: But soft", "dream")
     assert facts["arch"] == "dream" and facts["is_diffusion"] and facts["mask_id"] == tok.mask_id, facts
     assert facts["n_vocab"] == V and facts["shift_logits"] == "false", facts
     diff = float(np.abs(got - ref).max())
@@ -274,7 +271,7 @@ def test_moe_checkpoint_runs_in_llama_cpp_as_llada_moe(request, tmp_path):
     ``llada-moe`` GGUF: llama.cpp loads it as a diffusion model and its logits match the
     framework's within the dense f32 export's limit."""
     ensure_llama_cpp(request)
-    from test_convert_cli import convert, framework_logits, perturb_norms, sample_tokens, train_tiny, wait_all
+    from test_convert_cli import framework_logits, perturb_norms, sample_tokens, train_tiny, wait_all
 
     from dlm_megatron.data.tokenizer import load_tokenizer
 
@@ -285,16 +282,7 @@ def test_moe_checkpoint_runs_in_llama_cpp_as_llada_moe(request, tmp_path):
     tok = load_tokenizer("builtin")
     x = sample_tokens(tok.vocab_size, tok.mask_id, B=1, S=24)
     ref = framework_logits(run_dir, x)[0, :, : tok.vocab_size].numpy()
-    req = tmp_path / "request.json"
-    req.write_text(json.dumps({"tokens": x[0].tolist(), "text": "ROMEO: But soft"}))
-    gguf_file = tmp_path / "moe.gguf"
-    assert convert("--ckpt", run_dir, "--to", "gguf", "--output", gguf_file) == 0
-    out = str(tmp_path / "llama-moe")
-    p = subprocess.run([sys.executable, __file__, str(gguf_file), str(req), out], capture_output=True, text=True,
-                       timeout=300, env=dict(os.environ, OMP_NUM_THREADS="2"))
-    assert p.returncode == 0, f"llama.cpp child failed ({p.returncode}):\n{p.stderr[-3000:]}"
-    facts = json.loads(Path(out + ".json").read_text())
-    got = np.load(out + ".npy")
+    facts, got = _run_in_llama_cpp(tmp_path, run_dir, x[0].tolist(), "ROMEO: But soft", "moe")
     assert facts["arch"] == "llada-moe" and facts["is_diffusion"] and facts["mask_id"] == tok.mask_id, facts
     diff = float(np.abs(got - ref).max())
     print(f"\n[gguf/llama.cpp] llada-moe f32: max |logit diff| vs framework = {diff:.2e} (max |logit| {np.abs(ref).max():.2f})")

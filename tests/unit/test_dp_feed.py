@@ -14,30 +14,9 @@ import dataclasses
 import pytest
 import torch
 
-from common import COMMON_OVERRIDES, REPO
+from common import COMMON_OVERRIDES, REPO, RecordingEngine
 
 STEPS = 3
-
-
-class RecordingEngine:
-    """Stands in for the DeepSpeed engine: records every train_step's micro-batches."""
-
-    def __init__(self, model):
-        self.module = model
-        self.steps: list[list] = []
-
-    def set_lr(self, step):
-        return 1e-3
-
-    def train(self):
-        pass
-
-    def eval(self):
-        pass
-
-    def train_step(self, micro_batches, loss_fn, **_):
-        self.steps.append(micro_batches)
-        return [torch.zeros(()) for _ in micro_batches], 0.0, False
 
 
 def _feed(tmp_path, dp: int, dp_rank: int, monkeypatch) -> list[list]:

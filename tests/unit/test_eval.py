@@ -24,13 +24,14 @@ class FakeModel(torch.nn.Module):
         self.out = torch.nn.Parameter(torch.randn(8, 16, generator=g))  # 16 = padded vocab
         self.causal = causal
 
-    def forward(self, tokens, pos, mask, labels=None, explicit_positions=False, loss_index=None):
-        h = self.emb[tokens]
+    def mix(self, h, mask):
+        """Each position's hidden state after 'attention' (the mask is ignored here)."""
         if self.causal:
-            h = h.cumsum(1) / torch.arange(1, h.shape[1] + 1)[None, :, None]
-        else:
-            h = h + h.mean(1, keepdim=True)
-        logits = h @ self.out
+            return h.cumsum(1) / torch.arange(1, h.shape[1] + 1)[None, :, None]
+        return h + h.mean(1, keepdim=True)
+
+    def forward(self, tokens, pos, mask, labels=None, explicit_positions=False, loss_index=None):
+        logits = self.mix(self.emb[tokens], mask) @ self.out
         if labels is None:
             return logits
         return F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
@@ -289,18 +290,12 @@ class MaskRecorder(FakeModel):
         super().__init__()
         self.masks = []
 
-    def forward(self, tokens, pos, mask, labels=None, explicit_positions=False, loss_index=None):
+    def mix(self, h, mask):
         self.masks.append(mask)
-        h = self.emb[tokens]
-        if mask is not None:
-            vis = (~mask[:, 0]).to(h.dtype)                       # [B, S, S] 1 = may attend
-            h = h + (vis @ h) / vis.sum(-1, keepdim=True)
-        else:
-            h = h + h.mean(1, keepdim=True)
-        logits = h @ self.out
-        if labels is None:
-            return logits
-        return F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+        if mask is None:
+            return super().mix(h, mask)
+        vis = (~mask[:, 0]).to(h.dtype)                       # [B, S, S] 1 = may attend
+        return h + (vis @ h) / vis.sum(-1, keepdim=True)
 
 
 def test_document_masks_reach_the_model_in_eval():

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from common import COMMON_OVERRIDES, REPO
+from common import COMMON_OVERRIDES, REPO, RecordingEngine
 
 from dlm_megatron.data.prefetch import Prefetcher
 
@@ -46,30 +46,7 @@ def test_prefetcher_order_depth_errors_and_close():
     assert sync.get(0) == 0 and made[-1] == 0
 
 
-class TimedEngine:
-    """Stands in for the engine: a step takes STEP_SECONDS; records batches and times."""
-
-    def __init__(self, model):
-        self.module = model
-        self.steps, self.times = [], []
-
-    def set_lr(self, step):
-        return 1e-3
-
-    def train(self):
-        pass
-
-    def eval(self):
-        pass
-
-    def train_step(self, micro_batches, loss_fn, **_):
-        self.times.append(time.perf_counter())
-        self.steps.append(micro_batches)
-        time.sleep(STEP_SECONDS)
-        return [torch.zeros(()) for _ in micro_batches], 0.0, False
-
-
-def _train(tmp_path, monkeypatch, prefetch: int, start_step: int = 0, steps: int = 6) -> TimedEngine:
+def _train(tmp_path, monkeypatch, prefetch: int, start_step: int = 0, steps: int = 6) -> RecordingEngine:
     from dlm_megatron import train
     from dlm_megatron.config import load_config
     from dlm_megatron.data.loader import PackedDataset
@@ -82,7 +59,7 @@ def _train(tmp_path, monkeypatch, prefetch: int, start_step: int = 0, steps: int
         return real_getitem(self, i)
 
     monkeypatch.setattr(PackedDataset, "__getitem__", slow_getitem)
-    monkeypatch.setattr(train, "build_engine", lambda model, cfg, lay, bf16: engines.append(TimedEngine(model)) or engines[-1])
+    monkeypatch.setattr(train, "build_engine", lambda model, cfg, lay, bf16: engines.append(RecordingEngine(model, STEP_SECONDS)) or engines[-1])
     monkeypatch.setattr(train.Trainer, "_resume", lambda self, latest: start_step)
     cfg = load_config(f"{REPO}/configs/tiny.yaml", list(COMMON_OVERRIDES) + [
         f"train.steps={steps}", "train.save_at_end=false", "data.val_path=null", "logging.log_interval=100",
