@@ -11,7 +11,7 @@
 #   1 kernels   bf16 GEMM 8192^3 peak, SDPA flash fwd+bwd at 8B shapes, FlexAttention vs dense
 #               masked SDPA on the 2L block-diffusion mask (2L = 8192), numerical match
 #   2 tests     pytest -m gpu (bf16 training on DeepSpeed ZeRO 0/1 and the megatron engine, bf16 vs
-#               fp32, sdpa vs dense, block diffusion with flex), run in parallel
+#               fp32, sdpa vs dense, block diffusion with flex, background saves = synchronous), in parallel
 #   3 slices    configs/8b.yaml and 8b_block.yaml at 2 and 4 layers: memory and tokens/s vs the planner
 #   4 mfu       configs/1b.yaml masked (sdpa; DeepSpeed and megatron engines) and block (flex) MFU
 # The last thing printed is a short table (also $OUT/summary.md); copy it into docs/BENCHMARKS.md
@@ -89,7 +89,7 @@ fi
 # ---- 2. CUDA tests ----------------------------------------------------------------------
 if want 2; then
   if [ "$DRY" = 1 ]; then stage 2 tests 120 "$PY" -m pytest -q -p no:cacheprovider --collect-only -m gpu tests/gpu
-  else stage 2 tests 110 "$PY" -m pytest -q -p no:cacheprovider -m gpu -n 8 --timeout 100 -rA tests/gpu; fi
+  else stage 2 tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu -n 10 --timeout 140 -rA tests/gpu; fi
 fi
 
 # ---- 3. 8B slices vs the planner --------------------------------------------------------

@@ -5,10 +5,14 @@ megatron-core + DeepSpeed on the GPU). They are independent subprocess runs, so 
 runs them in parallel (pytest -n). ``--collect-only`` on CPU (gpu_check.sh --dry-run) checks
 that they still import and parametrize.
 """
+import shutil
+
 import pytest
 import torch
 
 from common import COMMON_OVERRIDES, PY, metrics, run, train_losses
+
+from dlm_megatron.checkpoint import load_full_state_dict
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -92,3 +96,38 @@ def test_sequence_parallel_matches_tp(tmp_path):
              "model.transformer_impl=transformer_engine", "train.precision=fp32", "train.steps=2", f"train.output_dir={out}"])
         losses[sp] = train_losses(out)
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+
+
+def _max_rel_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(((a[k].float() - b[k].float()).abs().max() / b[k].float().abs().max().clamp_min(1e-12)).item() for k in a)
+
+
+@pytest.mark.parametrize("engine", ["deepspeed-zero1", "megatron-pp1"])
+def test_background_saves_write_the_state_of_their_step(tmp_path, engine):
+    """Background saves on CUDA: the weights are copied into pinned host buffers with
+    non-blocking copies while training goes on (and, on the megatron engine, after the
+    overlapped parameter all-gather is finished). What they write must be the state at the
+    save's step, i.e. a synchronous run's checkpoints; a run resumed from the middle one ends
+    where the uninterrupted run did. A copy read before it completed, or after the next
+    optimizer step, differs by a whole step (about lr = 1e-2 relative)."""
+    args = (TRAIN + list(COMMON_OVERRIDES) + ENGINES[engine] +
+            ["train.precision=fp32", "model.attention_backend=dense", "train.steps=6", "train.save_interval=2",
+             "train.keep_last=10", "train.adam_eps=1e-5"])
+    dirs = {mode: tmp_path / f"async_{mode}" for mode in ("true", "false")}
+    for mode, out in dirs.items():
+        run(args + [f"train.async_save={mode}", f"train.output_dir={out}"])
+
+    def state(d, step):
+        return load_full_state_dict(d / "checkpoints" / f"step_{step:06d}")
+
+    for step in (2, 4, 6):  # run to run on CUDA: equal up to kernel nondeterminism
+        assert _max_rel_diff(state(dirs["true"], step), state(dirs["false"], step)) < 1e-4, step
+    resumed = tmp_path / "resumed"  # the async run's checkpoints up to step 4, then on to 6
+    (resumed / "checkpoints").mkdir(parents=True)
+    for step in (2, 4):
+        name = f"step_{step:06d}"
+        shutil.copytree(dirs["true"] / "checkpoints" / name, resumed / "checkpoints" / name)
+    (resumed / "checkpoints" / "latest").write_text("step_000004\n")
+    run(args + ["train.async_save=true", f"train.output_dir={resumed}"])
+    assert _max_rel_diff(state(resumed, 6), state(dirs["true"], 6)) < 1e-4
