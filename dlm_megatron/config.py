@@ -228,8 +228,8 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Megatron sequence parallelism (GPU, TP>1, transformer_engine; megatron engine only)."""
     engine: str = "auto"
-    """Training engine: 'auto' (megatron-core DDP + distributed optimizer for pp>1 or ep>1, DeepSpeed
-    otherwise), 'deepspeed' (ZeRO 0-3, pp=1 and ep=1 only) or 'megatron' (zero_stage 0 or 1, any pp/ep)."""
+    """Training engine: 'auto' (megatron-core DDP + distributed optimizer for pp>1, ep>1 or
+    model.qk_layernorm at tp>1, DeepSpeed otherwise), 'deepspeed' (ZeRO 0-3, pp=1 and ep=1 only) or 'megatron' (zero_stage 0 or 1, any pp/ep)."""
     ep: int = 1
     """Expert-parallel size (MoE): the routed experts of each layer are split over ep ranks taken
     from the data-parallel ranks (needs the megatron engine for ep > 1; ep must divide
@@ -542,10 +542,22 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"generate.{e}") from None
 
 
-def resolved_engine(p: ParallelConfig) -> str:
-    """``parallel.engine`` with 'auto' resolved: megatron-core's for pp > 1 or ep > 1 (DeepSpeed
-    cannot reduce expert gradients over expert-data-parallel groups), DeepSpeed otherwise."""
-    return p.engine if p.engine != "auto" else ("megatron" if p.pp > 1 or p.ep > 1 else "deepspeed")
+def resolved_engine(p: ParallelConfig, m: ModelConfig | None = None) -> str:
+    """``parallel.engine`` with 'auto' resolved: megatron-core's for pp > 1, ep > 1 (DeepSpeed
+    cannot reduce expert gradients over expert-data-parallel groups) or per-head q/k norms at
+    tp > 1 (``qk_norm_needs_tp_sum``), DeepSpeed otherwise."""
+    if p.engine != "auto":
+        return p.engine
+    return "megatron" if p.pp > 1 or p.ep > 1 or (m is not None and qk_norm_needs_tp_sum(p, m)) else "deepspeed"
+
+
+def qk_norm_needs_tp_sum(p: ParallelConfig, m: ModelConfig) -> bool:
+    """Per-head q/k norms (model.qk_layernorm) at tp > 1: each TP rank normalises only its own
+    heads, so its gradient of the shared norm weight is a partial sum, and the full gradient is
+    the sum over the TP group. megatron's finalize step sums it (the megatron engine);
+    DeepSpeed does not, and its TP ranks' copies would drift apart (measured: 0.04 after 4
+    steps of tiny at tp=2)."""
+    return m.qk_layernorm and p.tp > 1
 
 
 def validate_layout(cfg: Config) -> None:
@@ -556,14 +568,18 @@ def validate_layout(cfg: Config) -> None:
     Engine on the megatron engine, whose finalize step all-reduces the replicated norm
     gradients over TP (DeepSpeed does not, so its norms would silently drift apart)."""
     p, m, d = cfg.parallel, cfg.model, cfg.diffusion
-    eng = resolved_engine(p)
+    eng = resolved_engine(p, m)
     if eng == "deepspeed" and p.pp > 1:
         raise ConfigError(f"parallel.engine=deepspeed does not run pipeline layouts (parallel.pp={p.pp}); "
                           f"use parallel.engine=megatron or auto")
     if eng == "megatron" and p.zero_stage not in (0, 1):
-        raise ConfigError(f"parallel.zero_stage={p.zero_stage} is not supported by the megatron engine (used for parallel.pp>1): "
+        why = "" if p.engine == "megatron" else " (auto picks it for this layout)"
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage} is not supported by the megatron engine{why}: "
                           f"it shards optimizer states with megatron-core's distributed optimizer (ZeRO-1 equivalent); "
                           f"set parallel.zero_stage=1")
+    if eng == "deepspeed" and qk_norm_needs_tp_sum(p, m):
+        raise ConfigError(f"model.qk_layernorm=true at parallel.tp={p.tp} needs parallel.engine=megatron (or auto): DeepSpeed "
+                          f"does not sum the q/k norm gradients over tensor-parallel ranks, each of which holds only its heads' share")
     if p.sequence_parallel:
         if p.tp < 2:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tp >= 2")
@@ -603,7 +619,7 @@ def validate_moe(cfg: Config) -> None:
         raise ConfigError(f"model.moe_first_k_dense={m.moe_first_k_dense} leaves no MoE layer among model.num_layers={m.num_layers}")
     if m.num_moe_experts % p.ep:
         raise ConfigError(f"model.num_moe_experts={m.num_moe_experts} is not divisible by parallel.ep={p.ep}")
-    eng = resolved_engine(p)
+    eng = resolved_engine(p, m)
     if p.ep > 1 and eng != "megatron":
         raise ConfigError(f"parallel.ep={p.ep} needs parallel.engine=megatron (or auto): DeepSpeed cannot reduce expert "
                           f"gradients over expert-data-parallel groups")

@@ -605,7 +605,7 @@ def resolve_layout(cfg: Config, gpus: int, on_gpu: bool = True) -> Layout:
     bf16 = t.precision == "bf16" or (t.precision == "auto" and on_gpu)
     from .config import resolved_engine
 
-    eng = resolved_engine(p)
+    eng = resolved_engine(p, cfg.model)
     if eng == "megatron":
         engine = "megatron-core distributed optimizer" if p.zero_stage == 1 else "megatron-core DDP"
     else:

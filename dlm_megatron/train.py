@@ -794,10 +794,11 @@ class LossFn:
 
 def engine_name(cfg: Config) -> str:
     """Which engine a layout uses: ``parallel.engine``, where ``auto`` is megatron-core's
-    DDP + distributed optimizer for PP>1 and DeepSpeed otherwise."""
+    DDP + distributed optimizer for PP>1 (and the other cases config.resolved_engine names),
+    DeepSpeed otherwise."""
     from .config import resolved_engine
 
-    return resolved_engine(cfg.parallel)
+    return resolved_engine(cfg.parallel, cfg.model)
 
 
 def model_params_dtype(cfg: Config, bf16: bool):

@@ -44,6 +44,12 @@ TIED_LAYOUTS = {
     "tied_dp2_zero1": "parallel.zero_stage=1",
 }
 
+# Per-head q/k norms (Qwen3 / LLaDA-MoE): at tp=2 each rank normalises only its heads, so the
+# shared norm weights' gradient is summed over TP; parallel.engine=auto picks the megatron
+# engine, whose finalize step does it (DeepSpeed would not, and is refused).
+QK = "model.qk_layernorm=true"
+QK_LAYOUTS = {"qk_norm_tp2_auto": "parallel.tp=2,parallel.zero_stage=1"}
+
 
 # Adam's step m/(sqrt(v)+eps) is about lr * sign(g) for any |g| >> eps: near g = 0 it is a
 # step function. With the default eps = 1e-8, a gradient coordinate that is ~0 (block
@@ -63,6 +69,7 @@ def runs(tmp_path_factory):
     run([PY, "tests/distributed/reference.py", str(root / "reference"), *COMPARE])
     run([PY, "tests/distributed/reference.py", str(root / "reference_block"), *BLOCK.split(","), *COMPARE])
     run([PY, "tests/distributed/reference.py", str(root / "reference_tied"), TIED, *COMPARE])
+    run([PY, "tests/distributed/reference.py", str(root / "reference_qk"), QK, *COMPARE])
     for obj in ("uniform", "hybrid"):
         run([PY, "tests/distributed/reference.py", str(root / f"reference_{obj}"), f"diffusion.objective={obj}", *COMPARE])
     sft = f"data.sft_path={write_sft_data(root / 'sft.jsonl')}"
@@ -72,6 +79,7 @@ def runs(tmp_path_factory):
     specs2 = [*[f"{k}:{v}" for k, v in WORLD2.items()],
               *[f"{k}:{BLOCK},{v}" for k, v in BLOCK_LAYOUTS.items()],
               *[f"{k}:{TIED},{v}" for k, v in TIED_LAYOUTS.items()],
+              *[f"{k}:{QK},{v}" for k, v in QK_LAYOUTS.items()],
               *[f"{k}:{sft},{v}" for k, v in SFT_LAYOUTS.items()],
               *[f"{k}:{sft},{v},@stop=2" for k, (v, _) in SFT_RESUME.items()],
               *[f"{k}:diffusion.objective={obj},{v}" for k, (obj, v, n) in VOCAB_LAYOUTS.items() if n == 2],
@@ -147,9 +155,10 @@ def _final_params(run_dir: Path) -> dict:
 
 
 @pytest.mark.parametrize("layout", list(WORLD2) + list(WORLD4) + list(RESUME) + list(BLOCK_LAYOUTS) + list(VOCAB_LAYOUTS)
-                         + list(TIED_LAYOUTS) + list(SFT_LAYOUTS) + list(SFT_RESUME))
+                         + list(TIED_LAYOUTS) + list(QK_LAYOUTS) + list(SFT_LAYOUTS) + list(SFT_RESUME))
 def test_layout_matches_plain_adamw(runs, layout):
     refname = ("reference_block" if layout in BLOCK_LAYOUTS else "reference_tied" if layout in TIED_LAYOUTS else
+               "reference_qk" if layout in QK_LAYOUTS else
                "reference_sft" if layout in SFT_LAYOUTS or layout in SFT_RESUME else
                f"reference_{VOCAB_LAYOUTS[layout][0]}" if layout in VOCAB_LAYOUTS else "reference")
     ref_losses = json.loads((runs / refname / "losses.json").read_text())

@@ -4,6 +4,8 @@ import sys
 
 import pytest
 
+from common import REPO
+
 from dlm_megatron.config import ConfigError, describe, load_config
 
 REQUIRED_KEYS = ["train.steps", "train.output_dir", "train.global_batch_size", "train.micro_batch_size", "train.seed",
@@ -129,3 +131,21 @@ def test_cli_bad_key_is_one_line_exit_2():
     assert p.returncode == 2
     err = [l for l in p.stderr.splitlines() if l.strip() and "warn" not in l.lower()]
     assert len(err) == 1 and err[0] == "error: unknown config key 'train.stepz'; did you mean 'train.steps'?", p.stderr
+
+
+def test_qk_norms_at_tp2_run_on_the_megatron_engine():
+    """Per-head q/k norm weights get a partial gradient on each TP rank (its heads only): auto
+    picks the megatron engine, which sums it over TP; DeepSpeed, which does not, is refused in
+    one line (tests/distributed/test_layouts.py proves the megatron engine's result)."""
+    from dlm_megatron.config import resolved_engine
+
+    def cfg(*o):
+        return load_config(f"{REPO}/configs/tiny.yaml", ["model.qk_layernorm=true", *o])
+
+    assert resolved_engine(cfg("parallel.tp=2").parallel, cfg("parallel.tp=2").model) == "megatron"
+    assert resolved_engine(cfg().parallel, cfg().model) == "deepspeed"  # tp=1: every rank has every head
+    with pytest.raises(ConfigError, match=r"model.qk_layernorm=true at parallel.tp=2 needs parallel.engine=megatron") as e:
+        cfg("parallel.tp=2", "parallel.engine=deepspeed")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"zero_stage=2 is not supported by the megatron engine \(auto picks it"):
+        cfg("parallel.tp=2", "parallel.zero_stage=2")
