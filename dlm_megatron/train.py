@@ -263,6 +263,8 @@ class Trainer:
 
             # data.sft_padding=batch: each global batch is padded to its longest example (data/sft.py)
             pad = pad_multiple(cfg.diffusion.objective, cfg.diffusion.block_size) if cfg.data.sft_padding == "batch" else None
+            if pad and cfg.parallel.sequence_parallel:
+                pad = math.lcm(pad, cfg.parallel.tp)  # each TP rank holds length/tp positions (8 already for tp 2/4/8)
             self.train_ds = SFTDataset(cfg.data.sft_path, tok, cfg.data.seq_len, cfg.data.chat_template, pad)
             self.val_ds = SFTDataset(cfg.data.sft_val_path, tok, cfg.data.seq_len, cfg.data.chat_template, pad) if cfg.data.sft_val_path else None
             cache = None  # a JSONL of examples held in memory: nothing to map
@@ -321,11 +323,17 @@ class Trainer:
         # uniform/hybrid: noise draws from the tokenizer's ids, the loss sums over vocab-parallel logits
         self.objective = build_objective(cfg.diffusion, tok.mask_id, cfg.train.seed, vocab_size=tok.vocab_size,
                                          tp_group=parallel_state.get_tensor_model_parallel_group() if lay.tp > 1 else None,
-                                         tp_rank=lay.tp_rank, tp_size=lay.tp)
+                                         tp_rank=lay.tp_rank, tp_size=lay.tp, length_multiple=self._length_multiple())
         if cfg.data.sft_path:
             from .diffusion.objectives import SFTMaskedDiffusion
 
             self.objective = SFTMaskedDiffusion(cfg.diffusion, tok.mask_id, cfg.train.seed)
+            self.objective.length_multiple = self._length_multiple()
+
+    def _length_multiple(self) -> int:
+        """What every training sequence length must be a multiple of: parallel.tp under
+        sequence parallelism (megatron splits the sequence over the TP ranks), else 1."""
+        return self.lay.tp if self.cfg.parallel.sequence_parallel else 1
 
     def _resume(self, latest) -> int:
         """The step to start from: a weights-only checkpoint's, or the engine's full state."""

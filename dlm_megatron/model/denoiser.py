@@ -134,11 +134,6 @@ def effective_transformer_impl(cfg: Config, *, warn: bool = True) -> str:
     (megatron-core 0.16 cannot even build it without: NameError TESpecProvider); without it
     the local spec with SDPA attention runs instead, said in one line."""
     if cfg.model.transformer_impl == "transformer_engine" and not transformer_engine_available():
-        if cfg.parallel.sequence_parallel:
-            from ..config import ConfigError
-
-            raise ConfigError("parallel.sequence_parallel=true needs Transformer Engine, which is not installed here; "
-                              "install transformer_engine[pytorch] or set parallel.sequence_parallel=false")
         if warn and not getattr(effective_transformer_impl, "_warned", False):
             effective_transformer_impl._warned = True
             print("note: model.transformer_impl=transformer_engine but Transformer Engine is not installed; "
@@ -164,7 +159,15 @@ def layer_spec(cfg: Config, mask_type: AttnMaskType, *, moe: bool = False) -> Mo
         # would fall back to TE's unfused path, so it gets our flex/sdpa kernel instead.
         replace = block
     else:
+        from .norm import HeadNorm, HiddenNorm
+
         spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=m.qk_layernorm, **experts)
+        # megatron's WrappedTorchNorm refuses sequence parallelism; ours builds the same torch
+        # modules and marks the hidden-size norms for finalize's TP all-reduce (norm.py).
+        sub = spec.submodules
+        sub.input_layernorm = sub.pre_mlp_layernorm = HiddenNorm
+        if m.qk_layernorm:
+            sub.self_attention.submodules.q_layernorm = sub.self_attention.submodules.k_layernorm = HeadNorm
         replace = True
     spec.submodules.self_attention.params = dict(spec.submodules.self_attention.params, attn_mask_type=mask_type)
     if replace:
@@ -176,20 +179,21 @@ def layer_spec(cfg: Config, mask_type: AttnMaskType, *, moe: bool = False) -> Mo
 def decoder_spec(cfg: Config, mask_type: AttnMaskType, pp_rank: int):
     """The decoder's spec: one layer spec (dense model), or this pipeline stage's per-layer specs
     with MoE and dense layers as model.moe_layer_freq / moe_first_k_dense say."""
-    if cfg.model.num_moe_experts is None:
-        return layer_spec(cfg, mask_type)
-    from megatron.core.transformer.transformer_block import LayerNormImpl, TransformerBlockSubmodules
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     from ..config import moe_layer_pattern
+    from .norm import HiddenNorm
 
-    dense, moe = layer_spec(cfg, mask_type), layer_spec(cfg, mask_type, moe=True)
-    per_stage = cfg.model.num_layers // cfg.parallel.pp
-    pattern = moe_layer_pattern(cfg.model)[pp_rank * per_stage: (pp_rank + 1) * per_stage]
-    norm = LayerNormImpl
+    norm = HiddenNorm  # the final norm (megatron's default is WrappedTorchNorm, see norm.py)
     if effective_transformer_impl(cfg, warn=False) == "transformer_engine":
         from megatron.core.extensions.transformer_engine import TENorm
 
         norm = TENorm
+    per_stage = cfg.model.num_layers // cfg.parallel.pp
+    if cfg.model.num_moe_experts is None:
+        return TransformerBlockSubmodules(layer_specs=[layer_spec(cfg, mask_type)] * per_stage, layer_norm=norm)
+    dense, moe = layer_spec(cfg, mask_type), layer_spec(cfg, mask_type, moe=True)
+    pattern = moe_layer_pattern(cfg.model)[pp_rank * per_stage: (pp_rank + 1) * per_stage]
     return TransformerBlockSubmodules(layer_specs=[moe if is_moe else dense for is_moe in pattern], layer_norm=norm)
 
 

@@ -29,7 +29,9 @@ def test_moe_fields_have_docstrings():
 @pytest.mark.parametrize("overrides,match", [
     (["parallel.ep=3"], "model.num_moe_experts=8 is not divisible by parallel.ep=3"),
     (["parallel.ep=2", "parallel.engine=deepspeed"], "parallel.ep=2 needs parallel.engine=megatron"),
-    (["parallel.tp=2"], "parallel.tp=2 with model.num_moe_experts"),
+    (["parallel.tp=2", "parallel.engine=megatron"], "parallel.tp=2 with model.num_moe_experts needs sequence parallelism .*: "
+                                                    "set parallel.sequence_parallel=true$"),
+    (["parallel.tp=2", "parallel.sequence_parallel=true"], "parallel.sequence_parallel=true needs parallel.engine=megatron"),
     (["model.moe_router_topk=9"], "model.moe_router_topk=9 must be in"),
     (["model.moe_router_score_function=relu"], "model.moe_router_score_function='relu' is not one of"),
     (["model.moe_first_k_dense=2"], "leaves no MoE layer"),
@@ -43,6 +45,11 @@ def test_bad_moe_settings_are_one_line_errors(overrides, match):
     with pytest.raises(ConfigError, match=match) as e:
         cfg_of(*overrides)
     assert "\n" not in str(e.value)
+
+
+def test_tp2_with_sequence_parallel_is_accepted_on_the_megatron_engine():
+    cfg = cfg_of("parallel.tp=2", "parallel.sequence_parallel=true", "parallel.engine=megatron", "parallel.zero_stage=1")
+    assert cfg.parallel.tp == 2 and cfg.parallel.sequence_parallel
 
 
 def test_ep_resolves_to_the_megatron_engine():
