@@ -456,8 +456,16 @@ class Trainer:
         if counts is None:  # no training forward since the last row
             return {}
         counts = comm.all_reduce_host(counts.cpu(), "sum", self.dp_group)
-        worst = moe.max_load(counts)
         aux_sum, n_total = float(aux) if aux is not None else 0.0, float(n_moe)
+        if self.cfg.parallel.sequence_parallel and self.lay.tp > 1:
+            # each TP rank routed its slice of the sequence: its counts and its share of the
+            # aux loss (megatron's P_i over local tokens, f_i global) add up over the TP group
+            from megatron.core import parallel_state as ps
+
+            tp_group = ps.get_tensor_model_parallel_group()
+            counts = comm.all_reduce_host(counts, "sum", tp_group)
+            aux_sum = comm.sum_host(aux_sum, tp_group)
+        worst = moe.max_load(counts)
         if self.lay.pp > 1:  # each stage routes its own layers: worst over stages, mean over all layers
             worst = comm.max_host(worst, self.pp_group)
             aux_sum, n_total = (float(v) for v in comm.all_reduce_host([aux_sum, n_total], "sum", self.pp_group))

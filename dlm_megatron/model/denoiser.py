@@ -283,18 +283,33 @@ class Denoiser(GPTModel):
 
     def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
         index = getattr(self, "_loss_index", None)
-        if (index is None or labels is None or not self.post_process or self.config.sequence_parallel
+        if (index is None or labels is None or not self.post_process
                 or self.config.mtp_num_layers or kwargs.get("inference_context") is not None):
             return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
         return self._loss_on_rows(hidden_states, labels, index)
 
     def _loss_on_rows(self, hidden_SBH: torch.Tensor, labels_BS: torch.Tensor, index_N: torch.Tensor) -> torch.Tensor:
         """Per-token NLL [B, S] from the output layer and vocab-parallel cross-entropy on the
-        rows ``index_N`` (flat s * B + b) of hidden states [S, B, H] only; 0 elsewhere."""
+        rows ``index_N`` (flat s * B + b) of hidden states [S, B, H] only; 0 elsewhere.
+
+        Under sequence parallelism this rank holds S/tp positions: the sequence is all-gathered
+        first (its backward keeps this rank's slice) and the output layer runs without its own
+        sequence gather, so its input gradient is all-reduced over TP once (megatron's
+        ColumnParallelLinear: copy_to_tensor_model_parallel_region), as GPTModel does for its
+        inference-time last-token logits."""
+        sp = self.output_layer.sequence_parallel
+        if sp:
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            hidden_SBH = gather_from_sequence_parallel_region(hidden_SBH, tensor_parallel_output_grad=False)
         S, B, H = hidden_SBH.shape
         rows_N1H = hidden_SBH.reshape(S * B, 1, H).index_select(0, index_N)
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
-        logits_N1V, _ = self.output_layer(rows_N1H, weight=weight)
+        self.output_layer.sequence_parallel = False
+        try:
+            logits_N1V, _ = self.output_layer(rows_N1H, weight=weight)
+        finally:
+            self.output_layer.sequence_parallel = sp
         target_1N = labels_BS.t().reshape(1, S * B).index_select(1, index_N)
         nll_1N = self.compute_language_model_loss(target_1N, logits_N1V)  # [1, N] (it reads labels as [b, s])
         out = torch.zeros(S * B, dtype=nll_1N.dtype, device=nll_1N.device)

@@ -26,7 +26,16 @@ WORLD2 = {
     "dp2_zero2": "parallel.zero_stage=2",
     "dp2_zero3": "parallel.zero_stage=3",
     "megatron_dp2": "parallel.engine=megatron,parallel.zero_stage=1,train.eval_interval=2",
+    # sequence parallelism on the local spec (model/norm.py): norm gradients summed over TP
+    "sp_tp2": "parallel.tp=2,parallel.sequence_parallel=true,parallel.engine=megatron,parallel.zero_stage=1",
 }
+# LLaDA's random length under sequence parallelism (rounded up to a multiple of tp): trains
+# (no reference: the plain loop does not round), see test_sequence_parallel_random_length.
+SP_RANDOM_LENGTH = ("sp_tp2_random_length", "parallel.tp=2,parallel.sequence_parallel=true,parallel.engine=megatron,"
+                    "parallel.zero_stage=1,diffusion.random_length_prob=0.5")
+# Sequence parallel: megatron engine; the layouts below add it to block diffusion (2L input,
+# arbitrary mask), uniform noise (logits over the whole sequence) and SFT (batch-padded lengths).
+SP = "parallel.tp=2,parallel.sequence_parallel=true,parallel.engine=megatron,parallel.zero_stage=1"
 WORLD4 = {
     "tp2_pp2": "parallel.tp=2,parallel.pp=2,parallel.zero_stage=1",
     "pp2_dp2_zero1": "parallel.pp=2,parallel.zero_stage=1",
@@ -34,6 +43,7 @@ WORLD4 = {
     "tp2_dp2_zero2": "parallel.tp=2,parallel.zero_stage=2",
     "tp2_dp2_zero3": "parallel.tp=2,parallel.zero_stage=3",
     "megatron_tp2_dp2": "parallel.engine=megatron,parallel.tp=2,parallel.zero_stage=0",
+    "sp_tp2_pp2": f"{SP},parallel.pp=2",
 }
 
 # Tied input/output embeddings: at pp=2 the last stage's copy of the embedding must start
@@ -69,7 +79,7 @@ def runs(tmp_path_factory):
     run([PY, "tests/distributed/reference.py", str(root / "reference_sft"), sft, *COMPARE])
     # The RESUME runs stop after step 2 at one DP size and are finished by the next launch
     # at another DP size.
-    specs2 = [*[f"{k}:{v}" for k, v in WORLD2.items()],
+    specs2 = [*[f"{k}:{v}" for k, v in WORLD2.items()], ":".join(SP_RANDOM_LENGTH),
               *[f"{k}:{BLOCK},{v}" for k, v in BLOCK_LAYOUTS.items()],
               *[f"{k}:{TIED},{v}" for k, v in TIED_LAYOUTS.items()],
               *[f"{k}:{sft},{v}" for k, v in SFT_LAYOUTS.items()],
@@ -91,6 +101,7 @@ BLOCK_LAYOUTS = {
     "block_tp2": "parallel.tp=2",
     "block_pp2": "parallel.pp=2,parallel.zero_stage=1",
     "block_dp2_zero2": "parallel.zero_stage=2",
+    "block_tp2_sp": SP,
 }
 
 # Uniform / hybrid noise: the loss sums over the whole vocabulary, reduced across the TP
@@ -98,6 +109,7 @@ BLOCK_LAYOUTS = {
 VOCAB_LAYOUTS = {
     "uniform_tp2": ("uniform", "parallel.tp=2", 2),
     "hybrid_tp2_dp2_zero1": ("hybrid", "parallel.tp=2,parallel.zero_stage=1", 4),
+    "uniform_tp2_sp": ("uniform", SP, 2),
 }
 
 # SFT with variable length (data.sft_padding=batch): each global batch padded to its longest
@@ -105,6 +117,7 @@ VOCAB_LAYOUTS = {
 SFT_LAYOUTS = {
     "sft_tp2": "parallel.tp=2",
     "sft_dp2_zero1": "parallel.zero_stage=1",
+    "sft_tp2_sp": SP,
 }
 # The padded length is a pure function of the step: stopped after step 2 at dp2 and resumed at
 # dp4, the run still equals the reference.
@@ -174,6 +187,20 @@ def assert_weights_match(layout: str, got: dict, ref: dict) -> None:
         diff = (got[k] - ref[k]).abs()
         off = int((diff > TOL).sum())
         assert off == 0, f"{layout}: {k}: {off} coordinates differ from the reference by > {TOL} (max {diff.max().item():.2e})"
+
+
+def test_sequence_parallel_random_length(runs):
+    """diffusion.random_length_prob under sequence parallelism: steps cut to a drawn length that
+    tp=2 does not divide run at the length rounded up to even (megatron splits the sequence
+    over the TP ranks) and train."""
+    import math
+
+    from dlm_megatron.diffusion.objectives import step_random_length
+
+    drawn = [step_random_length(1234, s, 32, 0.5) for s in range(4)]
+    assert any(L % 2 for L in drawn), drawn  # the case that needs rounding happens in this run
+    losses = train_losses(runs / SP_RANDOM_LENGTH[0])
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses), losses
 
 
 def test_validation_between_steps_sees_gathered_weights(runs):
