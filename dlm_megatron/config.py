@@ -615,7 +615,8 @@ def validate_moe(cfg: Config) -> None:
                           "updates the bias from the global batch's expert loads)")
     if p.tp > 1 and not p.sequence_parallel:
         raise ConfigError(f"parallel.tp={p.tp} with model.num_moe_experts needs sequence parallelism (megatron-core's MoE "
-                          f"layer refuses TP without it in training): set parallel.sequence_parallel=true")
+                          f"layer refuses TP without it in training): set parallel.sequence_parallel=true"
+                          + ("" if eng == "megatron" else " parallel.engine=megatron (sequence parallelism is megatron-engine only)"))
     if cfg.diffusion.objective == "continuous":
         raise ConfigError("diffusion.objective=continuous is not proven with model.num_moe_experts; use a dense model "
                           "or a discrete objective (masked, block, ar, uniform, hybrid)")

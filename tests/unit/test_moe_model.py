@@ -31,6 +31,7 @@ def test_moe_fields_have_docstrings():
     (["parallel.ep=2", "parallel.engine=deepspeed"], "parallel.ep=2 needs parallel.engine=megatron"),
     (["parallel.tp=2", "parallel.engine=megatron"], "parallel.tp=2 with model.num_moe_experts needs sequence parallelism .*: "
                                                     "set parallel.sequence_parallel=true$"),
+    (["parallel.tp=2"], "set parallel.sequence_parallel=true parallel.engine=megatron "),
     (["parallel.tp=2", "parallel.sequence_parallel=true"], "parallel.sequence_parallel=true needs parallel.engine=megatron"),
     (["model.moe_router_topk=9"], "model.moe_router_topk=9 must be in"),
     (["model.moe_router_score_function=relu"], "model.moe_router_score_function='relu' is not one of"),
