@@ -226,10 +226,12 @@ class ParallelConfig:
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 0-3 over the data-parallel ranks (0 = plain data parallel)."""
     sequence_parallel: bool = False
-    """Megatron sequence parallelism (GPU, TP>1, transformer_engine; megatron engine only)."""
+    """Megatron sequence parallelism: norms, residuals and dropout hold seq_len/tp positions per TP
+    rank (TP>1, megatron engine only; local spec or transformer_engine). Under it, LLaDA's random
+    length (diffusion.random_length_prob) is rounded up to a multiple of parallel.tp."""
     engine: str = "auto"
-    """Training engine: 'auto' (megatron-core DDP + distributed optimizer for pp>1, ep>1 or
-    model.qk_layernorm at tp>1, DeepSpeed otherwise), 'deepspeed' (ZeRO 0-3, pp=1 and ep=1 only) or 'megatron' (zero_stage 0 or 1, any pp/ep)."""
+    """Training engine: 'auto' (megatron-core DDP + distributed optimizer for pp>1, ep>1,
+    sequence_parallel or model.qk_layernorm at tp>1, DeepSpeed otherwise), 'deepspeed' (ZeRO 0-3, pp=1 and ep=1 only) or 'megatron' (zero_stage 0 or 1, any pp/ep)."""
     ep: int = 1
     """Expert-parallel size (MoE): the routed experts of each layer are split over ep ranks taken
     from the data-parallel ranks (needs the megatron engine for ep > 1; ep must divide
@@ -544,11 +546,13 @@ def validate(cfg: Config) -> None:
 
 def resolved_engine(p: ParallelConfig, m: ModelConfig | None = None) -> str:
     """``parallel.engine`` with 'auto' resolved: megatron-core's for pp > 1, ep > 1 (DeepSpeed
-    cannot reduce expert gradients over expert-data-parallel groups) or per-head q/k norms at
-    tp > 1 (``qk_norm_needs_tp_sum``), DeepSpeed otherwise."""
+    cannot reduce expert gradients over expert-data-parallel groups), sequence parallelism or
+    per-head q/k norms at tp > 1 (DeepSpeed does not sum the replicated norms' partial
+    gradients over TP: ``qk_norm_needs_tp_sum``), DeepSpeed otherwise."""
     if p.engine != "auto":
         return p.engine
-    return "megatron" if p.pp > 1 or p.ep > 1 or (m is not None and qk_norm_needs_tp_sum(p, m)) else "deepspeed"
+    megatron = p.pp > 1 or p.ep > 1 or p.sequence_parallel or (m is not None and qk_norm_needs_tp_sum(p, m))
+    return "megatron" if megatron else "deepspeed"
 
 
 def qk_norm_needs_tp_sum(p: ParallelConfig, m: ModelConfig) -> bool:
@@ -564,8 +568,8 @@ def validate_layout(cfg: Config) -> None:
     """Refuse parallel layouts that no test proves (each refusal says what to change).
 
     Proven (tests/distributed, tests/gpu): DeepSpeed ZeRO 0-3 at pp=1 with any tp/dp; the
-    megatron engine (zero 0/1) at any tp/pp/dp; sequence parallel only with Transformer
-    Engine on the megatron engine, whose finalize step all-reduces the replicated norm
+    megatron engine (zero 0/1) at any tp/pp/dp; sequence parallel (local spec or Transformer
+    Engine) only on the megatron engine, whose finalize step all-reduces the replicated norm
     gradients over TP (DeepSpeed does not, so its norms would silently drift apart)."""
     p, m, d = cfg.parallel, cfg.model, cfg.diffusion
     eng = resolved_engine(p, m)
@@ -583,12 +587,12 @@ def validate_layout(cfg: Config) -> None:
     if p.sequence_parallel:
         if p.tp < 2:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tp >= 2")
-        if m.transformer_impl != "transformer_engine":
-            raise ConfigError("parallel.sequence_parallel=true needs model.transformer_impl=transformer_engine "
-                              "(megatron-core's local spec norms do not support it)")
         if eng != "megatron":
             raise ConfigError("parallel.sequence_parallel=true needs parallel.engine=megatron: DeepSpeed does not "
                               "all-reduce the norm gradients over tensor-parallel ranks under sequence parallelism")
+        if cfg.data.seq_len % p.tp:
+            raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be divisible by parallel.tp={p.tp} with "
+                              f"parallel.sequence_parallel=true (each TP rank holds seq_len/tp positions)")
     validate_moe(cfg)
     if d.objective == "continuous" and p.pp > 1:
         raise ConfigError(f"diffusion.objective=continuous is not proven with pipeline parallelism (parallel.pp={p.pp}): "
@@ -597,7 +601,8 @@ def validate_layout(cfg: Config) -> None:
 
 def validate_moe(cfg: Config) -> None:
     """MoE settings and the layouts MoE is proven at (tests/distributed/test_moe.py): ep 1 on
-    any engine, ep > 1 and pp > 1 on the megatron engine (zero_stage 0/1), tp = 1."""
+    any engine, ep > 1 and pp > 1 on the megatron engine (zero_stage 0/1), tp > 1 with
+    sequence parallelism (megatron engine; experts split over TP as megatron's expert TP = tp)."""
     m, p = cfg.model, cfg.parallel
     _positive("parallel.ep", p.ep)
     if m.num_moe_experts is None:
@@ -626,9 +631,10 @@ def validate_moe(cfg: Config) -> None:
     if m.moe_router_enable_expert_bias and eng != "megatron":
         raise ConfigError("model.moe_router_enable_expert_bias=true needs parallel.engine=megatron (its finalize step "
                           "updates the bias from the global batch's expert loads)")
-    if p.tp > 1:
-        raise ConfigError(f"parallel.tp={p.tp} with model.num_moe_experts: megatron-core's MoE layer needs sequence "
-                          f"parallelism with TP (Transformer Engine, GPU), which is not proven; use parallel.tp=1 and parallel.ep")
+    if p.tp > 1 and not p.sequence_parallel:
+        raise ConfigError(f"parallel.tp={p.tp} with model.num_moe_experts needs sequence parallelism (megatron-core's MoE "
+                          f"layer refuses TP without it in training): set parallel.sequence_parallel=true"
+                          + ("" if eng == "megatron" else " parallel.engine=megatron (sequence parallelism is megatron-engine only)"))
     if cfg.diffusion.objective == "continuous":
         raise ConfigError("diffusion.objective=continuous is not proven with model.num_moe_experts; use a dense model "
                           "or a discrete objective (masked, block, ar, uniform, hybrid)")

@@ -118,6 +118,8 @@ def load_model(ckpt_path: str, device: str = "cpu"):
     # Inference runs the merged model in one process whatever the training layout was.
     cfg.parallel.tp = cfg.parallel.pp = 1
     cfg.parallel.zero_stage = 0
+    cfg.parallel.sequence_parallel = False  # it splits the sequence over TP ranks: none here
+    cfg.parallel.ep = 1  # all experts in this process
     tok = load_tokenizer(cfg.data.tokenizer)
     if tok.sha256 != meta["tokenizer_sha256"]:
         raise ConfigError(f"tokenizer {cfg.data.tokenizer} (sha {tok.sha256[:12]}) is not the one this checkpoint was trained with "

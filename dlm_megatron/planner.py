@@ -599,13 +599,14 @@ def resolve_layout(cfg: Config, gpus: int, on_gpu: bool = True) -> Layout:
     if p.pp > 1 and p.zero_stage >= 2:
         raise PlanError(f"parallel.zero_stage={p.zero_stage} does not compose with parallel.pp={p.pp} "
                         "(pipeline layouts use megatron-core's distributed optimizer: zero_stage 0 or 1)")
-    if p.sequence_parallel and m.transformer_impl != "transformer_engine":
-        raise PlanError("parallel.sequence_parallel=true needs model.transformer_impl=transformer_engine")
     k = kernels_for(cfg, on_gpu)
     bf16 = t.precision == "bf16" or (t.precision == "auto" and on_gpu)
     from .config import resolved_engine
 
     eng = resolved_engine(p, cfg.model)
+    if p.sequence_parallel and eng != "megatron":
+        raise PlanError("parallel.sequence_parallel=true needs parallel.engine=megatron (DeepSpeed does not all-reduce "
+                        "the norm gradients over tensor-parallel ranks)")
     if eng == "megatron":
         engine = "megatron-core distributed optimizer" if p.zero_stage == 1 else "megatron-core DDP"
     else:

@@ -263,6 +263,8 @@ class Trainer:
 
             # data.sft_padding=batch: each global batch is padded to its longest example (data/sft.py)
             pad = pad_multiple(cfg.diffusion.objective, cfg.diffusion.block_size) if cfg.data.sft_padding == "batch" else None
+            if pad and cfg.parallel.sequence_parallel:
+                pad = math.lcm(pad, cfg.parallel.tp)  # each TP rank holds length/tp positions (8 already for tp 2/4/8)
             self.train_ds = SFTDataset(cfg.data.sft_path, tok, cfg.data.seq_len, cfg.data.chat_template, pad)
             self.val_ds = SFTDataset(cfg.data.sft_val_path, tok, cfg.data.seq_len, cfg.data.chat_template, pad) if cfg.data.sft_val_path else None
             cache = None  # a JSONL of examples held in memory: nothing to map
@@ -321,11 +323,17 @@ class Trainer:
         # uniform/hybrid: noise draws from the tokenizer's ids, the loss sums over vocab-parallel logits
         self.objective = build_objective(cfg.diffusion, tok.mask_id, cfg.train.seed, vocab_size=tok.vocab_size,
                                          tp_group=parallel_state.get_tensor_model_parallel_group() if lay.tp > 1 else None,
-                                         tp_rank=lay.tp_rank, tp_size=lay.tp)
+                                         tp_rank=lay.tp_rank, tp_size=lay.tp, length_multiple=self._length_multiple())
         if cfg.data.sft_path:
             from .diffusion.objectives import SFTMaskedDiffusion
 
             self.objective = SFTMaskedDiffusion(cfg.diffusion, tok.mask_id, cfg.train.seed)
+            self.objective.length_multiple = self._length_multiple()
+
+    def _length_multiple(self) -> int:
+        """What every training sequence length must be a multiple of: parallel.tp under
+        sequence parallelism (megatron splits the sequence over the TP ranks), else 1."""
+        return self.lay.tp if self.cfg.parallel.sequence_parallel else 1
 
     def _resume(self, latest) -> int:
         """The step to start from: a weights-only checkpoint's, or the engine's full state."""
@@ -448,8 +456,16 @@ class Trainer:
         if counts is None:  # no training forward since the last row
             return {}
         counts = comm.all_reduce_host(counts.cpu(), "sum", self.dp_group)
-        worst = moe.max_load(counts)
         aux_sum, n_total = float(aux) if aux is not None else 0.0, float(n_moe)
+        if self.cfg.parallel.sequence_parallel and self.lay.tp > 1:
+            # each TP rank routed its slice of the sequence: its counts and its share of the
+            # aux loss (megatron's P_i over local tokens, f_i global) add up over the TP group
+            from megatron.core import parallel_state as ps
+
+            tp_group = ps.get_tensor_model_parallel_group()
+            counts = comm.all_reduce_host(counts, "sum", tp_group)
+            aux_sum = comm.sum_host(aux_sum, tp_group)
+        worst = moe.max_load(counts)
         if self.lay.pp > 1:  # each stage routes its own layers: worst over stages, mean over all layers
             worst = comm.max_host(worst, self.pp_group)
             aux_sum, n_total = (float(v) for v in comm.all_reduce_host([aux_sum, n_total], "sum", self.pp_group))

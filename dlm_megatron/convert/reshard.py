@@ -138,8 +138,17 @@ def check_layout(meta: dict, tp: int, pp: int, ep: int = 1) -> dict:
         raise ConvertError(f"--tp, --pp and --ep must be >= 1, got tp={tp} pp={pp} ep={ep}")
     cfgd = copy.deepcopy(meta["config"])
     cfgd["parallel"]["tp"], cfgd["parallel"]["pp"], cfgd["parallel"]["ep"] = tp, pp, ep
-    if ep > 1 and cfgd["parallel"].get("engine") == "deepspeed":
-        cfgd["parallel"]["engine"] = "megatron"  # expert parallelism runs on the megatron engine
+    par = cfgd["parallel"]
+    # Sequence parallelism means nothing at tp=1; MoE at tp>1 needs it (megatron's MoE layer).
+    if tp == 1:
+        par["sequence_parallel"] = False
+    elif (cfgd.get("model") or {}).get("num_moe_experts"):
+        par["sequence_parallel"] = True
+    # expert and sequence parallelism run on the megatron engine (zero_stage 0/1)
+    if (ep > 1 and par.get("engine") == "deepspeed") or (par.get("sequence_parallel") and par.get("engine", "auto") != "megatron"
+                                                          and not (par.get("engine", "auto") == "auto" and (pp > 1 or ep > 1))):
+        par["engine"] = "megatron"
+        par["zero_stage"] = min(int(par.get("zero_stage", 0)), 1)
     try:
         cfg = from_dict(cfgd)
         padded_vocab_size(int(meta["vocab_size"]), cfg.model, tp)

@@ -50,21 +50,26 @@ class Batch:
         return int(self.num_clean_tokens if self.num_clean_tokens is not None else self.labels_BS.numel())
 
 
-def step_random_length(seed: int, step: int, seq_len: int, prob: float, stream: int = TAG_STEP) -> int:
+def step_random_length(seed: int, step: int, seq_len: int, prob: float, stream: int = TAG_STEP, multiple: int = 1) -> int:
     """LLaDA's random-length trick: with probability ``prob`` the whole step's batch is cut
     to a length drawn uniformly from [1, seq_len] (so the model sees short sequences).
-    Decided per optimizer step (not per rank) so all micro-batches and ranks agree."""
+    Decided per optimizer step (not per rank) so all micro-batches and ranks agree.
+    ``multiple``: the drawn length is rounded up to a multiple of it, at most seq_len
+    (sequence parallelism splits the sequence over parallel.tp ranks)."""
     if prob <= 0:
         return seq_len
     g = generator(seed, stream, step)
     if torch.rand((), generator=g).item() < prob:
-        return int(torch.randint(1, seq_len + 1, (), generator=g).item())
+        L = int(torch.randint(1, seq_len + 1, (), generator=g).item())
+        return min(seq_len, -(-L // multiple) * multiple)
     return seq_len
 
 
 class Objective:
     name = "base"
     causal = False
+    length_multiple = 1
+    """Random lengths are rounded up to a multiple of this (parallel.tp under sequence parallelism)."""
 
     def __init__(self, dcfg, mask_id: int, seed: int):
         self.dcfg, self.mask_id, self.seed = dcfg, mask_id, seed
@@ -103,7 +108,8 @@ class MaskedDiffusion(Objective):
         cut of the step's batch (training only) and the per-sequence noise levels."""
         stream = TAG_EVAL if eval else TAG_SAMPLE
         if not eval:
-            L = step_random_length(self.seed, step, x0_BL.shape[1], self.dcfg.random_length_prob)
+            L = step_random_length(self.seed, step, x0_BL.shape[1], self.dcfg.random_length_prob,
+                                   multiple=self.length_multiple)
             x0_BL = x0_BL[:, :L]
         t_B = self.sample_t(positions_B, step=step, global_batch_size=global_batch_size, stream=stream)
         return x0_BL, t_B, stream
@@ -320,11 +326,13 @@ def shift_batch(b: Batch) -> Batch:
 
 
 def build_objective(dcfg, mask_id: int, seed: int, *, vocab_size: int | None = None, tp_group=None, tp_rank: int = 0,
-                    tp_size: int = 1) -> Objective:
+                    tp_size: int = 1, length_multiple: int = 1) -> Objective:
     """The objective named by ``dcfg.objective``. Objectives whose loss reads the whole
     vocabulary (uniform, hybrid) also take the tokenizer's ``vocab_size`` and, at TP > 1, the
-    tensor-parallel group their vocab-parallel logits are spread over; others ignore both."""
+    tensor-parallel group their vocab-parallel logits are spread over; others ignore both.
+    ``length_multiple``: see Objective.length_multiple."""
     obj = _new_objective(dcfg, mask_id, seed)
+    obj.length_multiple = length_multiple
     if vocab_size is not None and hasattr(obj, "set_vocab_size"):
         obj.set_vocab_size(vocab_size)
     if hasattr(obj, "set_tensor_parallel"):

@@ -134,11 +134,6 @@ def effective_transformer_impl(cfg: Config, *, warn: bool = True) -> str:
     (megatron-core 0.16 cannot even build it without: NameError TESpecProvider); without it
     the local spec with SDPA attention runs instead, said in one line."""
     if cfg.model.transformer_impl == "transformer_engine" and not transformer_engine_available():
-        if cfg.parallel.sequence_parallel:
-            from ..config import ConfigError
-
-            raise ConfigError("parallel.sequence_parallel=true needs Transformer Engine, which is not installed here; "
-                              "install transformer_engine[pytorch] or set parallel.sequence_parallel=false")
         if warn and not getattr(effective_transformer_impl, "_warned", False):
             effective_transformer_impl._warned = True
             print("note: model.transformer_impl=transformer_engine but Transformer Engine is not installed; "
@@ -164,7 +159,15 @@ def layer_spec(cfg: Config, mask_type: AttnMaskType, *, moe: bool = False) -> Mo
         # would fall back to TE's unfused path, so it gets our flex/sdpa kernel instead.
         replace = block
     else:
+        from .norm import HeadNorm, HiddenNorm
+
         spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=m.qk_layernorm, **experts)
+        # megatron's WrappedTorchNorm refuses sequence parallelism; ours builds the same torch
+        # modules and marks the hidden-size norms for finalize's TP all-reduce (norm.py).
+        sub = spec.submodules
+        sub.input_layernorm = sub.pre_mlp_layernorm = HiddenNorm
+        if m.qk_layernorm:
+            sub.self_attention.submodules.q_layernorm = sub.self_attention.submodules.k_layernorm = HeadNorm
         replace = True
     spec.submodules.self_attention.params = dict(spec.submodules.self_attention.params, attn_mask_type=mask_type)
     if replace:
@@ -176,20 +179,21 @@ def layer_spec(cfg: Config, mask_type: AttnMaskType, *, moe: bool = False) -> Mo
 def decoder_spec(cfg: Config, mask_type: AttnMaskType, pp_rank: int):
     """The decoder's spec: one layer spec (dense model), or this pipeline stage's per-layer specs
     with MoE and dense layers as model.moe_layer_freq / moe_first_k_dense say."""
-    if cfg.model.num_moe_experts is None:
-        return layer_spec(cfg, mask_type)
-    from megatron.core.transformer.transformer_block import LayerNormImpl, TransformerBlockSubmodules
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     from ..config import moe_layer_pattern
+    from .norm import HiddenNorm
 
-    dense, moe = layer_spec(cfg, mask_type), layer_spec(cfg, mask_type, moe=True)
-    per_stage = cfg.model.num_layers // cfg.parallel.pp
-    pattern = moe_layer_pattern(cfg.model)[pp_rank * per_stage: (pp_rank + 1) * per_stage]
-    norm = LayerNormImpl
+    norm = HiddenNorm  # the final norm (megatron's default is WrappedTorchNorm, see norm.py)
     if effective_transformer_impl(cfg, warn=False) == "transformer_engine":
         from megatron.core.extensions.transformer_engine import TENorm
 
         norm = TENorm
+    per_stage = cfg.model.num_layers // cfg.parallel.pp
+    if cfg.model.num_moe_experts is None:
+        return TransformerBlockSubmodules(layer_specs=[layer_spec(cfg, mask_type)] * per_stage, layer_norm=norm)
+    dense, moe = layer_spec(cfg, mask_type), layer_spec(cfg, mask_type, moe=True)
+    pattern = moe_layer_pattern(cfg.model)[pp_rank * per_stage: (pp_rank + 1) * per_stage]
     return TransformerBlockSubmodules(layer_specs=[moe if is_moe else dense for is_moe in pattern], layer_norm=norm)
 
 
@@ -279,18 +283,33 @@ class Denoiser(GPTModel):
 
     def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
         index = getattr(self, "_loss_index", None)
-        if (index is None or labels is None or not self.post_process or self.config.sequence_parallel
+        if (index is None or labels is None or not self.post_process
                 or self.config.mtp_num_layers or kwargs.get("inference_context") is not None):
             return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
         return self._loss_on_rows(hidden_states, labels, index)
 
     def _loss_on_rows(self, hidden_SBH: torch.Tensor, labels_BS: torch.Tensor, index_N: torch.Tensor) -> torch.Tensor:
         """Per-token NLL [B, S] from the output layer and vocab-parallel cross-entropy on the
-        rows ``index_N`` (flat s * B + b) of hidden states [S, B, H] only; 0 elsewhere."""
+        rows ``index_N`` (flat s * B + b) of hidden states [S, B, H] only; 0 elsewhere.
+
+        Under sequence parallelism this rank holds S/tp positions: the sequence is all-gathered
+        first (its backward keeps this rank's slice) and the output layer runs without its own
+        sequence gather, so its input gradient is all-reduced over TP once (megatron's
+        ColumnParallelLinear: copy_to_tensor_model_parallel_region), as GPTModel does for its
+        inference-time last-token logits."""
+        sp = self.output_layer.sequence_parallel
+        if sp:
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            hidden_SBH = gather_from_sequence_parallel_region(hidden_SBH, tensor_parallel_output_grad=False)
         S, B, H = hidden_SBH.shape
         rows_N1H = hidden_SBH.reshape(S * B, 1, H).index_select(0, index_N)
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
-        logits_N1V, _ = self.output_layer(rows_N1H, weight=weight)
+        self.output_layer.sequence_parallel = False
+        try:
+            logits_N1V, _ = self.output_layer(rows_N1H, weight=weight)
+        finally:
+            self.output_layer.sequence_parallel = sp
         target_1N = labels_BS.t().reshape(1, S * B).index_select(1, index_N)
         nll_1N = self.compute_language_model_loss(target_1N, logits_N1V)  # [1, N] (it reads labels as [b, s])
         out = torch.zeros(S * B, dtype=nll_1N.dtype, device=nll_1N.device)

@@ -26,7 +26,16 @@ WORLD2 = {
     "dp2_zero2": "parallel.zero_stage=2",
     "dp2_zero3": "parallel.zero_stage=3",
     "megatron_dp2": "parallel.engine=megatron,parallel.zero_stage=1,train.eval_interval=2",
+    # sequence parallelism on the local spec (model/norm.py): norm gradients summed over TP
+    "sp_tp2": "parallel.tp=2,parallel.sequence_parallel=true,parallel.engine=megatron,parallel.zero_stage=1",
 }
+# LLaDA's random length under sequence parallelism (rounded up to a multiple of tp): trains
+# (no reference: the plain loop does not round), see test_sequence_parallel_random_length.
+SP_RANDOM_LENGTH = ("sp_tp2_random_length", "parallel.tp=2,parallel.sequence_parallel=true,parallel.engine=megatron,"
+                    "parallel.zero_stage=1,diffusion.random_length_prob=0.5")
+# Sequence parallel: megatron engine; the layouts below add it to block diffusion (2L input,
+# arbitrary mask), uniform noise (logits over the whole sequence) and SFT (batch-padded lengths).
+SP = "parallel.tp=2,parallel.sequence_parallel=true,parallel.engine=megatron,parallel.zero_stage=1"
 WORLD4 = {
     "tp2_pp2": "parallel.tp=2,parallel.pp=2,parallel.zero_stage=1",
     "pp2_dp2_zero1": "parallel.pp=2,parallel.zero_stage=1",
@@ -34,6 +43,7 @@ WORLD4 = {
     "tp2_dp2_zero2": "parallel.tp=2,parallel.zero_stage=2",
     "tp2_dp2_zero3": "parallel.tp=2,parallel.zero_stage=3",
     "megatron_tp2_dp2": "parallel.engine=megatron,parallel.tp=2,parallel.zero_stage=0",
+    "sp_tp2_pp2": f"{SP},parallel.pp=2",
 }
 
 # Tied input/output embeddings: at pp=2 the last stage's copy of the embedding must start
@@ -76,7 +86,9 @@ def runs(tmp_path_factory):
     run([PY, "tests/distributed/reference.py", str(root / "reference_sft"), sft, *COMPARE])
     # The RESUME runs stop after step 2 at one DP size and are finished by the next launch
     # at another DP size.
-    specs2 = [*[f"{k}:{v}" for k, v in WORLD2.items()],
+    docs = f"data.train_path={write_doc_shards(root / 'docs')},data.document_masks=true"
+    specs2 = [*[f"{k}:{v}" for k, v in WORLD2.items()], ":".join(SP_RANDOM_LENGTH),
+              *[f"{k}:{docs},{v}" for k, v in DOC_LAYOUTS.items()],
               *[f"{k}:{BLOCK},{v}" for k, v in BLOCK_LAYOUTS.items()],
               *[f"{k}:{TIED},{v}" for k, v in TIED_LAYOUTS.items()],
               *[f"{k}:{QK},{v}" for k, v in QK_LAYOUTS.items()],
@@ -99,6 +111,7 @@ BLOCK_LAYOUTS = {
     "block_tp2": "parallel.tp=2",
     "block_pp2": "parallel.pp=2,parallel.zero_stage=1",
     "block_dp2_zero2": "parallel.zero_stage=2",
+    "block_tp2_sp": SP,
 }
 
 # Uniform / hybrid noise: the loss sums over the whole vocabulary, reduced across the TP
@@ -106,6 +119,7 @@ BLOCK_LAYOUTS = {
 VOCAB_LAYOUTS = {
     "uniform_tp2": ("uniform", "parallel.tp=2", 2),
     "hybrid_tp2_dp2_zero1": ("hybrid", "parallel.tp=2,parallel.zero_stage=1", 4),
+    "uniform_tp2_sp": ("uniform", SP, 2),
 }
 
 # SFT with variable length (data.sft_padding=batch): each global batch padded to its longest
@@ -113,6 +127,7 @@ VOCAB_LAYOUTS = {
 SFT_LAYOUTS = {
     "sft_tp2": "parallel.tp=2",
     "sft_dp2_zero1": "parallel.zero_stage=1",
+    "sft_tp2_sp": SP,
 }
 # The padded length is a pure function of the step: stopped after step 2 at dp2 and resumed at
 # dp4, the run still equals the reference.
@@ -183,6 +198,46 @@ def assert_weights_match(layout: str, got: dict, ref: dict) -> None:
         diff = (got[k] - ref[k]).abs()
         off = int((diff > TOL).sum())
         assert off == 0, f"{layout}: {k}: {off} coordinates differ from the reference by > {TOL} (max {diff.max().item():.2e})"
+
+
+# Document masks ([b, 1, s, s] boolean masks between packed documents) under sequence
+# parallelism: the attention sees the whole sequence after the QKV all-gather, so the masks
+# are the full ones. Compared with the megatron engine at DP2 (itself equal to plain AdamW
+# above; reference.py does not build document masks).
+DOC_LAYOUTS = {"docmask_dp2": "parallel.engine=megatron,parallel.zero_stage=1", "docmask_tp2_sp": SP}
+
+
+def write_doc_shards(out: Path) -> Path:
+    """400 short documents (about 12 tokens each, several per 32-token sample) as megatron shards."""
+    out.mkdir()
+    src = out / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": f"Doc {i}: thou art {'fair' if i % 2 else 'foul'} indeed."}) + "\n"
+                           for i in range(400)))
+    run([PY, "tools/shard.py", "--input", str(src), "--field", "text", "--tokenizer", "builtin", "--output", str(out / "shards"),
+         "--format", "megatron", "--workers", "1", "--no-progress"])
+    return out / "shards"
+
+
+def test_document_masks_under_sequence_parallel(runs):
+    """Measured: losses 1.0e-5, weights 4.2e-6 apart. Without document masks the losses move by
+    2.8e-3 at step 1 and 6e-2 at step 3, so the comparison tells masked from unmasked attention."""
+    a, b = train_losses(runs / "docmask_tp2_sp"), train_losses(runs / "docmask_dp2")
+    assert len(a) == len(b) == 4 and a == pytest.approx(b, abs=2e-5), (a, b)
+    assert_weights_match("docmask_tp2_sp", _final_params(runs / "docmask_tp2_sp"), _final_params(runs / "docmask_dp2"))
+
+
+def test_sequence_parallel_random_length(runs):
+    """diffusion.random_length_prob under sequence parallelism: steps cut to a drawn length that
+    tp=2 does not divide run at the length rounded up to even (megatron splits the sequence
+    over the TP ranks) and train."""
+    import math
+
+    from dlm_megatron.diffusion.objectives import step_random_length
+
+    drawn = [step_random_length(1234, s, 32, 0.5) for s in range(4)]
+    assert any(L % 2 for L in drawn), drawn  # the case that needs rounding happens in this run
+    losses = train_losses(runs / SP_RANDOM_LENGTH[0])
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses), losses
 
 
 def test_validation_between_steps_sees_gathered_weights(runs):

@@ -1,6 +1,7 @@
 """Mixture of experts at every proven layout: the same per-step losses and final weights as one
-plain process (tests/distributed/reference.py), exact resume at EP2, offline EP2 -> EP1
-resharding, and every discrete objective training with MoE.
+plain process (tests/distributed/reference.py), exact resume at EP2 and at TP2 (sequence
+parallel), offline EP2 -> EP1 and TP2 -> TP1 -> TP2 x EP2 resharding, and every discrete
+objective training with MoE.
 
 Launches: 3 plain reference processes, one single process running the objectives in sequence,
 one torchrun of 2 and one of 4 processes (tests/distributed/run_layouts.py runs several
@@ -29,6 +30,10 @@ BIAS = ("model.num_moe_experts=4,model.moe_router_topk=2,model.moe_ffn_hidden_si
         "model.moe_router_enable_expert_bias=true,model.moe_router_bias_update_rate=0.01,parallel.engine=megatron")
 BLOCK = "diffusion.objective=block,diffusion.block_size=8"
 MEGATRON = "parallel.engine=megatron"
+# TP2 with sequence parallelism (megatron-core's MoE layer needs it at TP > 1); the experts are
+# split over TP too (megatron's expert TP size defaults to tp): fc1 by rows (gate and up halves
+# each), fc2 by columns, like the dense MLP.
+SP = "parallel.tp=2,parallel.sequence_parallel=true,parallel.engine=megatron,parallel.zero_stage=1"
 COMPARE = "train.adam_eps=1e-5"  # see tests/distributed/test_layouts.py: COMPARE
 
 # name: (reference, settings, processes)
@@ -42,7 +47,12 @@ LAYOUTS = {
     "moe_ep4_zero0": ("ref_moe", f"{MOE},{MEGATRON},parallel.ep=4,parallel.zero_stage=0", 4),
     # stopped after step 2 (checkpoint), then resumed in the same launch at EP2
     "moe_resume_ep2": ("ref_moe", f"{MOE},{MEGATRON},parallel.ep=2,parallel.zero_stage=1", 2),
+    "moe_tp2_sp": ("ref_moe", f"{MOE},{SP}", 2),
+    "moe_tp2_ep2_sp": ("ref_moe", f"{MOE},{SP},parallel.ep=2", 4),
+    # stopped after step 2, resumed at TP2 (weights and optimizer state split over TP, experts too)
+    "moe_resume_tp2_sp": ("ref_moe", f"{MOE},{SP}", 2),
 }
+RESUMED = {"moe_resume_ep2": "moe_ep2", "moe_resume_tp2_sp": "moe_tp2_sp"}  # resumed run: its uninterrupted twin
 REFERENCES = {"ref_moe": MOE, "ref_moe_block": f"{MOE},{BLOCK}", "ref_moe_bias": BIAS}
 OBJECTIVES = ("masked", "block", "ar", "uniform", "hybrid", "sft")
 
@@ -64,7 +74,7 @@ def runs(tmp_path_factory):
         run([PY, "tests/distributed/reference.py", str(root / name), *settings.split(","), COMPARE])
     specs = {n: [] for n in (2, 4)}
     for name, (_, settings, n) in LAYOUTS.items():
-        if name == "moe_resume_ep2":
+        if name in RESUMED:
             specs[n] += [f"{name}:{settings},{COMPARE},@stop=2", f"{name}:{settings},{COMPARE}"]
         else:
             specs[n].append(f"{name}:{settings},{COMPARE}")
@@ -111,7 +121,8 @@ def test_moe_metrics_are_layout_independent(runs):
     """moe_aux_loss and moe_max_load are sums over data-parallel ranks: every layout of the
     same model reports the same numbers, and the router moved (aux loss is not constant)."""
     rows = {k: [r for r in metrics(runs / k) if r.get("split") != "val"]
-            for k in ("moe_ep2", "moe_dp2_deepspeed_zero1", "moe_ep2_dp2_zero1", "moe_ep4_zero0", "moe_pp2")}
+            for k in ("moe_ep2", "moe_dp2_deepspeed_zero1", "moe_ep2_dp2_zero1", "moe_ep4_zero0", "moe_pp2", "moe_tp2_sp",
+                      "moe_tp2_ep2_sp")}
     base = rows["moe_ep2"]
     assert all(1.0 <= r["moe_max_load"] <= 4.0 and r["moe_aux_loss"] >= 1.0 - 1e-6 for r in base), base
     for name, rs in rows.items():
@@ -127,12 +138,17 @@ def test_expert_bias_moved_and_is_saved(runs):
     assert len(biases) == 2 and all(b.abs().max() > 0 for b in biases)
 
 
-def test_resume_at_ep2_is_exact(runs):
-    """Stopped after step 2 and resumed: the same losses and weights as the uninterrupted run."""
-    a, b = train_losses(runs / "moe_resume_ep2"), train_losses(runs / "moe_ep2")
+@pytest.mark.parametrize("resumed", list(RESUMED))
+def test_resume_is_exact(runs, resumed):
+    """Stopped after step 2 and resumed (at EP2; at TP2 with sequence parallelism): the same
+    losses and weights as the uninterrupted run."""
+    a, b = train_losses(runs / resumed), train_losses(runs / RESUMED[resumed])
     assert len(a) == 4 and a == b  # bitwise: weights, Adam moments and step restored exactly
-    got, want = _final(runs / "moe_resume_ep2"), _final(runs / "moe_ep2")
-    assert all(torch.equal(got[k], want[k]) for k in want)
+    got, want = _final(runs / resumed), _final(runs / RESUMED[resumed])
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_ep2_files_hold_their_experts(runs):
     ckpt = sorted((runs / "moe_ep2" / "checkpoints").glob("step_*"))[-1]
     assert sorted(p.name for p in (ckpt / "model").iterdir()) == ["tp0_pp0.safetensors", "tp0_pp0_ep1.safetensors"]
     ep1 = load_file(str(ckpt / "model" / "tp0_pp0_ep1.safetensors"))
@@ -153,6 +169,32 @@ def test_reshard_ep2_to_ep1_offline(runs, tmp_path):
     assert sorted(p.name for p in (back / "model").iterdir()) == ["tp0_pp0.safetensors", "tp0_pp0_ep1.safetensors"]
 
 
+def test_reshard_tp2_to_tp1_and_tp2_ep2_offline(runs, tmp_path):
+    """A TP2 (sequence parallel) MoE checkpoint: each TP file holds half of every expert (fc1's
+    gate and up rows, fc2's columns); resharded to TP1 it is the same model (and equals one
+    process, test_moe_layout_matches_one_process), and back to TP2 x EP2 (sequence parallel
+    switched on again, as MoE at TP>1 needs)."""
+    from dlm_megatron.checkpoint import read_meta
+    from dlm_megatron.convert.reshard import reshard
+
+    src = runs / "moe_tp2_sp"
+    ckpt = sorted((src / "checkpoints").glob("step_*"))[-1]
+    tp1 = load_file(str(ckpt / "model" / "tp1_pp0.safetensors"))
+    fc1 = "decoder.layers.0.mlp.experts.local_experts.3.linear_fc1.weight"
+    assert tp1[fc1].shape == (96, 64) and tp1[fc1.replace("fc1", "fc2")].shape == (64, 48)  # 2 x 96 SwiGLU rows / 2
+    out = reshard(src, tmp_path / "tp1", tp=1, pp=1, ep=1, show_progress=False)
+    assert [p.name for p in (out / "model").iterdir()] == ["tp0_pp0.safetensors"]
+    assert read_meta(out)["config"]["parallel"]["sequence_parallel"] is False
+    a, b = _final(src), load_full_state_dict(out)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    back = reshard(out, tmp_path / "tp2ep2", tp=2, pp=1, ep=2, show_progress=False)
+    assert read_meta(back)["config"]["parallel"]["sequence_parallel"] is True
+    assert sorted(p.name for p in (back / "model").iterdir()) == [
+        "tp0_pp0.safetensors", "tp0_pp0_ep1.safetensors", "tp1_pp0.safetensors", "tp1_pp0_ep1.safetensors"]
+    c = load_full_state_dict(back)
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_objectives_train_with_moe(runs, objective):
     rows = [r for r in metrics(runs / f"obj_{objective}") if r.get("split") != "val"]
@@ -160,3 +202,11 @@ def test_objectives_train_with_moe(runs, objective):
     assert len(losses) == 16 and all(r["moe_max_load"] >= 1 and r["moe_aux_loss"] > 0 for r in rows)
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     assert last < first - 0.3, f"{objective}: loss did not fall: {first:.3f} -> {last:.3f}"
+
+
+def test_generate_from_a_tp2_ep2_sequence_parallel_checkpoint(runs):
+    """Inference runs the merged model in one process: a checkpoint trained at TP2 x EP2 with
+    sequence parallelism loads there (no sequence split, all experts) and samples."""
+    p = run([PY, "-m", "dlm_megatron.generate", "--ckpt", str(runs / "moe_tp2_ep2_sp"), "--prompt", "To be",
+             "--gen-length", "8", "--steps", "4"])
+    assert p.stdout.strip().splitlines()[-1].startswith("To be"), p.stdout[-500:]

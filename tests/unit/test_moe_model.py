@@ -29,7 +29,16 @@ def test_moe_fields_have_docstrings():
 @pytest.mark.parametrize("overrides,match", [
     (["parallel.ep=3"], "model.num_moe_experts=8 is not divisible by parallel.ep=3"),
     (["parallel.ep=2", "parallel.engine=deepspeed"], "parallel.ep=2 needs parallel.engine=megatron"),
-    (["parallel.tp=2"], "parallel.tp=2 with model.num_moe_experts"),
+    (["parallel.tp=2", "parallel.engine=megatron"], "parallel.tp=2 with model.num_moe_experts needs sequence parallelism .*: "
+                                                    "set parallel.sequence_parallel=true$"),
+    (["parallel.tp=2"], "parallel.tp=2 with model.num_moe_experts needs sequence parallelism .*: "
+                        "set parallel.sequence_parallel=true$"),  # auto: megatron (q/k norms at tp 2)
+    (["parallel.tp=2", "model.qk_layernorm=false", "parallel.engine=deepspeed"],
+     "set parallel.sequence_parallel=true parallel.engine=megatron "),
+    (["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.engine=deepspeed"],
+     "model.qk_layernorm=true at parallel.tp=2 needs parallel.engine=megatron"),
+    (["parallel.tp=2", "parallel.sequence_parallel=true", "model.qk_layernorm=false", "parallel.engine=deepspeed"],
+     "parallel.sequence_parallel=true needs parallel.engine=megatron"),
     (["model.moe_router_topk=9"], "model.moe_router_topk=9 must be in"),
     (["model.moe_router_score_function=relu"], "model.moe_router_score_function='relu' is not one of"),
     (["model.moe_first_k_dense=2"], "leaves no MoE layer"),
@@ -43,6 +52,15 @@ def test_bad_moe_settings_are_one_line_errors(overrides, match):
     with pytest.raises(ConfigError, match=match) as e:
         cfg_of(*overrides)
     assert "\n" not in str(e.value)
+
+
+def test_tp2_with_sequence_parallel_is_accepted_on_the_megatron_engine():
+    from dlm_megatron.config import resolved_engine
+
+    cfg = cfg_of("parallel.tp=2", "parallel.sequence_parallel=true", "parallel.engine=megatron", "parallel.zero_stage=1")
+    assert cfg.parallel.tp == 2 and cfg.parallel.sequence_parallel
+    auto = cfg_of("parallel.tp=2", "parallel.sequence_parallel=true")  # auto picks the engine that can run it
+    assert resolved_engine(auto.parallel, auto.model) == "megatron"
 
 
 def test_ep_resolves_to_the_megatron_engine():

@@ -380,10 +380,14 @@ def test_impossible_layouts_raise():
 
     with pytest.raises(ConfigError, match="zero_stage"):
         _cfg("configs/8b.yaml", "parallel.pp=2", "parallel.zero_stage=2")
-    with pytest.raises(ConfigError, match="transformer_engine"):
-        _cfg("configs/tiny.yaml", "parallel.sequence_parallel=true", "parallel.tp=2")
+    # sequence parallelism: megatron engine only (local spec or TE), never on DeepSpeed
     with pytest.raises(ConfigError, match="parallel.engine=megatron"):
-        _cfg("configs/tiny.yaml", "parallel.sequence_parallel=true", "parallel.tp=2", "model.transformer_impl=transformer_engine")
+        _cfg("configs/tiny.yaml", "parallel.sequence_parallel=true", "parallel.tp=2", "parallel.engine=deepspeed")
+    with pytest.raises(ConfigError, match="parallel.engine=megatron"):
+        _cfg("configs/tiny.yaml", "parallel.sequence_parallel=true", "parallel.tp=2", "model.transformer_impl=transformer_engine",
+             "parallel.engine=deepspeed")
+    _cfg("configs/tiny.yaml", "parallel.sequence_parallel=true", "parallel.tp=2")  # auto: the megatron engine
+    _cfg("configs/tiny.yaml", "parallel.sequence_parallel=true", "parallel.tp=2", "parallel.engine=megatron", "parallel.zero_stage=1")
     with pytest.raises(ConfigError, match="continuous"):
         _cfg("configs/tiny.yaml", "diffusion.objective=continuous", "parallel.pp=2")
 
