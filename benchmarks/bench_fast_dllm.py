@@ -77,8 +77,8 @@ def accuracy(fn, prompt, mask_id, scfg, outs):
             return
         inner = runner.block_logits
 
-        def checked(x_BS, lo, hi):
-            cached = inner(x_BS, lo, hi)
+        def checked(x_BS, lo, hi, need_L=None):
+            cached = inner(x_BS, lo, hi, need_L)  # logits of the masked positions (0 at unneeded ones)
             full = fn(x_BS)[:, lo:hi]
             masked = x_BS[:, lo:hi] == mask_id
             diffs.append((cached - full).abs().mean(-1)[masked])

@@ -129,7 +129,9 @@ class FastDLLMCache:
         kw = {} if positions_BW is None else dict(explicit_positions=True)
         if rows_n is not None:
             kw["logit_positions"] = rows_n.to(tokens_BW.device)
-        with attached(self.model, self.hook, self.modules):
+        # inference_mode, not just no_grad: no version counters / view tracking on the ~500 ops of a
+        # forward (about 3% of a cached 32-token step here; same kernels, same numbers).
+        with torch.inference_mode(), attached(self.model, self.hook, self.modules):
             out = self.model(tokens_BW, positions_BW, None, **kw)[..., : self.vocab_size].float()
         self.tokens_run += tokens_BW.numel()
         self.output_rows += W if rows_n is None else rows_n.numel()
