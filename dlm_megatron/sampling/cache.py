@@ -17,9 +17,11 @@ refreshes it is stale, and docs/BENCHMARKS.md reports how far the logits and the
 
 The cache is the ``kv_cache`` hook of the model's CoreAttention modules (model/attention.py):
 ``extend(module, key, value)`` records the keys/values of a full forward, or splices a window's
-fresh keys/values into the cached ones. The rest of the forward is megatron-core's unchanged
-model. Keys of different positions are concatenated in position order; attention has no mask
-(masked diffusion is bidirectional), so only the RoPE positions matter.
+fresh keys/values into the cached ones (in place, in position order). The rest of the forward
+is megatron-core's unchanged model; attention has no mask (masked diffusion is bidirectional),
+so only the RoPE positions matter. Only the masked block positions' logits are ever read, so
+only those go through the output layer (``need_L``; docs/BENCHMARKS.md has where a cached
+step's time goes).
 
 Shape legend: B batch, S sequence, W window (the positions run in a cached step), V vocabulary.
 """
