@@ -21,6 +21,10 @@ gen-length 256, block 32, N = 256 (8 blocks x 32 steps), greedy low-confidence r
 - ``none + threshold`` (``--with-uncached-threshold``): the same policy without the cache, the
   reference for the cache's token agreement.
 
+``--ckpt PATH`` times a trained masked checkpoint instead (its weights, vocabulary and MASK id,
+dense attention, the first P tokens of the builtin validation text as the prompt): there the
+threshold can commit several confident positions per forward.
+
 Repeats are interleaved (A, B, A, B, ...) after one untimed warm-up of the fast variant; both
 the wall time and the process's CPU time are reported (on a shared machine the CPU time, with
 one intra-op thread, is the steadier measure of the work).
@@ -65,6 +69,27 @@ def build(args):
     return model.eval(), sum(p.numel() for p in model.parameters())
 
 
+def load_trained(args):
+    """A trained masked checkpoint (--ckpt): (model, parameters, vocabulary, MASK id, prompt [1, P]).
+
+    Attention runs on the dense kernel as in the random-weights rows; the prompt is the first P
+    tokens of the builtin validation text (Shakespeare)."""
+    import torch
+
+    from dlm_megatron.data.corpus import load_builtin_documents
+    from dlm_megatron.generate import load_model
+    from dlm_megatron.model.attention import CoreAttention
+
+    model, tok, cfg, meta = load_model(args.ckpt)
+    for m in model.modules():
+        if isinstance(m, CoreAttention):
+            m.backend = "dense"
+    ids = tok.encode(load_builtin_documents("val")[0]["text"][:50000])[: args.prompt_length]
+    assert len(ids) == args.prompt_length, "validation text too short for --prompt-length"
+    args.layers, args.hidden, args.vocab = cfg.model.num_layers, cfg.model.hidden_size, meta["vocab_size"]
+    return model, sum(p.numel() for p in model.parameters()), meta["vocab_size"], tok.mask_id, torch.tensor([ids])
+
+
 def accuracy(fn, prompt, mask_id, scfg, outs):
     """Run the cached sampler once with every cached step checked against a full forward.
     -> (mean |logit difference|, argmax agreement over the block's masked positions, cached steps)"""
@@ -77,8 +102,8 @@ def accuracy(fn, prompt, mask_id, scfg, outs):
             return
         inner = runner.block_logits
 
-        def checked(x_BS, lo, hi):
-            cached = inner(x_BS, lo, hi)
+        def checked(x_BS, lo, hi, need_L=None):
+            cached = inner(x_BS, lo, hi, need_L)  # logits of the masked positions (0 at unneeded ones)
             full = fn(x_BS)[:, lo:hi]
             masked = x_BS[:, lo:hi] == mask_id
             diffs.append((cached - full).abs().mean(-1)[masked])
@@ -106,6 +131,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="N, total steps of both samplers (default: gen-length)")
     ap.add_argument("--threshold", type=float, default=0.9, help="parallel_threshold TAU (Fast-dLLM: 0.9)")
     ap.add_argument("--output-scale", type=float, default=1.0, help="output-layer multiplier of the random model")
+    ap.add_argument("--ckpt", default=None, help="time a trained masked checkpoint (run directory or checkpoint folder) "
+                    "instead of random weights: its weights, vocabulary and MASK id, dense attention, prompt = the first "
+                    "P tokens of the builtin validation text (--layers/--hidden/--vocab/--output-scale are ignored)")
     ap.add_argument("--repeats", type=int, default=2, help="timed repeats per variant (median reported)")
     ap.add_argument("--with-uncached-threshold", action="store_true", help="also time cache none + threshold")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -120,10 +148,14 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, n_params = build(args)
-    mask_id = args.vocab - 1
-    fn = model_logits_fn(model, args.vocab)
-    prompt = torch.randint(0, mask_id, (1, args.prompt_length), generator=torch.Generator().manual_seed(1))
+    if args.ckpt:
+        model, n_params, vocab, mask_id, prompt = load_trained(args)
+        fn = model_logits_fn(model, vocab)
+    else:
+        model, n_params = build(args)
+        mask_id = args.vocab - 1
+        fn = model_logits_fn(model, args.vocab)
+        prompt = torch.randint(0, mask_id, (1, args.prompt_length), generator=torch.Generator().manual_seed(1))
     base = dict(gen_length=args.gen_length, block_length=args.block_length, steps=args.steps or args.gen_length, seed=0)
     variants = {"LLaDA uncached": SamplerConfig(**base),
                 "dual + threshold": SamplerConfig(**base, cache="dual", parallel_threshold=args.threshold)}
@@ -155,7 +187,7 @@ def main(argv=None) -> int:
     print(f"\nMachine: {cpu_name()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), Python {platform.python_version()}; {datetime.date.today().isoformat()}; "
           f"masked denoiser {args.layers} x {args.hidden} (vocab {args.vocab}, {n_params / 1e6:.1f}M parameters), "
-          f"output scale {args.output_scale}, fp32; prompt {P}, {args.gen_length} new tokens, block {args.block_length}, "
+          f"{'checkpoint ' + args.ckpt if args.ckpt else f'random weights, output scale {args.output_scale}'}, fp32; prompt {P}, {args.gen_length} new tokens, block {args.block_length}, "
           f"N = {base['steps']}, tau = {args.threshold}; medians of {args.repeats}")
     print("\n| variant | steps run | median CPU time | tokens/s (CPU) | speed-up (CPU) | median wall time | tokens/s (wall) "
           "| speed-up (wall) | wall times |")

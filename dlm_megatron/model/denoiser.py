@@ -264,24 +264,34 @@ class Denoiser(GPTModel):
         return h.to(self.config.params_dtype).transpose(0, 1).contiguous()
 
     def forward(self, input_ids, position_ids, attention_mask, *args, explicit_positions: bool = False,
-                sigma_B=None, noise_seed_B=None, noisy_x_BSH=None, loss_index=None, **kwargs):
+                sigma_B=None, noise_seed_B=None, noisy_x_BSH=None, loss_index=None, logit_positions=None, **kwargs):
         """megatron-core's GPTModel forward, plus: ``explicit_positions`` (RoPE at position_ids),
         continuous diffusion's inputs (``sigma_B`` ...), and ``loss_index``: the flat indices
         s * B + b of the positions that carry loss. With labels, the output layer and the
         cross-entropy then run on those rows only and the returned per-token NLL [B, S] is 0
         elsewhere (masked diffusion puts loss on the masked tokens only, block diffusion on the
-        masked x_t tokens: about half of the rows, and never the x_0 half)."""
+        masked x_t tokens: about half of the rows, and never the x_0 half). ``logit_positions``
+        ([n] long, sorted sequence positions; no labels): the output layer runs on those
+        positions only and the logits come back as [B, n, V] (the samplers read a few)."""
         if sigma_B is not None and self.pre_process:
             kwargs["decoder_input"] = self.continuous_input(input_ids, sigma_B, noise_seed_B, noisy_x_BSH)
         self._explicit_positions = explicit_positions
         self._loss_index = loss_index
+        self._logit_positions = logit_positions
         try:
             return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
         finally:
             self._explicit_positions = False
             self._loss_index = None
+            self._logit_positions = None
 
     def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
+        rows = getattr(self, "_logit_positions", None)
+        if rows is not None:
+            if labels is not None or self.config.sequence_parallel or self.config.mtp_num_layers:
+                raise ValueError("logit_positions: logits only (no labels), without sequence parallel or MTP")
+            if self.post_process:  # hidden [S, B, H] -> the rows the output layer runs on [n, B, H]
+                hidden_states = hidden_states.index_select(0, rows)
         index = getattr(self, "_loss_index", None)
         if (index is None or labels is None or not self.post_process
                 or self.config.mtp_num_layers or kwargs.get("inference_context") is not None):

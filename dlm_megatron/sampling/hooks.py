@@ -21,9 +21,12 @@ def _attention_modules(model: torch.nn.Module) -> list:
 
 
 @contextlib.contextmanager
-def attached(model: torch.nn.Module, cache):
-    """Route the model's attention through the hook ``cache`` while the context is open."""
-    mods = _attention_modules(model)
+def attached(model: torch.nn.Module, cache, mods: list | None = None):
+    """Route the model's attention through the hook ``cache`` while the context is open.
+
+    ``mods``: the model's CoreAttention modules if the caller already has them (walking a
+    model's module tree costs about a millisecond, once per cached step otherwise)."""
+    mods = _attention_modules(model) if mods is None else mods
     for m in mods:
         m.kv_cache = cache
     try:

@@ -622,12 +622,14 @@ def generate(
                 block_logits = combine(logits[:, lo:hi])
             elif i == 0:
                 # Fast-dLLM: a full forward at the start of each block refreshes the cache
-                # and gives this step's logits.
-                block_logits = combine(runner.refresh(rows(x), lo, hi))
+                # and gives this step's logits. Only masked positions' logits are ever read
+                # (denoise_step commits masked positions only), so only those positions go
+                # through the output layer (their logits are bit-identical; the rest are 0).
+                block_logits = combine(runner.refresh(rows(x), lo, hi, masked.any(dim=0)))
                 if on_refresh is not None:
                     on_refresh(runner, rows(x), lo, hi)
             else:
-                block_logits = combine(runner.block_logits(rows(x), lo, hi))
+                block_logits = combine(runner.block_logits(rows(x), lo, hi, masked.any(dim=0)))
 
             t = None
             if cfg.parallel_threshold is not None:  # noise level = the block's masked fraction

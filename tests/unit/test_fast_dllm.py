@@ -118,3 +118,66 @@ def test_dual_cache_with_threshold_and_guidance_refreshes_exactly():
     assert rows == [4, 4]  # 2 conditional + 2 unconditional rows, one refresh per block
     assert torch.equal(hist["none"][1], hist["dual"][1])
     assert int((hist["none"][1] != hist["none"][0]).sum()) >= 2  # the first step did commit something
+
+
+class _CatSplice:
+    """The reference splice: cached keys/values before and after the window, concatenated
+    with the window's fresh ones (what the preallocated in-place buffers must equal)."""
+
+    def __init__(self, kv, window):
+        self.kv, self.window = kv, window
+
+    def extend(self, module, key, value):
+        ck, cv = self.kv[module]
+        a, b = self.window
+        return torch.cat([ck[:a], key, ck[b:]]), torch.cat([cv[:a], value, cv[b:]])
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_in_place_splice_equals_concatenating_the_cache(mode):
+    """The cache writes each cached step's window into preallocated buffers; successive steps
+    (different tokens in the block) give exactly the logits of torch.cat splicing into the
+    refresh's keys/values."""
+    from dlm_megatron.sampling.cache import FastDLLMCache
+    from dlm_megatron.sampling.hooks import attached
+
+    model = build_model_for("masked")
+    x = torch.cat([_prompt(1), torch.full((1, 16), MASK)], dim=1)
+    runner = FastDLLMCache(model, V, mode)
+    runner.refresh(x, 6, 10)
+    ref_kv = runner.capture(x)
+    b = 10 if mode == "dual" else x.shape[1]
+    for committed in ([5], [5, 7], [5, 7, 9, 11]):
+        x[:, 6:6 + len(committed)] = torch.tensor(committed)
+        got = runner.block_logits(x, 6, 10)
+        with torch.no_grad(), attached(model, _CatSplice(ref_kv, (6, b))):
+            out = model(x[:, 6:b], torch.arange(6, b)[None], None, explicit_positions=True)
+        assert torch.equal(got, out[:, :4, :V].float()), (committed, (got - out[:, :4, :V]).abs().max())
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_output_layer_runs_on_the_masked_positions_only(shift, monkeypatch):
+    """Only masked block positions' logits are read, so only those (at least MIN_OUTPUT_ROWS)
+    go through the output layer, at the refresh and at cached steps; the tokens are those of
+    the sampler that runs every window position through it."""
+    from dlm_megatron.sampling import cache as cache_mod
+
+    model = build_model_for("masked")
+    fn = model_logits_fn(model, V, shift=shift)
+    rows = []
+    handle = model.output_layer.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    cfg = SamplerConfig(steps=32, gen_length=32, block_length=16, temperature=0.7, seed=4, cache="dual",
+                        parallel_threshold=0.5)
+    try:
+        got, hist = generate(fn, _prompt(), MASK, cfg, return_history=True)
+        restricted = list(rows)
+        rows.clear()
+        monkeypatch.setattr(cache_mod.FastDLLMCache, "_output_positions", lambda self, *a: None)
+        want, want_hist = generate(fn, _prompt(), MASK, cfg, return_history=True)
+    finally:
+        handle.remove()
+    assert torch.equal(got, want) and all(torch.equal(a, b) for a, b in zip(hist, want_hist))
+    assert len(hist) == len(want_hist) > 4
+    # the refresh: 16 block rows of the 38-token sequence; later steps fewer than the 16 (17 shifted) window rows
+    assert restricted[0] == 16 and rows[0] == 38, (restricted, rows)
+    assert min(restricted) == cache_mod.MIN_OUTPUT_ROWS and sum(restricted) < sum(rows)
