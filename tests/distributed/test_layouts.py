@@ -80,7 +80,7 @@ def runs(tmp_path_factory):
     run([PY, "tests/distributed/reference.py", str(root / "reference_block"), *BLOCK.split(","), *COMPARE])
     run([PY, "tests/distributed/reference.py", str(root / "reference_tied"), TIED, *COMPARE])
     run([PY, "tests/distributed/reference.py", str(root / "reference_qk"), QK, *COMPARE])
-    for obj in ("uniform", "hybrid"):
+    for obj in sorted({obj for obj, _, _ in VOCAB_LAYOUTS.values()}):
         run([PY, "tests/distributed/reference.py", str(root / f"reference_{obj}"), f"diffusion.objective={obj}", *COMPARE])
     sft = f"data.sft_path={write_sft_data(root / 'sft.jsonl')}"
     run([PY, "tests/distributed/reference.py", str(root / "reference_sft"), sft, *COMPARE])
@@ -114,12 +114,15 @@ BLOCK_LAYOUTS = {
     "block_tp2_sp": SP,
 }
 
-# Uniform / hybrid noise: the loss sums over the whole vocabulary, reduced across the TP
-# ranks' vocab-parallel logits (diffusion/uniform.py). name: (objective, layout, processes)
+# Other objectives, each against its own reference. Uniform / hybrid noise: the loss sums over
+# the whole vocabulary, reduced across the TP ranks' vocab-parallel logits (diffusion/
+# uniform.py). AR under sequence parallelism: causal attention over the gathered sequence,
+# next-token labels across the TP ranks' sequence slices. name: (objective, layout, processes)
 VOCAB_LAYOUTS = {
     "uniform_tp2": ("uniform", "parallel.tp=2", 2),
     "hybrid_tp2_dp2_zero1": ("hybrid", "parallel.tp=2,parallel.zero_stage=1", 4),
     "uniform_tp2_sp": ("uniform", SP, 2),
+    "ar_tp2_sp": ("ar", SP, 2),
 }
 
 # SFT with variable length (data.sft_padding=batch): each global batch padded to its longest

@@ -86,14 +86,16 @@ def test_transformer_engine_spec_matches_local(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="sequence parallel needs TP>=2, i.e. two GPUs")
-def test_sequence_parallel_matches_tp(tmp_path):
-    pytest.importorskip("transformer_engine", reason="sequence parallel uses the Transformer Engine spec")
+@pytest.mark.parametrize("impl", ["local", "transformer_engine"])
+def test_sequence_parallel_matches_tp(tmp_path, impl):
+    if impl == "transformer_engine":
+        pytest.importorskip("transformer_engine", reason="Transformer Engine not installed")
     losses = {}
     for sp in ("false", "true"):
         out = tmp_path / f"sp_{sp}"
         run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dlm_megatron.train", "configs/tiny.yaml",
              *COMMON_OVERRIDES, "parallel.tp=2", f"parallel.sequence_parallel={sp}", "parallel.engine=megatron",
-             "model.transformer_impl=transformer_engine", "train.precision=fp32", "train.steps=2", f"train.output_dir={out}"])
+             f"model.transformer_impl={impl}", "train.precision=fp32", "train.steps=2", f"train.output_dir={out}"])
         losses[sp] = train_losses(out)
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
 
