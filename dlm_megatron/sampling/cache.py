@@ -86,13 +86,16 @@ class FastDLLMCache:
         self.output_rows = 0
         """Positions run through the output layer so far (per batch row)."""
 
+    def _output_index(self, tok_L: Tensor, a: int) -> Tensor:
+        """Rows, in the outputs of positions [a, ...), that hold the logits of token positions
+        tok_L (shifted models read token i from output i-1; token 0 from output 0)."""
+        return ((tok_L - 1).clamp_min(0) if self.shift else tok_L) - a
+
     def _select(self, out_BWV: Tensor, a: int, lo: int, hi: int) -> Tensor:
-        """Logits of positions [lo, hi) from the outputs of positions [a, ...) (shifted models
-        read token i from output i-1; token 0 from output 0)."""
+        """Logits of positions [lo, hi) from the outputs of positions [a, ...)."""
         if not self.shift:
             return out_BWV[:, lo - a: hi - a]
-        idx = (torch.arange(lo, hi, device=out_BWV.device) - 1).clamp_min(0) - a
-        return out_BWV[:, idx]
+        return out_BWV[:, self._output_index(torch.arange(lo, hi, device=out_BWV.device), a)]
 
     @torch.no_grad()
     def full_logits(self, x_BS: Tensor) -> Tensor:
@@ -115,10 +118,8 @@ class FastDLLMCache:
         next window positions up to MIN_OUTPUT_ROWS.  -> sorted [n] long, or None for all."""
         if need_L is None:
             return None
-        tok = torch.arange(lo, hi)[need_L.cpu()]
-        out = ((tok - 1).clamp_min(0) if self.shift else tok) - a
         rows = torch.zeros(b - a, dtype=torch.bool)
-        rows[out] = True
+        rows[self._output_index(torch.arange(lo, hi)[need_L.cpu()], a)] = True
         short = min(MIN_OUTPUT_ROWS, b - a) - int(rows.sum())
         if short > 0:  # pad with the first unneeded positions (cheap, keeps the GEMM's rounding)
             rows[(~rows).nonzero().squeeze(1)[:short]] = True
