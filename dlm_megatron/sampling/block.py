@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ..diffusion.block import block_causal_mask
 from .hooks import _attention_modules, attached
-from .masked import SamplerConfig, block_steps, denoise_step, fill_after_eos, guided_logits, remask_committed, renoise_rate
+from .masked import SamplerConfig, denoise_block, guided_logits
 
 __all__ = ["CachedDenoiser", "KVCache", "RecomputeDenoiser", "generate_blocks", "prefix_block_mask"]
 
@@ -184,37 +184,16 @@ def generate_blocks(
         if eos_id is not None:
             blk = x[:, lo:hi]
             x[:, lo:hi] = torch.where(done[:, None] & (blk == mask_id), eos_id, blk)
-        committed = torch.zeros(batch, bs, dtype=torch.bool, device=device)
-        block_total = (x[:, lo:hi] == mask_id).sum(dim=1)  # M: positions this block decodes (not the prompt's)
-        for i in range(block_steps(cfg, bs)):
-            sigma = renoise_rate(i, k, cfg) if cfg.parallel_threshold is None else 0.0
-            if sigma > 0.0:
-                # Only tokens sampled in this block are renoised, never the prompt.
-                remask = remask_committed(committed, sigma, generator)
-                x[:, lo:hi] = x[:, lo:hi].masked_fill(remask, mask_id)
-                committed &= ~remask
-            masked = x[:, lo:hi] == mask_id
-            if not bool(masked.any()):
-                break
+
+        def block_logits(i: int, masked: Tensor) -> Tensor:
             logits = runner.block_logits(rows(x[:, lo:hi], lo))
             if guided:
                 logits = guided_logits(logits[:batch], logits[batch:], cfg.cfg_scale)
             if on_logits is not None:
                 on_logits(lo, i, logits)
-            t = None
-            if cfg.parallel_threshold is not None:  # noise level = the block's masked fraction
-                t = float(masked.sum(dim=1).max()) / bs
-            x0, commit = denoise_step(logits, masked, i, k, cfg, suppress, generator, block_total_B=block_total, t=t)
-            commit = commit.to(device)
-            x[:, lo:hi] = torch.where(commit, x0.to(device), x[:, lo:hi])
-            committed |= commit
-            if cfg.stop_at_eos:
-                # only generated positions count: a prompt token equal to EOS does not stop the block
-                blk = x[:, lo:hi].clone()
-                gen = torch.arange(lo, hi, device=device) >= prompt_len
-                fill = fill_after_eos(blk.masked_fill(~gen[None, :] & (blk == eos_id), -1), eos_id) & gen[None, :]
-                x[:, lo:hi] = blk.masked_fill(fill, eos_id)
-                committed &= ~fill
+            return logits
+
+        denoise_block(x, lo, hi, block_logits, cfg, mask_id, suppress, generator, eos_id=eos_id, gen_from=prompt_len)
         if eos_id is not None:
             done |= (x[:, prompt_len:hi] == eos_id).any(dim=1)
             if bool(done.all()):

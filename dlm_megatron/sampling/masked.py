@@ -69,6 +69,7 @@ __all__ = [
     "alpha_at",
     "commit_count",
     "confidence",
+    "denoise_block",
     "denoise_step",
     "generate",
     "guided_logits",
@@ -446,6 +447,58 @@ def fill_after_eos(block_BL: Tensor, eos_id: int) -> Tensor:
     return (is_eos.long().cumsum(dim=1) > 0) & ~is_eos
 
 
+def denoise_block(
+    x: Tensor,
+    lo: int,
+    hi: int,
+    block_logits: Callable[[int, Tensor], Tensor],
+    cfg: SamplerConfig,
+    mask_id: int,
+    suppress: Sequence[int],
+    generator: torch.Generator,
+    *,
+    eos_id: int | None = None,
+    gen_from: int = 0,
+    on_step: Callable[[int], None] | None = None,
+) -> None:
+    """Decode the block x[:, lo:hi] in place (x: [B, S] long), the step loop both samplers share.
+
+    Step i renoises this block's sampled tokens (renoise_rate), reads block_logits(i,
+    masked [B, L]) -> [B, L, V] and commits denoise_step's choice; it ends when the block
+    has no masks. Only tokens committed here are renoise targets, so the prompt, finished
+    blocks and EOS fill are never disturbed. cfg.stop_at_eos: a committed EOS at a position
+    >= gen_from (a prompt token equal to EOS does not count) fills the rest of the block.
+    on_step(i) runs after each executed step."""
+    batch, k = x.shape[0], cfg.steps_per_block
+    committed = torch.zeros(batch, hi - lo, dtype=torch.bool, device=x.device)
+    total = (x[:, lo:hi] == mask_id).sum(dim=1)  # M: positions this block decodes
+    gen = torch.arange(lo, hi, device=x.device)[None, :] >= gen_from  # [1, L]
+    for i in range(block_steps(cfg, hi - lo)):
+        sigma = renoise_rate(i, k, cfg) if cfg.parallel_threshold is None else 0.0
+        if sigma > 0.0:
+            remask = remask_committed(committed, sigma, generator)
+            x[:, lo:hi] = x[:, lo:hi].masked_fill(remask, mask_id)
+            committed &= ~remask
+        masked = x[:, lo:hi] == mask_id  # [B, L]
+        if not bool(masked.any()):
+            break
+        logits = block_logits(i, masked)
+        t = None
+        if cfg.parallel_threshold is not None:  # noise level = the block's masked fraction
+            t = float(masked.sum(dim=1).max()) / (hi - lo)
+        x0, commit = denoise_step(logits, masked, i, k, cfg, suppress, generator, block_total_B=total, t=t)
+        commit = commit.to(x.device)
+        x[:, lo:hi] = torch.where(commit, x0.to(x.device), x[:, lo:hi])
+        committed |= commit
+        if cfg.stop_at_eos:
+            blk = x[:, lo:hi]
+            fill = fill_after_eos(blk.masked_fill(~gen & (blk == eos_id), -1), eos_id) & gen
+            x[:, lo:hi] = blk.masked_fill(fill, eos_id)
+            committed &= ~fill
+        if on_step is not None:
+            on_step(i)
+
+
 def block_steps(cfg: SamplerConfig, block_len: int) -> int:
     """Upper bound of the steps a block may take: K, or its length with parallel_threshold
     (at least one position is committed per step)."""
@@ -558,35 +611,13 @@ def generate(
         raise ValueError("stop_at_eos needs eos_id")
 
     batch, prompt_len = prompt_ids.shape
-    seq_len = prompt_len + cfg.gen_length
     device = prompt_ids.device
     k = cfg.steps_per_block
     generator = torch.Generator().manual_seed(cfg.seed)
     suppress = sorted({int(mask_id), *(int(i) for i in suppress_ids)})
-    guided = cfg.cfg_scale > 0.0
+    step_logits = _StepLogits(logits_fn, cfg, mask_id, prompt_len, on_refresh)
 
-    runner = None
-    if cfg.cache != "none":
-        from .cache import FastDLLMCache
-
-        if getattr(logits_fn, "model", None) is None:
-            raise ValueError(f"cache={cfg.cache} needs the model: pass a logits function made by model_logits_fn")
-        runner = FastDLLMCache(logits_fn.model, logits_fn.vocab_size, cfg.cache, shift=logits_fn.shift)
-
-    # A shifted model never sees token 0 masked (it cannot predict it; training keeps it
-    # clean even when prompt_dropout drops the prompt), so its unconditional row keeps it.
-    uncond_from = 1 if getattr(logits_fn, "shift", False) else 0
-
-    def rows(x: Tensor) -> Tensor:
-        """The model's input rows: x, and with guidance also x with the prompt masked."""
-        if not guided:
-            return x
-        return torch.cat([x, x.index_fill(1, torch.arange(uncond_from, prompt_len, device=x.device), mask_id)])
-
-    def combine(logits: Tensor) -> Tensor:
-        return guided_logits(logits[:batch], logits[batch:], cfg.cfg_scale) if guided else logits
-
-    x = torch.full((batch, seq_len), mask_id, dtype=torch.long, device=device)
+    x = torch.full((batch, prompt_len + cfg.gen_length), mask_id, dtype=torch.long, device=device)
     x[:, :prompt_len] = prompt_ids
     history: list[Tensor] = [x.clone()] if return_history else []
     done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -594,59 +625,15 @@ def generate(
     for b in range(cfg.num_blocks):
         lo = prompt_len + b * cfg.block_length
         hi = lo + cfg.block_length
-        # Tokens committed by sampling in this block: the only renoise targets,
-        # so the prompt, finished blocks and EOS fill are never disturbed.
-        committed = torch.zeros(batch, cfg.block_length, dtype=torch.bool, device=device)
-        total = (x[:, lo:hi] == mask_id).sum(dim=1)  # M: positions this block decodes
 
-        for i in range(block_steps(cfg, cfg.block_length)):
-            sigma = renoise_rate(i, k, cfg) if cfg.parallel_threshold is None else 0.0
-            if sigma > 0.0:
-                remask = remask_committed(committed, sigma, generator)
-                x[:, lo:hi] = x[:, lo:hi].masked_fill(remask, mask_id)
-                committed &= ~remask
-
-            masked = x[:, lo:hi] == mask_id  # [B, L]
-            if not bool(masked.any()):
-                break
-
-            if runner is None:
-                inp = rows(x)
-                logits = logits_fn(inp)
-                if logits.dim() != 3 or logits.shape[:2] != (inp.shape[0], seq_len):
-                    raise ValueError(
-                        f"logits_fn must return [B, S, V] = [{inp.shape[0]}, {seq_len}, V], got {tuple(logits.shape)}"
-                    )
-                # Only the current block can be committed, so work on its slice
-                # (cuts noise/softmax cost by S / L).
-                block_logits = combine(logits[:, lo:hi])
-            elif i == 0:
-                # Fast-dLLM: a full forward at the start of each block refreshes the cache
-                # and gives this step's logits. Only masked positions' logits are ever read
-                # (denoise_step commits masked positions only), so only those positions go
-                # through the output layer (their logits are bit-identical; the rest are 0).
-                block_logits = combine(runner.refresh(rows(x), lo, hi, masked.any(dim=0)))
-                if on_refresh is not None:
-                    on_refresh(runner, rows(x), lo, hi)
-            else:
-                block_logits = combine(runner.block_logits(rows(x), lo, hi, masked.any(dim=0)))
-
-            t = None
-            if cfg.parallel_threshold is not None:  # noise level = the block's masked fraction
-                t = float(masked.sum(dim=1).max()) / cfg.block_length
-            x0, commit = denoise_step(block_logits, masked, i, k, cfg, suppress, generator, block_total_B=total, t=t)
-            commit = commit.to(device)
-            x[:, lo:hi] = torch.where(commit, x0.to(device), x[:, lo:hi])
-            committed |= commit
-            if cfg.stop_at_eos:
-                fill = fill_after_eos(x[:, lo:hi], eos_id)
-                x[:, lo:hi] = x[:, lo:hi].masked_fill(fill, eos_id)
-                committed &= ~fill
+        def on_step(i: int) -> None:
             if return_history:
                 history.append(x.clone())
             if progress is not None:
                 progress(min(b * k + i + 1, (b + 1) * k), cfg.steps)
 
+        denoise_block(x, lo, hi, lambda i, masked: step_logits(x, lo, hi, i, masked), cfg, mask_id, suppress,
+                      generator, eos_id=eos_id, gen_from=prompt_len, on_step=on_step)
         if eos_id is not None:
             done |= (x[:, prompt_len:hi] == eos_id).any(dim=1)
             tail = x[:, hi:]
@@ -655,3 +642,57 @@ def generate(
                 break
 
     return (x, history) if return_history else x
+
+
+class _StepLogits:
+    """Where a step's block logits come from: the full forward (cache=none), or Fast-dLLM's
+    cache (a refresh at a block's first step, cached block forwards after it); with
+    guidance each forward also runs the prompt-masked row and the two are combined.
+    __call__(x [B, S], lo, hi, i, masked [B, L]) -> [B, L, V] float."""
+
+    def __init__(self, logits_fn: LogitsFn, cfg: SamplerConfig, mask_id: int, prompt_len: int,
+                 on_refresh: Callable | None):
+        self.logits_fn, self.cfg, self.mask_id, self.prompt_len = logits_fn, cfg, mask_id, prompt_len
+        self.on_refresh = on_refresh
+        self.runner = None
+        if cfg.cache != "none":
+            from .cache import FastDLLMCache
+
+            if getattr(logits_fn, "model", None) is None:
+                raise ValueError(f"cache={cfg.cache} needs the model: pass a logits function made by model_logits_fn")
+            self.runner = FastDLLMCache(logits_fn.model, logits_fn.vocab_size, cfg.cache, shift=logits_fn.shift)
+        # A shifted model never sees token 0 masked (it cannot predict it; training keeps it
+        # clean even when prompt_dropout drops the prompt), so its unconditional row keeps it.
+        self.uncond_from = 1 if getattr(logits_fn, "shift", False) else 0
+
+    def rows(self, x: Tensor) -> Tensor:
+        """The model's input rows: x, and with guidance also x with the prompt masked."""
+        if self.cfg.cfg_scale <= 0.0:
+            return x
+        prompt = torch.arange(self.uncond_from, self.prompt_len, device=x.device)
+        return torch.cat([x, x.index_fill(1, prompt, self.mask_id)])
+
+    def combine(self, logits: Tensor, batch: int) -> Tensor:
+        return guided_logits(logits[:batch], logits[batch:], self.cfg.cfg_scale) if self.cfg.cfg_scale > 0.0 else logits
+
+    def __call__(self, x: Tensor, lo: int, hi: int, i: int, masked: Tensor) -> Tensor:
+        inp, batch = self.rows(x), x.shape[0]
+        if self.runner is None:
+            logits = self.logits_fn(inp)
+            if logits.dim() != 3 or logits.shape[:2] != inp.shape:
+                raise ValueError(
+                    f"logits_fn must return [B, S, V] = [{inp.shape[0]}, {inp.shape[1]}, V], got {tuple(logits.shape)}"
+                )
+            # Only the current block can be committed, so work on its slice
+            # (cuts noise/softmax cost by S / L).
+            return self.combine(logits[:, lo:hi], batch)
+        if i > 0:
+            return self.combine(self.runner.block_logits(inp, lo, hi, masked.any(dim=0)), batch)
+        # Fast-dLLM: a full forward at the start of each block refreshes the cache and gives
+        # this step's logits. Only masked positions' logits are ever read (denoise_step
+        # commits masked positions only), so only those positions go through the output
+        # layer (their logits are bit-identical; the rest are 0).
+        block_logits = self.combine(self.runner.refresh(inp, lo, hi, masked.any(dim=0)), batch)
+        if self.on_refresh is not None:
+            self.on_refresh(self.runner, inp, lo, hi)
+        return block_logits

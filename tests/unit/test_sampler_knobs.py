@@ -312,6 +312,37 @@ def test_stop_at_eos_fills_the_rest_of_the_block():
         generate(table_fn(table), make_prompt(1), MASK, cfg)
 
 
+def test_block_sampler_stop_at_eos_fills_after_generated_eos_only():
+    """Block sampler on a real model, block size 4, prompt of 6: the first block [4, 8) holds
+    prompt positions 4 and 5. A generated EOS fills the rest of its block; an EOS in the
+    prompt part of that block does not (the model never proposes EOS there: suppressed)."""
+    from test_fast_dllm import build_model_for
+
+    from dlm_megatron.sampling import generate_blocks
+
+    model = build_model_for("block")
+    prompt = torch.randint(3, 60, (2, 6), generator=torch.Generator().manual_seed(3))
+    cfg = dict(steps=16, gen_length=16, block_length=4, seed=5)
+    plain = generate_blocks(model, prompt, 63, SamplerConfig(**cfg), vocab_size=64)
+    # EOS := the token committed at position 6; with stop_at_eos the block [4, 8) must end in it
+    eos = int(plain[0, 6])
+    out = generate_blocks(model, prompt, 63, SamplerConfig(**cfg, stop_at_eos=True), vocab_size=64, eos_id=eos)
+    gen = out[:, 6:]
+    first = (gen == eos).long().argmax(dim=1)
+    for row, f in enumerate(first.tolist()):
+        if bool((gen[row] == eos).any()):
+            end = 6 + f + (-(6 + f + 1) % 4) + 1  # end of the EOS's own block
+            assert bool((out[row, 6 + f:end] == eos).all()), (row, out[row])
+    assert not torch.equal(out, plain)
+    # an EOS in the prompt's part of a block is not a generated EOS
+    with_eos = prompt.clone()
+    with_eos[:, 4] = 2
+    a = generate_blocks(model, with_eos, 63, SamplerConfig(**cfg, stop_at_eos=True), vocab_size=64, eos_id=2,
+                        suppress_ids=[2])
+    b = generate_blocks(model, with_eos, 63, SamplerConfig(**cfg), vocab_size=64, eos_id=2, suppress_ids=[2])
+    assert torch.equal(a, b) and not bool((a[:, 6:8] == 2).any())
+
+
 @pytest.mark.parametrize("kwargs,field", [
     (dict(acceptance_profile="square"), "acceptance_profile"),
     (dict(renoise_profile="always"), "renoise_profile"),
@@ -347,10 +378,10 @@ def test_acceptance_profile_counts_inside_real_generation(objective, monkeypatch
     """On a megatron-core denoiser, through the masked sampler and the block sampler (one block
     of M = 16 positions, K = 8 steps): after step n, ceil(M F(n/K)) positions are committed,
     cosine F(u) = 1 - cos(pi u / 2) and linear F(u) = u. The block sampler is observed through
-    the commits its steps return."""
+    the commits its steps return (the step loop both samplers share)."""
     from test_fast_dllm import build_model_for
 
-    from dlm_megatron.sampling import block as block_mod
+    from dlm_megatron.sampling import masked as masked_mod
     from dlm_megatron.sampling import generate_blocks, model_logits_fn
 
     model = build_model_for(objective)
@@ -361,16 +392,16 @@ def test_acceptance_profile_counts_inside_real_generation(objective, monkeypatch
             _, hist = generate(model_logits_fn(model, 64), _real_prompt(), 63, cfg, return_history=True)
             done = [int((x[0, 6:] != 63).sum()) for x in hist]
         else:
-            done, real_step = [0], block_mod.denoise_step
+            done, real_step = [0], masked_mod.denoise_step
 
             def spy(*a, **kw):
                 x0, commit = real_step(*a, **kw)
                 done.append(done[-1] + int(commit[0].sum()))
                 return x0, commit
 
-            monkeypatch.setattr(block_mod, "denoise_step", spy)
+            monkeypatch.setattr(masked_mod, "denoise_step", spy)
             generate_blocks(model, _real_prompt(P=16), 63, cfg, vocab_size=64)  # block [16, 32) on the grid
-            monkeypatch.setattr(block_mod, "denoise_step", real_step)
+            monkeypatch.setattr(masked_mod, "denoise_step", real_step)
         F = (lambda u: u) if profile == "linear" else (lambda u: 1 - math.cos(math.pi * u / 2))
         want = [math.ceil(M * F(n / K) - 1e-9) for n in range(K + 1)]
         assert done == want, (objective, profile, done, want)
