@@ -141,7 +141,9 @@ class DataConfig:
     seq_len: int = 128
     """Training sequence length in tokens."""
     cache_dir: str = ".cache/data"
-    """Where builtin corpora are tokenized to (relative to the working directory)."""
+    """Where builtin corpora are tokenized to and where the index cache (document offsets,
+    sample and blend indices, built once per dataset + config) lives, relative to the working
+    directory. Multi-node runs need it on a filesystem every node sees (docs/data.md)."""
     prefetch: int = 2
     """Steps of batches read and noised ahead in a background thread while the current step
     runs (0: in the training loop). Batches depend only on the step, so resume is unchanged."""

@@ -317,7 +317,7 @@ def read_hf_config(hf_dir: Path) -> dict:
     except json.JSONDecodeError as e:
         raise ConvertError(f"{f} is not valid JSON ({e})") from None
     if "text_config" in cfg and "num_hidden_layers" not in cfg:
-        raise ConvertError(f"{hf_dir} is a multimodal model ({cfg.get('model_type')}); only text-only Llama/Qwen2 models can be imported")
+        raise ConvertError(f"{hf_dir} is a multimodal model ({cfg.get('model_type')}); only text-only models can be imported ({', '.join(SUPPORTED_IMPORT)})")
     return cfg
 
 
