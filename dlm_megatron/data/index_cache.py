@@ -87,7 +87,11 @@ class IndexCache:
     def _build(self, d: Path, kind: str, desc: dict, builder: Callable[[Alloc], None]) -> None:
         tmp = d.parent / f".tmp-{d.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as exc:
+            raise DataError(f"cannot write the index cache under {self.root} ({exc.strerror or exc}); set "
+                            "data.cache_dir to a writable folder every node sees") from None
         made: dict[str, np.ndarray] = {}
 
         def alloc(name: str, shape: tuple, dtype) -> np.ndarray:
@@ -145,14 +149,16 @@ def _open(d: Path, kind: str, desc: dict) -> dict[str, np.ndarray]:
         meta = json.loads((d / META_NAME).read_text())
     except (OSError, ValueError) as exc:
         raise partial(f"{META_NAME} unreadable: {type(exc).__name__}") from None
+    if not _meta_well_formed(meta):
+        raise partial(f"{META_NAME} is not an index-cache description")
     # desc goes through JSON in meta.json: compare it the same way
     want = json.loads(json.dumps(desc))
     if meta.get("version") != CACHE_VERSION or meta.get("kind") != kind or meta.get("desc") != want:
         raise DataError(f"index cache {d} is stale (built for {meta.get('kind')} {meta.get('desc')}, "
                         f"version {meta.get('version')}; this run needs {kind} {want}, version {CACHE_VERSION}); "
                         "delete that folder and rerun (rank 0 rebuilds it)")
-    arrays = {}
-    for name, spec in meta.get("arrays", {}).items():
+    arrays = _Arrays(partial)
+    for name, spec in meta["arrays"].items():
         path = d / f"{name}.npy"
         if not path.is_file():
             raise partial(f"{path.name} is missing")
@@ -167,6 +173,25 @@ def _open(d: Path, kind: str, desc: dict) -> dict[str, np.ndarray]:
                           f"{spec['dtype']}{spec['shape']}")
         arrays[name] = arr
     return arrays
+
+
+def _meta_well_formed(meta) -> bool:
+    """meta.json has the shape _build writes (a hand-edited or foreign file must not traceback)."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("arrays"), dict):
+        return False
+    return all(isinstance(spec, dict) and isinstance(spec.get("dtype"), str) and isinstance(spec.get("shape"), list)
+               and isinstance(spec.get("file_bytes"), int) for spec in meta["arrays"].values())
+
+
+class _Arrays(dict):
+    """An entry's arrays; asking for one the entry lacks is a partial entry, not a KeyError."""
+
+    def __init__(self, partial: Callable[[str], DataError]):
+        super().__init__()
+        self._partial = partial
+
+    def __missing__(self, name: str):
+        raise self._partial(f"no array {name!r} in {META_NAME}")
 
 
 def _fsync(path: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,5 +138,27 @@ def test_missing_stale_and_partial_caches_are_refused_in_one_line(tmp_path, corp
     npy.write_bytes(good_npy)
     meta_file.unlink()
     one_line(f"index cache {entry} is partial (no meta.json)")
+    # valid JSON of the wrong shape (hand-edited, or another tool's file): one line, no KeyError
+    for wrong in ([], {**meta, "desc": json.loads(good_meta)["desc"], "arrays": None},
+                  {**json.loads(good_meta), "arrays": {"eot_positions": {"dtype": "<i8"}}}):
+        meta_file.write_text(json.dumps(wrong))
+        one_line(f"index cache {entry} is partial (meta.json is not an index-cache description)")
+    # an entry that lacks an array its reader needs
+    meta_file.write_text(json.dumps({**json.loads(good_meta), "arrays": {}}))
+    one_line("no array 'eot_positions' in meta.json")
     meta_file.write_text(good_meta)
     np.testing.assert_array_equal(open_()._eot_positions, PackedDataset(a, 16, tok.eot_id)._eot_positions)
+
+
+def test_unwritable_cache_dir_is_one_line(tmp_path, corpora, tok, monkeypatch):
+    """Rank 0 cannot create the cache (read-only or foreign folder): one line naming the setting.
+    Root ignores permission bits, so the failure is injected at the folder creation."""
+    a, _ = corpora
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(DataError) as e:
+        PackedDataset(a, 16, tok.eot_id, index_cache=IndexCache(tmp_path / "ro", build=True))
+    assert "\n" not in str(e.value) and "Permission denied" in str(e.value) and "data.cache_dir" in str(e.value)
