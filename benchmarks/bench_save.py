@@ -1,8 +1,11 @@
 """Step time of the steps that trigger a checkpoint save vs normal steps (issue 12 item 3).
 
-usage: python benchmarks/bench_save.py [--models tiny,100m] [--steps 20] [--interval 3] [--out FILE.json]
+usage: python benchmarks/bench_save.py [--models tiny,100m] [--steps 20] [--interval 3] [--engine deepspeed|megatron]
+                                      [--out FILE.json]
+       torchrun --nproc_per_node 2 benchmarks/bench_save.py --engine megatron ...   (DP2: rank 0 reports)
 
-Trains in this process (the real trainer: DeepSpeed ZeRO-0, fp32 on CPU) with a save every
+Trains in this process (the real trainer: DeepSpeed ZeRO-0 or, with --engine megatron, the
+megatron-core engine with its distributed optimizer; fp32 on CPU) with a save every
 --interval steps, twice per model: ``train.async_save=true`` (the saving step only copies
 the state to host memory; a background thread writes and fsyncs it, rank 0 commits it at a
 later step) and ``train.async_save=false`` (the files are written before the next step).
@@ -41,7 +44,7 @@ MODELS = {
 }
 
 
-def run(model: str, async_save: bool, steps: int, interval: int, out: Path) -> dict:
+def run(model: str, async_save: bool, steps: int, interval: int, out: Path, engine: str = "deepspeed") -> dict:
     from dlm_megatron import train
     from dlm_megatron.config import load_config
 
@@ -50,7 +53,8 @@ def run(model: str, async_save: bool, steps: int, interval: int, out: Path) -> d
         f"train.steps={steps}", f"train.save_interval={interval}", "train.save_at_end=false", "train.eval_interval=0",
         "train.sample_at_end=false", "data.val_path=null", "logging.wandb=disabled", "logging.log_interval=1000",
         f"train.async_save={str(async_save).lower()}", "train.keep_last=2", f"train.output_dir={out}",
-        f"data.cache_dir={REPO}/.cache/data"])
+        f"data.cache_dir={REPO}/.cache/data", f"parallel.engine={engine}"]
+        + (["parallel.zero_stage=1"] if engine == "megatron" else []))
     real_step, real_save = train.Trainer.train_step, train.Trainer.save
     starts, staging = [], []
 
@@ -74,9 +78,10 @@ def run(model: str, async_save: bool, steps: int, interval: int, out: Path) -> d
     times = {k: b - a for k, (a, b) in enumerate(zip(starts, starts[1:]))}
     save = [t for k, t in times.items() if (k + 1) % interval == 0]
     normal = [t for k, t in times.items() if (k + 1) % interval != 0 and k >= 2]
-    ckpt = out / "checkpoints"
-    size = sum(f.stat().st_size for f in (ckpt / (ckpt / "latest").read_text().strip()).rglob("*") if f.is_file())
-    shutil.rmtree(out, ignore_errors=True)
+    ckpt, size = out / "checkpoints", 0
+    if int(os.environ.get("RANK", "0")) == 0:  # the other ranks may still be finishing; rank 0 reports
+        size = sum(f.stat().st_size for f in (ckpt / (ckpt / "latest").read_text().strip()).rglob("*") if f.is_file())
+        shutil.rmtree(out, ignore_errors=True)
     return {"params_M": round(n_params / 1e6, 1), "checkpoint_MB": round(size / 1e6, 1), "saves": len(save),
             "median_save_step_s": round(statistics.median(save), 4), "median_normal_step_s": round(statistics.median(normal), 4),
             "ratio": round(statistics.median(save) / statistics.median(normal), 3),
@@ -88,28 +93,39 @@ def main() -> None:
     ap.add_argument("--models", default="tiny,100m", help="comma-separated: tiny, 100m (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=20, help="steps per run (default: %(default)s)")
     ap.add_argument("--interval", type=int, default=3, help="train.save_interval (default: %(default)s)")
+    ap.add_argument("--engine", default="deepspeed", choices=["deepspeed", "megatron"],
+                    help="parallel.engine (megatron: distributed optimizer, zero_stage=1; default: %(default)s)")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args()
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from dlm_megatron.train import quiet_warnings
 
     quiet_warnings()
-    tmp = Path(tempfile.mkdtemp(prefix="bench_save_", dir=os.environ.get("BENCH_TMP")))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank writes into one run folder
+        tmp = Path(os.environ.get("BENCH_TMP", tempfile.gettempdir())) / f"bench_save_{os.environ['MASTER_PORT']}"
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix="bench_save_", dir=os.environ.get("BENCH_TMP")))
     res = {}
     for model in args.models.split(","):
         for mode in ("async", "sync"):
-            res[f"{model} {mode}"] = r = run(model, mode == "async", args.steps, args.interval, tmp / f"{model}_{mode}")
-            print(f"{model} {mode}: {r}", flush=True)
+            out = tmp / f"{model}_{mode}"
+            res[f"{model} {mode}"] = r = run(model, mode == "async", args.steps, args.interval, out, args.engine)
+            if rank0:
+                print(f"{model} {mode}: {r}", flush=True)
     summary = {"machine": f"{platform.node()} {os.cpu_count()} cpus, {platform.python_version()}",
                "date": time.strftime("%Y-%m-%d %H:%M"), "steps": args.steps, "save_interval": args.interval,
+               "engine": args.engine, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "results": res, "load_avg_1min": os.getloadavg()[0]}
-    print(json.dumps(summary, indent=1))
-    if args.out:
+    if rank0:
+        print(json.dumps(summary, indent=1))
+    if args.out and rank0:
         Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
-    shutil.rmtree(tmp, ignore_errors=True)
     from dlm_megatron.parallel import dist as pdist
 
     pdist.destroy()
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
