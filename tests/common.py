@@ -64,6 +64,34 @@ def train_losses(run_dir) -> list[float]:
     return [r["loss"] for r in metrics(run_dir) if r.get("split") != "val"]
 
 
+def train_grad_norms(run_dir) -> list[float]:
+    """The logged pre-clip global gradient norm of each training step."""
+    return [r["grad_norm"] for r in metrics(run_dir) if r.get("split") != "val"]
+
+
+# Pre-clip gradient norms of a layout against its plain reference's, computed in float64 (the
+# exact value of its fp32 gradients). fp32 norms of the same gradients differ by up to 2e-4
+# relative with the order of accumulation over the ~1.1M coordinates (measured on the
+# reference's step-1 gradients: one fp32 reduction 2.55106, per tensor then over tensors
+# 2.55140, float64 2.55156), and the engines each use their own order; the layouts' measured
+# spread is 2.0e-4 at most (sft_dp2_zero1). A scale bug (a DP sum instead of a mean, a
+# missing 1/accumulation, a doubled reduction) moves the norm by a factor sqrt(2) or more.
+GRAD_NORM_RTOL = 5e-4
+
+
+def global_norm_f64(model) -> float:
+    """The global L2 norm of the model's gradients, accumulated in float64."""
+    import torch
+
+    return torch.cat([p.grad.double().reshape(-1) for p in model.parameters() if p.grad is not None]).norm().item()
+
+
+def assert_grad_norms_match(name: str, got: list[float], ref: list[float], rtol: float = GRAD_NORM_RTOL) -> None:
+    assert len(got) == len(ref), (name, got, ref)
+    for step, (a, b) in enumerate(zip(got, ref), 1):
+        assert abs(a - b) <= rtol * abs(b), f"{name}: step {step} grad_norm {a} != reference {b} (rel {abs(a - b) / abs(b):.1e})"
+
+
 class RecordingEngine:
     """Stands in for the training engine in tests that drive ``train.run`` in one process:
     records each train_step's micro-batches and when it started; a step takes

@@ -5,7 +5,8 @@ torch.optim.AdamW loop (manual gradient accumulation and clipping). The layout t
 compare every DeepSpeed / TP / PP run against it.
 
 usage: python tests/distributed/reference.py OUT_DIR [key=value ...]
-Writes OUT_DIR/losses.json and OUT_DIR/params.safetensors (canonical names, full tensors).
+Writes OUT_DIR/losses.json, OUT_DIR/grad_norms.json (pre-clip, float64) and OUT_DIR/params.safetensors
+(canonical names, full tensors).
 
 With data.sft_path (prompt/response JSONL) it is an independent SFT reference: its own
 encoding and padding (each global batch padded with EOT to its longest prompt + response +
@@ -19,7 +20,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from common import COMMON_OVERRIDES, REPO  # noqa: E402
+from common import COMMON_OVERRIDES, REPO, global_norm_f64  # noqa: E402
 
 
 def torch_no_grad_lazy(fn):
@@ -33,6 +34,10 @@ def torch_no_grad_lazy(fn):
 
 def main():
     out, overrides = sys.argv[1], sys.argv[2:]
+    # "@length_multiple=N": random lengths rounded up to a multiple of N, as the trainer does
+    # under sequence parallelism at tp=N (a single process cannot run sequence parallelism)
+    multiple = [int(o.split("=", 1)[1]) for o in overrides if o.startswith("@length_multiple=")]
+    overrides = [o for o in overrides if not o.startswith("@length_multiple=")]
     from dlm_megatron.train import quiet_warnings
 
     quiet_warnings()
@@ -60,14 +65,14 @@ def main():
     init_weights(model, cfg, tp_rank=0, pp_rank=0)
     t = cfg.train
     opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
-    obj = build_objective(cfg.diffusion, tok.mask_id, t.seed, vocab_size=tok.vocab_size)
+    obj = build_objective(cfg.diffusion, tok.mask_id, t.seed, vocab_size=tok.vocab_size, length_multiple=(multiple or [1])[0])
     G, mbs = t.global_batch_size, t.micro_batch_size
     gas = G // mbs
     if cfg.model.num_moe_experts:
         from dlm_megatron.model.moe import set_aux_loss_scale
 
         set_aux_loss_scale(1.0 / gas, "cpu")  # the routers' aux loss, like the loss: mean over micro-batches
-    losses, lengths = [], []
+    losses, lengths, grad_norms = [], [], []
     for step in range(t.steps):
         idx = sample_indices(step, G, len(ds), t.seed)
         if sft is not None:
@@ -97,6 +102,9 @@ def main():
                 loss = weighted_token_loss(nll, b.loss_weight_BS, b.num_tokens)
             (loss / gas).backward()
             step_losses.append(loss.item())
+        # the pre-clip global norm: the layouts' logged grad_norm must equal it, which pins
+        # the gradient's scale that clipping hides
+        grad_norms.append(global_norm_f64(model))
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
@@ -107,6 +115,8 @@ def main():
         json.dump(losses, f)
     with open(os.path.join(out, "lengths.json"), "w") as f:
         json.dump(lengths, f)
+    with open(os.path.join(out, "grad_norms.json"), "w") as f:
+        json.dump(grad_norms, f)
     save_file({n: p.detach().contiguous() for n, p in canonical_params(model, cfg, 0)}, os.path.join(out, "params.safetensors"))
     pdist.destroy()
 

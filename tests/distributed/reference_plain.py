@@ -27,7 +27,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from common import COMMON_OVERRIDES, REPO  # noqa: E402
+from common import COMMON_OVERRIDES, REPO, global_norm_f64  # noqa: E402
 
 
 def lr_at(step: int, t) -> float:
@@ -79,7 +79,7 @@ def main():
     opt = torch.optim.AdamW([{"params": matrices, "weight_decay": t.weight_decay}, {"params": others, "weight_decay": 0.0}],
                             lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
     G, L = t.global_batch_size, cfg.data.seq_len
-    losses = []
+    losses, grad_norms = [], []
     for step in range(t.steps):
         x0 = torch.from_numpy(np.stack([ds[int(i)] for i in sample_indices(step, G, len(ds), t.seed)]))
         draws = [noise(t.seed, step * G + j, L, d.eps) for j in range(G)]
@@ -93,6 +93,7 @@ def main():
         ce = F.cross_entropy(logits.reshape(G * L, -1), x0.reshape(-1), reduction="none").view(G, L)
         loss = (ce * masked / t_B[:, None].float()).sum() / (G * L)
         loss.backward()
+        grad_norms.append(global_norm_f64(model))
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
@@ -100,6 +101,8 @@ def main():
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "losses.json"), "w") as f:
         json.dump(losses, f)
+    with open(os.path.join(out, "grad_norms.json"), "w") as f:
+        json.dump(grad_norms, f)
     save_file({n: p.detach().contiguous() for n, p in canonical_params(model, cfg, 0)}, os.path.join(out, "params.safetensors"))
     pdist.destroy()
 

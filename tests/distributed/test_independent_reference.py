@@ -8,7 +8,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from common import COMMON_OVERRIDES, PY, run, train_losses
+from common import COMMON_OVERRIDES, PY, assert_grad_norms_match, run, train_grad_norms, train_losses
 
 from dlm_megatron.checkpoint import latest_checkpoint, load_full_state_dict
 
@@ -23,6 +23,8 @@ def test_trainer_matches_independent_reference(tmp_path):
     assert len(losses) == len(ref_losses) == 4
     for step, (a, b) in enumerate(zip(losses, ref_losses), 1):
         assert a == pytest.approx(b, abs=2e-5), f"step {step}: library loss {a} != independent reference {b}"
+    # clipping hides the gradient's scale from the weights; the pre-clip norm does not
+    assert_grad_norms_match("library", train_grad_norms(tmp_path / "lib"), json.loads((tmp_path / "plain" / "grad_norms.json").read_text()))
     ref = load_file(str(tmp_path / "plain" / "params.safetensors"))
     got = load_full_state_dict(latest_checkpoint(tmp_path / "lib"))
     assert set(got) == set(ref)

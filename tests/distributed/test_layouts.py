@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common import REPO, PY, run, torchrun, train_losses
+from common import REPO, PY, assert_grad_norms_match, run, torchrun, train_grad_norms, train_losses
 
 from dlm_megatron.checkpoint import load_full_state_dict
 
@@ -29,8 +29,9 @@ WORLD2 = {
     # sequence parallelism on the local spec (model/norm.py): norm gradients summed over TP
     "sp_tp2": "parallel.tp=2,parallel.sequence_parallel=true,parallel.engine=megatron,parallel.zero_stage=1",
 }
-# LLaDA's random length under sequence parallelism (rounded up to a multiple of tp): trains
-# (no reference: the plain loop does not round), see test_sequence_parallel_random_length.
+# LLaDA's random length under sequence parallelism (rounded up to a multiple of tp), against
+# the plain loop rounding the same way (reference.py @length_multiple=2); see
+# test_sequence_parallel_random_length.
 SP_RANDOM_LENGTH = ("sp_tp2_random_length", "parallel.tp=2,parallel.sequence_parallel=true,parallel.engine=megatron,"
                     "parallel.zero_stage=1,diffusion.random_length_prob=0.5")
 # Sequence parallel: megatron engine; the layouts below add it to block diffusion (2L input,
@@ -60,6 +61,12 @@ TIED_LAYOUTS = {
 QK = "model.qk_layernorm=true"
 QK_LAYOUTS = {"qk_norm_tp2_auto": "parallel.tp=2,parallel.zero_stage=1"}
 
+# Without clipping: every step above is clipped (norms 3 to 5 > grad_clip=1), so the update
+# sees only the gradient's direction; here the weights see its scale too (the logged norms
+# are compared in every layout). DeepSpeed with accumulation over DP, and the megatron engine.
+NOCLIP = "train.grad_clip=0"
+NOCLIP_LAYOUTS = {"noclip_dp2_zero1": "parallel.zero_stage=1", "noclip_pp2_megatron": "parallel.pp=2,parallel.zero_stage=1"}
+
 
 # Adam's step m/(sqrt(v)+eps) is about lr * sign(g) for any |g| >> eps: near g = 0 it is a
 # step function. With the default eps = 1e-8, a gradient coordinate that is ~0 (block
@@ -80,6 +87,9 @@ def runs(tmp_path_factory):
     run([PY, "tests/distributed/reference.py", str(root / "reference_block"), *BLOCK.split(","), *COMPARE])
     run([PY, "tests/distributed/reference.py", str(root / "reference_tied"), TIED, *COMPARE])
     run([PY, "tests/distributed/reference.py", str(root / "reference_qk"), QK, *COMPARE])
+    run([PY, "tests/distributed/reference.py", str(root / "reference_noclip"), NOCLIP, *COMPARE])
+    run([PY, "tests/distributed/reference.py", str(root / "reference_random_length"), "diffusion.random_length_prob=0.5",
+         "@length_multiple=2", *COMPARE])
     for obj in sorted({obj for obj, _, _ in VOCAB_LAYOUTS.values()}):
         run([PY, "tests/distributed/reference.py", str(root / f"reference_{obj}"), f"diffusion.objective={obj}", *COMPARE])
     sft = f"data.sft_path={write_sft_data(root / 'sft.jsonl')}"
@@ -92,6 +102,7 @@ def runs(tmp_path_factory):
               *[f"{k}:{BLOCK},{v}" for k, v in BLOCK_LAYOUTS.items()],
               *[f"{k}:{TIED},{v}" for k, v in TIED_LAYOUTS.items()],
               *[f"{k}:{QK},{v}" for k, v in QK_LAYOUTS.items()],
+              *[f"{k}:{NOCLIP},{v}" for k, v in NOCLIP_LAYOUTS.items()],
               *[f"{k}:{sft},{v}" for k, v in SFT_LAYOUTS.items()],
               *[f"{k}:{sft},{v},@stop=2" for k, (v, _) in SFT_RESUME.items()],
               *[f"{k}:diffusion.objective={obj},{v}" for k, (obj, v, n) in VOCAB_LAYOUTS.items() if n == 2],
@@ -173,10 +184,10 @@ def _final_params(run_dir: Path) -> dict:
 
 
 @pytest.mark.parametrize("layout", list(WORLD2) + list(WORLD4) + list(RESUME) + list(BLOCK_LAYOUTS) + list(VOCAB_LAYOUTS)
-                         + list(TIED_LAYOUTS) + list(QK_LAYOUTS) + list(SFT_LAYOUTS) + list(SFT_RESUME))
+                         + list(TIED_LAYOUTS) + list(QK_LAYOUTS) + list(NOCLIP_LAYOUTS) + list(SFT_LAYOUTS) + list(SFT_RESUME))
 def test_layout_matches_plain_adamw(runs, layout):
     refname = ("reference_block" if layout in BLOCK_LAYOUTS else "reference_tied" if layout in TIED_LAYOUTS else
-               "reference_qk" if layout in QK_LAYOUTS else
+               "reference_qk" if layout in QK_LAYOUTS else "reference_noclip" if layout in NOCLIP_LAYOUTS else
                "reference_sft" if layout in SFT_LAYOUTS or layout in SFT_RESUME else
                f"reference_{VOCAB_LAYOUTS[layout][0]}" if layout in VOCAB_LAYOUTS else "reference")
     ref_losses = json.loads((runs / refname / "losses.json").read_text())
@@ -185,6 +196,7 @@ def test_layout_matches_plain_adamw(runs, layout):
     tol = SFT_LOSS_TOL if layout in SFT_LAYOUTS or layout in SFT_RESUME else 2e-5
     for step, (a, b) in enumerate(zip(losses, ref_losses), 1):
         assert a == pytest.approx(b, abs=tol), f"{layout}: step {step} loss {a} != reference {b}"
+    assert_grad_norms_match(layout, train_grad_norms(runs / layout), json.loads((runs / refname / "grad_norms.json").read_text()))
     ref = load_file(str(runs / refname / "params.safetensors"))
     got = _final_params(runs / layout)
     assert set(got) == set(ref)
@@ -232,15 +244,18 @@ def test_document_masks_under_sequence_parallel(runs):
 def test_sequence_parallel_random_length(runs):
     """diffusion.random_length_prob under sequence parallelism: steps cut to a drawn length that
     tp=2 does not divide run at the length rounded up to even (megatron splits the sequence
-    over the TP ranks) and train."""
-    import math
-
+    over the TP ranks), and train like the plain loop cutting to the same rounded lengths."""
     from dlm_megatron.diffusion.objectives import step_random_length
 
     drawn = [step_random_length(1234, s, 32, 0.5) for s in range(4)]
     assert any(L % 2 for L in drawn), drawn  # the case that needs rounding happens in this run
-    losses = train_losses(runs / SP_RANDOM_LENGTH[0])
-    assert len(losses) == 4 and all(math.isfinite(x) for x in losses), losses
+    name, ref = SP_RANDOM_LENGTH[0], runs / "reference_random_length"
+    losses, ref_losses = train_losses(runs / name), json.loads((ref / "losses.json").read_text())
+    assert len(losses) == len(ref_losses) == 4
+    for step, (a, b) in enumerate(zip(losses, ref_losses), 1):
+        assert a == pytest.approx(b, abs=2e-5), f"{name}: step {step} loss {a} != reference {b}"
+    assert_grad_norms_match(name, train_grad_norms(runs / name), json.loads((ref / "grad_norms.json").read_text()))
+    assert_weights_match(name, _final_params(runs / name), load_file(str(ref / "params.safetensors")))
 
 
 def test_validation_between_steps_sees_gathered_weights(runs):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common import PY, metrics, run, torchrun, train_losses
+from common import PY, assert_grad_norms_match, metrics, run, torchrun, train_grad_norms, train_losses
 
 from dlm_megatron.checkpoint import load_full_state_dict
 
@@ -108,6 +108,7 @@ def test_moe_layout_matches_one_process(runs, layout):
     assert len(losses) == len(ref_losses) == 4, losses
     for step, (a, b) in enumerate(zip(losses, ref_losses), 1):
         assert a == pytest.approx(b, abs=LOSS_TOL), f"{layout}: step {step} loss {a} != one process {b}"
+    assert_grad_norms_match(layout, train_grad_norms(runs / layout), json.loads((runs / refname / "grad_norms.json").read_text()))
     ref = load_file(str(runs / refname / "params.safetensors"))
     got = _final(runs / layout)
     assert set(got) == set(ref)

@@ -1,5 +1,7 @@
 """Uniform / hybrid objectives and the likelihood evaluator through the command line."""
 import json
+import math
+import re
 
 import pytest
 
@@ -47,9 +49,19 @@ def test_eval_bound_table_and_choices(runs, tmp_path):
                     "--seed", "3"])
     lines = p.stdout.strip().splitlines()
     assert lines[-1].startswith("perplexity_bound ") and float(lines[-1].split()[1]) > 1
-    assert "+-" in lines[-2] and sum(1 for ln in lines if ln.startswith("[0.")) == 10
+    # the bound line's nll and its standard error, and the perplexity its exponential
+    m = re.match(r"nll bound \(nats/token\): (\S+) \+- (\S+) ", lines[-2])
+    assert m and 0 < float(m[1]) < math.log(8192) + 1 and 0 < float(m[2]) < float(m[1]), lines[-2]
+    assert float(lines[-1].split()[1]) == pytest.approx(math.exp(float(m[1])), rel=1e-3)
+    buckets = [ln for ln in lines if ln.startswith("[0.")]
+    rows = [(int(ln.split()[1]), float(ln.split()[2])) for ln in buckets]
+    # the buckets hold every sample (windows x K = 2), and a bucket has a loss iff it has samples
+    assert len(rows) == 10 and sum(n for n, _ in rows) % 2 == 0 and sum(n for n, _ in rows) > 0, buckets
+    assert all((n == 0) == math.isnan(v) and (n == 0 or v >= 0) for n, v in rows), buckets
+    ch.write_text(ch.read_text() + json.dumps({"prompt": "JULIET:", "choices": ["zz qq", "O Romeo."], "answer": 1}) + "\n")
     p = run(EVAL + ["--ckpt", str(runs["hybrid"]), "--choices", str(ch), "--num-samples", "2"])
-    assert p.stdout.strip().splitlines()[-1].startswith("accuracy ")
+    m = re.fullmatch(r"accuracy (\S+) \((\d+)/(\d+)\)", p.stdout.strip().splitlines()[-1])
+    assert m and int(m[3]) == 2 and float(m[1]) == pytest.approx(int(m[2]) / 2), p.stdout
 
 
 def test_eval_errors_are_one_line_exit_2(runs, tmp_path):

@@ -19,6 +19,22 @@ from common import COMMON_OVERRIDES, REPO, RecordingEngine
 STEPS = 3
 
 
+def _short_docs(tmp_path):
+    """Documents of 4 to 14 tokens (several per 32-token sample, so the document masks are
+    not trivial), written once with the project's shard writer."""
+    import numpy as np
+
+    from dlm_megatron.data import load_tokenizer, write_shards
+
+    out = tmp_path / "short_docs"
+    if not out.exists():
+        tok = load_tokenizer("builtin")
+        rng = np.random.default_rng(0)
+        docs = [rng.integers(0, tok.vocab_size - 3, rng.integers(4, 15), dtype=np.uint16) for _ in range(2000)]
+        write_shards(docs, out, tok, "megatron")
+    return out
+
+
 def _feed(tmp_path, dp: int, dp_rank: int, monkeypatch) -> list[list]:
     from dlm_megatron import train
     from dlm_megatron.config import load_config
@@ -38,6 +54,7 @@ def _feed(tmp_path, dp: int, dp_rank: int, monkeypatch) -> list[list]:
     monkeypatch.setattr(train, "build_engine", fake_engine)
     cfg = load_config(f"{REPO}/configs/tiny.yaml", list(COMMON_OVERRIDES) + [
         f"train.steps={STEPS}", "train.save_at_end=false", "data.val_path=null", "data.document_masks=true",
+        f"data.train_path={_short_docs(tmp_path)}",
         f"train.output_dir={tmp_path / f'dp{dp}_r{dp_rank}'}"])
     train.run(cfg)
     return engines[0].steps
@@ -54,7 +71,11 @@ def test_global_batch_identical_for_any_dp_size(tmp_path, monkeypatch):
     ref = _feed(tmp_path, 1, 0, monkeypatch)
     assert len(ref) == STEPS and all(len(s) == 4 for s in ref)  # G=8, micro-batch 2: 4 micro-batches
     assert not torch.equal(_rows(ref[0], "labels_BS"), _rows(ref[1], "labels_BS"))
-    assert ref[0][0].attention_mask is not None  # document masks travel with the batch
+    # document masks travel with the batch, and differ between micro-batches (so a rank
+    # handed another rank's masks, or the wrong micro-batch's, would be seen)
+    masks = [b.attention_mask for step in ref for b in step]
+    assert all(m is not None for m in masks) and all(bool(m.any()) for m in masks)
+    assert not torch.equal(masks[0], masks[1])
     for dp in (2, 4):
         ranks = [_feed(tmp_path, dp, r, monkeypatch) for r in range(dp)]
         for step in range(STEPS):

@@ -119,8 +119,11 @@ def test_score_candidates_deterministic_and_sane():
     ar = ev.score_candidates(m, tok, prompt, cands, 8, seed=1, objective="ar")
     assert ar == pytest.approx([exact(c, 1) for c in cands], abs=1e-5)
     many = ev.score_candidates(m, tok, prompt, cands, 4096, seed=0)
+    # Monte Carlo error at 4096 samples, measured over 12 seeds: standard deviation 0.038 at
+    # most (fgh; de 0.027, hd 0.012, d exact: one token is always masked), so 0.15 is 4 of them;
+    # a 5% bias (0.15 to 0.5 nats on these answers) does not pass everywhere.
     for c, v in zip(cands, many):
-        assert v == pytest.approx(want[c], abs=0.25 + 0.05 * abs(want[c])), (c, v, want[c])
+        assert v == pytest.approx(want[c], abs=0.15), (c, v, want[c])
     # The likelier answer scores higher (d > hd > fgh: about 1 nat apart or more).
     assert many[cands.index("d")] > many[cands.index("hd")] > many[cands.index("fgh")], (many, want)
     for obj in ("masked", "uniform", "hybrid", "ar"):

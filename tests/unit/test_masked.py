@@ -117,7 +117,11 @@ def test_mask_rate_tracks_t():
     x = torch.randint(10, 50, (64, 256))
     b = obj.make_batch(x, torch.arange(64), step=0, global_batch_size=64)
     rate = (b.tokens_BS == MASK).float().mean(1)
-    assert torch.corrcoef(torch.stack([rate, b.t_B]))[0, 1] > 0.95
+    # each row masks Binomial(256, t) positions: standard deviation sqrt(t(1-t)/256) <= 0.031,
+    # so no row is 5 of them off and the mean error is about 0.8 of one; a rate of t/2 (or
+    # t^2) is off by 0.25 (0.17) on average
+    err = (rate - b.t_B).abs()
+    assert float(err.max()) < 0.16 and float(err.mean()) < 0.04, (float(err.max()), float(err.mean()))
 
 
 def test_random_length_is_per_step_and_rate_is_about_right():

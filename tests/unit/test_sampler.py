@@ -117,6 +117,10 @@ def test_confidence_rules() -> None:
     g = torch.Generator().manual_seed(0)
     r = confidence(probs, x0, "random", g)
     assert r.shape == (1, 2) and bool(((r >= 0) & (r < 1)).all())
+    # random: the generator's uniforms, whatever the model believes (other probabilities and
+    # candidates, same generator state -> same scores; another state -> other scores)
+    other = confidence(probs.flip(-1), torch.tensor([[1, 0]]), "random", torch.Generator().manual_seed(0))
+    assert torch.equal(other, r) and not torch.equal(confidence(probs, x0, "random", torch.Generator().manual_seed(1)), r)
     with pytest.raises(ValueError):
         confidence(probs, x0, "nope")
 
