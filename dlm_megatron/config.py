@@ -60,7 +60,8 @@ class ModelConfig:
     """Attention kernel: 'auto' (flex for block diffusion on GPU, sdpa otherwise), 'sdpa' (torch
     scaled_dot_product_attention: flash/cuDNN on GPU, fused on CPU), 'flex' (block-sparse
     FlexAttention, GPU training) or 'dense' (megatron-core's unfused s x s attention). With
-    transformer_impl=transformer_engine, TE's own attention runs except for block diffusion."""
+    transformer_impl=transformer_engine, TE's own attention runs unless the run needs arbitrary
+    masks (block diffusion, diffusion.anneal_steps > 0, data.document_masks): those use this kernel."""
     recompute: str = "none"
     """Activation recomputation: 'none', 'selective' (core attention only) or 'full' (whole layers)."""
     qk_layernorm: bool = False
