@@ -60,7 +60,8 @@ class ModelConfig:
     """Attention kernel: 'auto' (flex for block diffusion on GPU, sdpa otherwise), 'sdpa' (torch
     scaled_dot_product_attention: flash/cuDNN on GPU, fused on CPU), 'flex' (block-sparse
     FlexAttention, GPU training) or 'dense' (megatron-core's unfused s x s attention). With
-    transformer_impl=transformer_engine, TE's own attention runs except for block diffusion."""
+    transformer_impl=transformer_engine, TE's own attention runs unless the run needs arbitrary
+    masks (block diffusion, diffusion.anneal_steps > 0, data.document_masks): those use this kernel."""
     recompute: str = "none"
     """Activation recomputation: 'none', 'selective' (core attention only) or 'full' (whole layers)."""
     qk_layernorm: bool = False
@@ -570,9 +571,10 @@ def validate_layout(cfg: Config) -> None:
     """Refuse parallel layouts that no test proves (each refusal says what to change).
 
     Proven (tests/distributed, tests/gpu): DeepSpeed ZeRO 0-3 at pp=1 with any tp/dp; the
-    megatron engine (zero 0/1) at any tp/pp/dp; sequence parallel (local spec or Transformer
-    Engine) only on the megatron engine, whose finalize step all-reduces the replicated norm
-    gradients over TP (DeepSpeed does not, so its norms would silently drift apart)."""
+    megatron engine (zero 0/1) at any tp/pp/dp; sequence parallel only with the local spec on
+    the megatron engine, whose finalize step all-reduces the replicated norm gradients over TP
+    (DeepSpeed does not, so its norms would silently drift apart; no test has run it with
+    Transformer Engine)."""
     p, m, d = cfg.parallel, cfg.model, cfg.diffusion
     eng = resolved_engine(p, m)
     if eng == "deepspeed" and p.pp > 1:
@@ -592,6 +594,9 @@ def validate_layout(cfg: Config) -> None:
         if eng != "megatron":
             raise ConfigError("parallel.sequence_parallel=true needs parallel.engine=megatron: DeepSpeed does not "
                               "all-reduce the norm gradients over tensor-parallel ranks under sequence parallelism")
+        if m.transformer_impl == "transformer_engine":
+            raise ConfigError("parallel.sequence_parallel=true is proven only on the local spec, not with Transformer "
+                              "Engine (no test has run it); set model.transformer_impl=local")
         if cfg.data.seq_len % p.tp:
             raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be divisible by parallel.tp={p.tp} with "
                               f"parallel.sequence_parallel=true (each TP rank holds seq_len/tp positions)")

@@ -275,24 +275,22 @@ class Kernels:
     """'local' (megatron-core local spec: unfused torch RMSNorm and SwiGLU) or 'fused'
     (Transformer Engine: RMSNorm fused into the next linear, fused SwiGLU)."""
     attention: str
-    """'dense' (megatron DotProductAttention: stores the a*s*s softmax) or 'flash' (TE fused /
-    flash attention, or flex attention for block diffusion: stores q, k, v, output, log-sum-exp)."""
+    """'dense' (megatron DotProductAttention: stores the a*s*s softmax) or 'flash' (TE's fused
+    attention, torch SDPA, or flex attention for block diffusion: stores q, k, v, output,
+    log-sum-exp)."""
 
 
 def kernels_for(cfg: Config, on_gpu: bool = True) -> Kernels:
-    """The kernels a run of ``cfg`` uses: TE's fused attention for masked/AR with the TE spec;
-    otherwise what ``model.attention_backend`` resolves to (sdpa and flex store no s x s
-    scores; dense, megatron's unfused attention, does)."""
-    from .model.backends import resolve_backend
+    """The kernels a run of ``cfg`` uses: with the TE spec, TE's fused attention unless the run
+    needs arbitrary masks (block, annealing, document masks: the layer spec swaps in the
+    project's kernel there, as ``model.backends.attention_kernel`` says); otherwise what
+    ``model.attention_backend`` resolves to (sdpa and flex store no s x s scores; dense,
+    megatron's unfused attention, does)."""
+    from .model.backends import attention_kernel
 
     impl = "fused" if cfg.model.transformer_impl == "transformer_engine" else "local"
-    block = cfg.diffusion.objective == "block"
-    if impl == "fused" and not block:
-        attention = "flash"
-    else:
-        backend = resolve_backend(cfg.model.attention_backend, block=block, cuda=on_gpu)
-        attention = "dense" if backend == "dense" else "flash"
-    return Kernels(impl=impl, attention=attention)
+    kernel = attention_kernel(cfg, cfg.model.transformer_impl, cuda=on_gpu)
+    return Kernels(impl=impl, attention="dense" if kernel == "dense" else "flash")
 
 
 def layer_activation_terms(dm: Dims, k: Kernels, recompute: str, *, tp: int, sp: bool, micro_batch: int,
@@ -440,9 +438,9 @@ def activation_memory(dm: Dims, k: Kernels, *, recompute: str, tp: int, pp: int,
     # Attention scratch / masks shared by all layers of a micro batch.
     persistent = 0.0
     if k.attention == "dense":
-        if k.impl == "local" or dm.explicit_positions:
-            # megatron's global memory buffer for the baddbmm of QK^T: [b*a/t, s, s]
-            persistent += e * b * dm.heads / tp * s * s
+        # megatron's global memory buffer for the baddbmm of QK^T: [b*a/t, s, s] (a dense
+        # kernel is always megatron's DotProductAttention, under the TE spec too)
+        persistent += e * b * dm.heads / tp * s * s
         if dm.explicit_positions:
             persistent += s * s  # boolean [1, 1, s, s] block-diffusion mask
     out["saved_other"] = extra_saved

@@ -2,7 +2,8 @@
 
 ``CoreAttention`` takes the place of megatron-core's core attention (the softmax(QK^T)V step
 that runs after linear_qkv and RoPE, before linear_proj) in the local layer spec of every
-objective, and in the Transformer Engine spec of block diffusion. It is called exactly like
+objective, and in the Transformer Engine spec of runs with arbitrary masks (block diffusion,
+annealing, document masks; ``backends.attention_kernel``). It is called exactly like
 DotProductAttention: query [sq, b, np, hn], key/value [sk, b, ng, hn], boolean mask
 [1 or b, 1, sq or 1, sk] (True = may NOT attend) or None (the layer's mask type decides:
 no mask, or causal); it returns [sq, b, np * hn]. ``model.attention_backend`` picks the kernel:

@@ -111,8 +111,10 @@ def attn_mask_type_for(objective) -> AttnMaskType:
     """The attention mask an objective trains with (``objective``: a name or a Config; a
     Config with diffusion.anneal_steps > 0 needs arbitrary masks for AR->diffusion annealing)."""
     if isinstance(objective, Config):
-        if objective.diffusion.anneal_steps > 0 or getattr(objective.data, "document_masks", False):
-            return AttnMaskType.arbitrary  # document_masks: per-batch masks from data.loader.with_document_mask
+        from .backends import uses_arbitrary_masks
+
+        if uses_arbitrary_masks(objective):  # document_masks: per-batch masks from data.loader.with_document_mask
+            return AttnMaskType.arbitrary
         objective = objective.diffusion.objective
     if objective == "ar":
         return AttnMaskType.causal
@@ -147,17 +149,19 @@ def layer_spec(cfg: Config, mask_type: AttnMaskType, *, moe: bool = False) -> Mo
     """One transformer layer's spec: megatron-core's (local or TE), with our mask type and
     attention kernel; ``moe``: its MLP is megatron-core's MoE layer."""
     from .attention import core_attention_builder
+    from .backends import attention_kernel
 
     block = cfg.diffusion.objective == "block"
     m = cfg.model
     experts = dict(num_experts=m.num_moe_experts, moe_grouped_gemm=moe_grouped_gemm(cfg, torch.cuda.is_available())) if moe else {}
-    if effective_transformer_impl(cfg) == "transformer_engine":
+    impl = effective_transformer_impl(cfg)
+    # TE's fused attention covers no mask and causal; an arbitrary mask (block diffusion's 2L,
+    # annealing, document masks) would run on TE's unfused s x s path, so it gets our kernel.
+    replace = attention_kernel(cfg, impl) != "te"
+    if impl == "transformer_engine":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=m.qk_layernorm, **experts)
-        # TE's fused attention covers no-mask / causal / padding; block diffusion's 2L mask
-        # would fall back to TE's unfused path, so it gets our flex/sdpa kernel instead.
-        replace = block
     else:
         from .norm import HeadNorm, HiddenNorm
 
@@ -168,7 +172,6 @@ def layer_spec(cfg: Config, mask_type: AttnMaskType, *, moe: bool = False) -> Mo
         sub.input_layernorm = sub.pre_mlp_layernorm = HiddenNorm
         if m.qk_layernorm:
             sub.self_attention.submodules.q_layernorm = sub.self_attention.submodules.k_layernorm = HeadNorm
-        replace = True
     spec.submodules.self_attention.params = dict(spec.submodules.self_attention.params, attn_mask_type=mask_type)
     if replace:
         spec.submodules.self_attention.submodules.core_attention = core_attention_builder(

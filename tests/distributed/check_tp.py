@@ -11,7 +11,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from common import COMMON_OVERRIDES, REPO  # noqa: E402
 
 
-def loss_and_grads(cfg, tok, x, pos, lay):
+def loss_and_grads(cfg, tok, x, pos, lay, segment_ids=None):
+    """``segment_ids`` [B, S] (numpy): attend within documents only, each sample its own
+    [B, 1, S, S] mask, as the trainer does with data.document_masks."""
     import torch
 
     from dlm_megatron.diffusion.masked import weighted_token_loss
@@ -32,6 +34,10 @@ def loss_and_grads(cfg, tok, x, pos, lay):
     obj = build_objective(cfg.diffusion, tok.mask_id, cfg.train.seed, vocab_size=tok.vocab_size,
                           tp_group=ps.get_tensor_model_parallel_group() if lay.tp > 1 else None, tp_rank=lay.tp_rank, tp_size=lay.tp)
     b = obj.make_batch(x, pos, step=0, global_batch_size=len(x))
+    if segment_ids is not None:
+        from dlm_megatron.data.loader import with_document_mask
+
+        b.attention_mask = with_document_mask(b.attention_mask, segment_ids, b.tokens_BS.shape[1], causal=obj.causal)
     nll = model(b.tokens_BS, b.position_ids_BS, b.attention_mask, labels=None if b.logits_loss is not None else b.labels_BS, explicit_positions=b.position_ids_BS is not None,
                 **(getattr(b, "model_kwargs", None) or {}))
     if b.logits_loss is not None:  # model returned logits (labels=None below)

@@ -345,15 +345,19 @@ def test_tp2_equals_tp1_with_qkv_bias_and_gqa(tmp_path):
 
 def test_sdpa_equals_dense_attention_at_tp1_and_tp2(tmp_path):
     """model.attention_backend=sdpa (torch SDPA) against megatron-core's dense attention, at
-    TP 1 and 2: bidirectional (masked), causal (AR) and the 2L boolean mask (block), loss and
-    every gradient (fp32)."""
+    TP 1 and 2: bidirectional (masked), causal (AR), the 2L boolean mask (block) and per-sample
+    [B, 1, S, S] document masks (masked and AR), loss and every gradient (fp32)."""
     out = tmp_path / "att.json"
     torchrun(2, "tests/distributed/check_attention.py", str(out))
-    for objective, r in json.loads(out.read_text()).items():
+    res = json.loads(out.read_text())
+    assert sorted(res) == ["ar", "ar_document_masks", "block", "masked", "masked_document_masks"]
+    for case, r in res.items():
         for variant, loss in r["loss"].items():
-            assert loss == pytest.approx(r["loss"]["dense_tp1"], abs=1e-5), (objective, variant)
-            assert r["max_grad_diff"][variant] < 1e-5, (objective, variant, r)
-        assert r["max_grad"] > 1e-2, (objective, r)
+            assert loss == pytest.approx(r["loss"]["dense_tp1"], abs=1e-5), (case, variant)
+            assert r["max_grad_diff"][variant] < 1e-5, (case, variant, r)
+        assert r["max_grad"] > 1e-2, (case, r)
+        if case.endswith("document_masks"):  # the masks change the loss by far more than the tolerance
+            assert abs(r["loss_unmasked"] - r["loss"]["dense_tp1"]) > 1e-3, (case, r)
 
 
 def test_bf16_is_bf16_on_every_engine(tmp_path):

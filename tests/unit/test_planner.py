@@ -322,8 +322,9 @@ def test_fp32_states():
 
 
 def test_tp_divides_weights_and_activations():
-    base = _plan(_cfg("configs/8b.yaml", "parallel.tp=1", "parallel.zero_stage=0"), gpus=1, vocab=126464)
-    tp4 = _plan(_cfg("configs/8b.yaml", "parallel.tp=4", "parallel.zero_stage=0"), gpus=4, vocab=126464)
+    LOCAL = ["model.transformer_impl=local"]  # sequence parallelism is proven (and allowed) on the local spec only
+    base = _plan(_cfg("configs/8b.yaml", *LOCAL, "parallel.tp=1", "parallel.zero_stage=0"), gpus=1, vocab=126464)
+    tp4 = _plan(_cfg("configs/8b.yaml", *LOCAL, "parallel.tp=4", "parallel.zero_stage=0"), gpus=4, vocab=126464)
     norms = 32 * 2 * 4096 + 4096
     assert tp4["params"]["per_gpu"] == (base["params"]["per_gpu"] - norms) // 4 + norms
     assert tp4["memory"]["weights"] == pytest.approx(base["memory"]["weights"] / 4, rel=1e-4)
@@ -331,7 +332,7 @@ def test_tp_divides_weights_and_activations():
     # Norm inputs/outputs stay replicated without sequence parallelism...
     assert a4["per_layer_per_token"] > a1["per_layer_per_token"] / 4
     # ...and sequence parallelism divides them too.
-    sp = _plan(_cfg("configs/8b.yaml", "parallel.tp=4", "parallel.zero_stage=0", "parallel.sequence_parallel=true", "parallel.engine=megatron"),
+    sp = _plan(_cfg("configs/8b.yaml", *LOCAL, "parallel.tp=4", "parallel.zero_stage=0", "parallel.sequence_parallel=true", "parallel.engine=megatron"),
                gpus=4, vocab=126464)["memory"]["activations"]
     assert sp["per_layer_per_token"] == pytest.approx(a1["per_layer_per_token"] / 4, rel=0.01)
 
@@ -380,12 +381,14 @@ def test_impossible_layouts_raise():
 
     with pytest.raises(ConfigError, match="zero_stage"):
         _cfg("configs/8b.yaml", "parallel.pp=2", "parallel.zero_stage=2")
-    # sequence parallelism: megatron engine only (local spec or TE), never on DeepSpeed
+    # sequence parallelism: megatron engine with the local spec only (unproven with TE), never on DeepSpeed
     with pytest.raises(ConfigError, match="parallel.engine=megatron"):
         _cfg("configs/tiny.yaml", "parallel.sequence_parallel=true", "parallel.tp=2", "parallel.engine=deepspeed")
     with pytest.raises(ConfigError, match="parallel.engine=megatron"):
         _cfg("configs/tiny.yaml", "parallel.sequence_parallel=true", "parallel.tp=2", "model.transformer_impl=transformer_engine",
              "parallel.engine=deepspeed")
+    with pytest.raises(ConfigError, match="model.transformer_impl=local"):
+        _cfg("configs/tiny.yaml", "parallel.sequence_parallel=true", "parallel.tp=2", "model.transformer_impl=transformer_engine")
     _cfg("configs/tiny.yaml", "parallel.sequence_parallel=true", "parallel.tp=2")  # auto: the megatron engine
     _cfg("configs/tiny.yaml", "parallel.sequence_parallel=true", "parallel.tp=2", "parallel.engine=megatron", "parallel.zero_stage=1")
     with pytest.raises(ConfigError, match="continuous"):

@@ -59,6 +59,8 @@ def test_random_length_tiles_the_tensor_parallel_ranks():
      "data.seq_len=33 must be divisible by parallel.tp=2"),
     (["parallel.sequence_parallel=true", "parallel.engine=megatron", "parallel.zero_stage=1"], "needs parallel.tp >= 2"),
     (["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.engine=megatron", "parallel.zero_stage=1",
+      "model.transformer_impl=transformer_engine"], "proven only on the local spec.*set model.transformer_impl=local"),
+    (["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.engine=megatron", "parallel.zero_stage=1",
       "diffusion.objective=continuous"], "continuous"),
 ])
 def test_refusals_are_one_line(overrides, match):
