@@ -36,8 +36,9 @@ setup(
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        # transformers verifies Hugging Face exports (and imports Llama/Qwen2 checkpoints)
-        "test": ["pytest>=8", "transformers>=4.45"],
+        # transformers verifies Hugging Face exports (and imports Llama/Qwen2 checkpoints);
+        # xdist and timeout: the GPU check's pytest flags, which its dry run parses on CPU
+        "test": ["pytest>=8", "transformers>=4.45", "pytest-xdist", "pytest-timeout"],
         "export": ["transformers>=4.45"],
         # NVIDIA apex and Transformer Engine are built from source on GPU clusters; note the
         # PyPI package named "apex" is an unrelated project and must never be installed.

@@ -59,54 +59,60 @@ stage() {
   return 0
 }
 
+# Every stage's command line is written once: the dry run executes the same one with the
+# tool's --dry-run (pytest: --collect-only), so a renamed flag or key fails on CPU first.
+# Limits (seconds): the first H200 run took 342 s for stages 0-4 (stage 2: 83 s with -n 8);
+# the table printed last has each stage's seconds for the next revision of these numbers.
+LIMITS=(45 70 150 90 55)   # stage 0..4 (stage 4: per run; its block run gets +20)
+DRYFLAG=(); [ "$DRY" = 1 ] && DRYFLAG=(--dry-run)
+lim() { [ "$DRY" = 1 ] && echo 300 || echo "${LIMITS[$1]}"; }  # CPU dry runs import megatron and DeepSpeed: slower
+echo "gpu_check.sh: stages $STAGES; worst case (every limit) $(( ${LIMITS[0]} + ${LIMITS[1]} + ${LIMITS[2]} + ${LIMITS[3]} + 3 * ${LIMITS[4]} + 20 ))s, expected about 340s for all"
+
 # ---- 0. setup ---------------------------------------------------------------------------
-if ls .whl/*.whl >/dev/null 2>&1 && [ "$DRY" = 0 ]; then
+PIP_INSTALL=("$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site)
+CORPUS=("$PY" -c "from dlm_megatron.data.corpus import prepare_builtin_corpus; from dlm_megatron.data.tokenizer import load_tokenizer; print(prepare_builtin_corpus('.cache/data', load_tokenizer('builtin')))")
+if ls .whl/*.whl >/dev/null 2>&1; then
   # every later stage needs the wheels on the path, whichever stages were asked for
-  echo "installing $(ls .whl/*.whl | wc -l) wheels into /tmp/site"
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    > "$OUT/pip_install.txt" 2>&1 || { cat "$OUT/pip_install.txt"; echo "gpu_check.sh: error: wheel install failed"; exit 1; }
-  export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  echo "installing $(ls .whl/*.whl | wc -l) wheels into /tmp/site$([ "$DRY" = 1 ] && echo ' (pip --dry-run)')"
+  "${PIP_INSTALL[@]}" "${DRYFLAG[@]}" .whl/*.whl > "$OUT/pip_install.txt" 2>&1 \
+    || { cat "$OUT/pip_install.txt"; echo "gpu_check.sh: error: wheel install failed"; exit 1; }
+  [ "$DRY" = 0 ] && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+elif [ "$DRY" = 0 ]; then
+  echo "gpu_check.sh: warning: no .whl/ (bash tools/gpu_wheels.sh makes it); using what this Python has"
 fi
 if want 0; then
   if [ "$DRY" = 1 ]; then
-    stage 0 setup 120 "$PY" -c "import torch, megatron.core, deepspeed; print('torch', torch.__version__, 'mcore', megatron.core.__version__, 'deepspeed', deepspeed.__version__)"
+    stage 0 setup "$(lim 0)" bash -c "$PY -c \"import torch, megatron.core, deepspeed; print('torch', torch.__version__, 'mcore', megatron.core.__version__, 'deepspeed', deepspeed.__version__)\" && ${CORPUS[*]@Q}"
   else
-    stage 0 setup 60 bash -c "
+    stage 0 setup "$(lim 0)" bash -c "
       nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
       $PY -c \"import torch, megatron.core, deepspeed, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'mcore', megatron.core.__version__, 'deepspeed', deepspeed.__version__, 'device', torch.cuda.get_device_name(), torch.cuda.get_device_capability())\"
       $PY -c \"import transformer_engine\" 2>/dev/null && echo 'transformer_engine: installed' || echo 'transformer_engine: absent'
       $PY -m pip list --format=freeze 2>/dev/null | tr '\n' ' '; echo
-      $PY -c \"from dlm_megatron.data.corpus import prepare_builtin_corpus; from dlm_megatron.data.tokenizer import load_tokenizer; print(prepare_builtin_corpus('.cache/data', load_tokenizer('builtin')))\""
+      ${CORPUS[*]@Q}"
   fi
 fi
 
 # ---- 1. kernels -------------------------------------------------------------------------
-if want 1; then
-  if [ "$DRY" = 1 ]; then stage 1 kernels 120 "$PY" benchmarks/gpu_kernels.py --dry-run
-  else stage 1 kernels 80 "$PY" benchmarks/gpu_kernels.py --repeats 8 --out "$OUT/kernels.json"; fi
-fi
+want 1 && stage 1 kernels "$(lim 1)" "$PY" benchmarks/gpu_kernels.py --repeats 8 --out "$OUT/kernels.json" "${DRYFLAG[@]}"
 
 # ---- 2. CUDA tests ----------------------------------------------------------------------
-if want 2; then
-  if [ "$DRY" = 1 ]; then stage 2 tests 120 "$PY" -m pytest -q -p no:cacheprovider --collect-only -m gpu tests/gpu
-  else stage 2 tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu -n 10 --timeout 140 -rA tests/gpu; fi
-fi
+# -n 10: the tests are small and the card has room for them side by side
+PYTEST=("$PY" -m pytest -q -p no:cacheprovider -m gpu -n 10 --timeout 140 -rA tests/gpu)
+[ "$DRY" = 1 ] && PYTEST+=(--collect-only)
+want 2 && stage 2 tests "$(lim 2)" "${PYTEST[@]}"
 
 # ---- 3. 8B slices vs the planner --------------------------------------------------------
-if want 3; then
-  if [ "$DRY" = 1 ]; then stage 3 slices 120 "$PY" benchmarks/gpu_slices.py --dry-run
-  # as launch/slurm_8b.sh runs: the first check (without it) reserved ~10 GiB over allocated
-  else PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}" \
-         stage 3 slices 100 "$PY" benchmarks/gpu_slices.py --steps 3 --out "$OUT/slices.json"; fi
-fi
+# as launch/slurm_8b.sh runs: the first check (without it) reserved ~10 GiB over allocated
+want 3 && PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}" \
+  stage 3 slices "$(lim 3)" "$PY" benchmarks/gpu_slices.py --steps 3 --out "$OUT/slices.json" "${DRYFLAG[@]}"
 
 # ---- 4. MFU through the real trainer ----------------------------------------------------
 if want 4; then
   GEMM=$("$PY" -c "import json,sys; r=json.load(open('$OUT/kernels.json'))['rows']; print(r[0]['tflops'])" 2>/dev/null || true)
   MFU_COMMON=(--steps 12 --warmup 4 ${GEMM:+--gemm-tflops $GEMM} model.transformer_impl=local train.precision=bf16 parallel.tp=1
               train.micro_batch_size=8 train.global_batch_size=8 diffusion.random_length_prob=0.0)
-  DRYFLAG=(); [ "$DRY" = 1 ] && DRYFLAG=(--dry-run)
-  LIM=$([ "$DRY" = 1 ] && echo 120 || echo 60)
+  LIM=$(lim 4)
   stage 4 mfu-1b-masked-deepspeed "$LIM" "$PY" benchmarks/bench_mfu.py "${DRYFLAG[@]}" --config configs/1b.yaml --label "1b masked sdpa, DeepSpeed ZeRO-1" \
     "${MFU_COMMON[@]}" model.attention_backend=sdpa parallel.engine=deepspeed parallel.zero_stage=1
   stage 4 mfu-1b-masked-megatron "$LIM" "$PY" benchmarks/bench_mfu.py "${DRYFLAG[@]}" --config configs/1b.yaml --label "1b masked sdpa, megatron engine" \

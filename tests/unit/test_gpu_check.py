@@ -22,6 +22,10 @@ def test_every_stage_passes_its_dry_run(tmp_path):
     logs = {n: (tmp_path / f"stage{n}.log").read_text() for n in "01234"}
     assert "mcore 0.16.1" in logs["0"] and "deepspeed 0.19.8" in logs["0"]
     assert "gpu_kernels dry run" in logs["1"] and "tests/gpu/test_gpu.py" in logs["2"]
+    # the dry run executed the GPU run's own command lines (plus --dry-run / --collect-only)
+    assert "gpu_kernels.py --repeats 8 --out" in logs["1"] and "gpu_slices.py --steps 3 --out" in logs["3"]
+    assert "-m gpu -n 10 --timeout 140 -rA tests/gpu --collect-only" in logs["2"]
+    assert "prepare_builtin_corpus" in logs["0"] and "shakespeare" in logs["0"]
     assert logs["4"].count("config OK") == 3
 
 
@@ -42,3 +46,48 @@ def test_stage_selection(tmp_path):
     p = dry_run(tmp_path, "--stages", "3")
     assert p.returncode == 0, p.stdout[-2000:]
     assert "gpu_slices dry run" in p.stdout and "stage 1" not in p.stdout
+
+
+def _gpu_test_overrides() -> list[tuple[int, str, str | None]]:
+    """(line, dotted key, literal value or None) of every ``key=value`` string in
+    tests/gpu/test_gpu.py, f-strings included (their key part is literal)."""
+    import ast
+    import re
+    from pathlib import Path
+
+    tree = ast.parse((Path(REPO) / "tests/gpu/test_gpu.py").read_text())
+    found = []
+    in_fstring = {id(v) for n in ast.walk(tree) if isinstance(n, ast.JoinedStr) for v in n.values}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in in_fstring:
+            m = re.fullmatch(r"([a-z_]+\.[a-z_.]+)=(.*)", node.value)
+            if m:
+                found.append((node.lineno, m[1], m[2]))
+        elif isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant):
+            m = re.fullmatch(r"([a-z_]+\.[a-z_.]+)=(.*)", str(node.values[0].value))
+            if m:
+                found.append((node.lineno, m[1], None))
+    return found
+
+
+def test_gpu_tests_pass_only_existing_config_keys():
+    """The CUDA tests run only on a lent GPU and their --collect-only dry run does not execute
+    them: every config key they pass (and every literal value) must load on CPU here."""
+    from dlm_megatron.config import load_config
+
+    found = _gpu_test_overrides()
+    assert len(found) > 20 and any(k == "parallel.engine" for _, k, _ in found), found
+    bad = []
+    for line, key, value in found:
+        if value is None:  # an f-string: the key must exist, whatever the value
+            try:
+                load_config(f"{REPO}/configs/tiny.yaml", [f"{key}=null"])
+            except Exception as e:  # a bad value is fine here; an unknown key is not
+                if "unknown config key" in str(e):
+                    bad.append((line, key, str(e)))
+        else:
+            try:
+                load_config(f"{REPO}/configs/tiny.yaml", [f"{key}={value}"])
+            except Exception as e:
+                bad.append((line, f"{key}={value}", str(e)))
+    assert not bad, bad
