@@ -16,36 +16,43 @@ COLLECTIVES = {
     "all_reduce", "all_gather", "all_gather_into_tensor", "all_to_all", "all_to_all_single", "reduce_scatter",
     "reduce_scatter_tensor", "broadcast", "reduce", "gather", "scatter", "send", "recv", "isend", "irecv",
     "batch_isend_irecv", "all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list",
-    "all_reduce_coalesced", "all_gather_coalesced", "_all_gather_base", "_reduce_scatter_base",
+    "send_object_list", "recv_object_list", "all_reduce_coalesced", "all_gather_coalesced", "_all_gather_base",
+    "_reduce_scatter_base",
 }
+# the modules whose collectives count: torch.distributed and the module that defines them
+DIST_MODULES = {"torch.distributed", "torch.distributed.distributed_c10d"}
 
 
 def distributed_aliases(tree: ast.AST) -> set[str]:
-    """Names bound to torch.distributed in a module (``import torch.distributed as dist`` ...)."""
+    """Names bound to torch.distributed or its distributed_c10d module in a module
+    (``import torch.distributed as dist``, ``from torch.distributed import distributed_c10d`` ...)."""
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for a in node.names:
-                if a.name == "torch.distributed":
-                    names.add(a.asname or "torch.distributed")
-        elif isinstance(node, ast.ImportFrom) and node.module == "torch" and any(a.name == "distributed" for a in node.names):
-            names.update(a.asname or "distributed" for a in node.names if a.name == "distributed")
+                if a.name in DIST_MODULES:
+                    names.add(a.asname or a.name)
+        elif isinstance(node, ast.ImportFrom):
+            for a in node.names:
+                if f"{node.module}.{a.name}" in DIST_MODULES:
+                    names.add(a.asname or a.name)
     return names
 
 
 def collective_calls(source: str) -> list[str]:
-    """'dist.all_reduce' style calls (and ``from torch.distributed import all_reduce`` imports)."""
+    """Every use of a torch.distributed collective: called (``dist.all_reduce(x)``) or passed
+    on (``dist.P2POp(dist.isend, ...)``), through any alias of torch.distributed or
+    distributed_c10d, and ``from torch.distributed(.distributed_c10d) import all_reduce``."""
     tree = ast.parse(source)
-    aliases = distributed_aliases(tree)
+    aliases = distributed_aliases(tree) | DIST_MODULES
     found = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module == "torch.distributed":
-            found += [f"from torch.distributed import {a.name}" for a in node.names if a.name in COLLECTIVES]
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in COLLECTIVES:
-            base = node.func.value
-            text = ast.unparse(base)
-            if text in aliases or text == "torch.distributed":
-                found.append(f"{text}.{node.func.attr} (line {node.lineno})")
+        if isinstance(node, ast.ImportFrom) and node.module in DIST_MODULES:
+            found += [f"from {node.module} import {a.name}" for a in node.names if a.name in COLLECTIVES]
+        if isinstance(node, ast.Attribute) and node.attr in COLLECTIVES:
+            text = ast.unparse(node.value)
+            if text in aliases:
+                found.append(f"{text}.{node.attr} (line {node.lineno})")
     return found
 
 
@@ -57,6 +64,20 @@ def test_scanner_finds_every_spelling():
     calls = collective_calls(src)
     assert len(calls) == 4, calls  # barrier / get_rank are group management; x.all_reduce is not torch's
     assert any("broadcast" in c for c in calls)
+
+
+@pytest.mark.parametrize("src", [
+    "import torch.distributed as dist\ndist.send_object_list([x], dst=1)\n",
+    "import torch.distributed as dist\ndist.recv_object_list(objs, src=0)\n",
+    "import torch.distributed as dist\nops = [dist.P2POp(dist.isend, t, 1)]\n",          # passed, not called
+    "import torch.distributed as dist\nfn = dist.all_reduce\nfn(x)\n",
+    "import torch.distributed.distributed_c10d as c10d\nc10d.all_reduce(x)\n",
+    "from torch.distributed import distributed_c10d\ndistributed_c10d.broadcast(x, 0)\n",
+    "import torch\ntorch.distributed.distributed_c10d.all_gather(out, x)\n",
+    "from torch.distributed.distributed_c10d import reduce_scatter_tensor\n",
+])
+def test_scanner_finds_indirect_uses(src):
+    assert len(collective_calls(src)) == 1, (src, collective_calls(src))
 
 
 def test_no_collective_outside_comm_module():
