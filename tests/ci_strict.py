@@ -3,17 +3,22 @@
 CI (``CI=true``, as GitHub Actions and most runners set it) runs as root with apt, a
 compiler and the package index, so every test there can run: a skip caused by a failed
 build, a missing package, no root or no apt, or ``DLM_SKIP_LLAMA_CPP_BUILD`` means the
-setup broke, and is reported as a failure. The one legitimate skip is a GPU test on a
-machine without a GPU (tests marked ``gpu``). Outside CI skips stay skips, so a laptop
-without root or a compiler still runs the rest of the suite.
+setup broke, and is reported as a failure. The one legitimate skip is a GPU test (marked
+``gpu``) skipped for want of a GPU: its reason must say so (CUDA, GPU); any other skip of a
+GPU test (a missing package such as Transformer Engine) fails too. Outside CI skips stay
+skips, so a laptop without root or a compiler still runs the rest of the suite.
 
 Loaded by tests/conftest.py; tests/unit/test_ci_strict.py runs it on a throwaway suite.
 """
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
+
+# a GPU test's skip is legitimate only for want of a GPU (or of enough of them)
+NO_GPU = re.compile(r"\b(cuda|gpus?)\b", re.IGNORECASE)
 
 
 def ci_strict() -> bool:
@@ -31,8 +36,11 @@ def _reason(longrepr) -> str:
 def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
-    if not (rep.skipped and ci_strict()) or hasattr(rep, "wasxfail") or item.get_closest_marker("gpu") is not None:
+    if not (rep.skipped and ci_strict()) or hasattr(rep, "wasxfail"):
+        return
+    reason = _reason(rep.longrepr)
+    if item.get_closest_marker("gpu") is not None and NO_GPU.search(reason):
         return
     rep.outcome = "failed"
-    rep.longrepr = (f"skipped under CI=true, where a skip means a broken setup (only tests marked 'gpu' may skip): "
-                    f"{_reason(rep.longrepr)}")
+    rep.longrepr = (f"skipped under CI=true, where a skip means a broken setup (only tests marked 'gpu' may skip, "
+                    f"and only for want of a GPU): {reason}")

@@ -1,5 +1,6 @@
-"""CI=true turns skips into failures, except GPU tests (tests/ci_strict.py), and the suite's
-own setup skips (llama.cpp build, Slurm install) are skips that this rule catches."""
+"""CI=true turns skips into failures, except GPU tests skipped for want of a GPU
+(tests/ci_strict.py), and the suite's own setup skips (llama.cpp build, Slurm install) are
+skips that this rule catches. .ci/run sets CI=true itself."""
 import os
 import subprocess
 import sys
@@ -30,6 +31,14 @@ def test_static_skip():
 @pytest.mark.gpu
 def test_no_gpu():
     pytest.skip("needs CUDA")
+
+@pytest.mark.gpu
+def test_too_few_gpus():
+    pytest.skip("sequence parallel needs TP>=2, i.e. two GPUs")
+
+@pytest.mark.gpu
+def test_gpu_missing_package():
+    pytest.importorskip("transformer_engine_not_here", reason="Transformer Engine not installed")
 
 @pytest.mark.xfail(reason="known")
 def test_xfail():
@@ -72,12 +81,15 @@ def test_ci_true_fails_setup_skips_but_not_gpu_skips(tmp_path):
     assert "skipped under CI=true" in ci["_stdout"] and "building llama-cpp-python failed" in ci["_stdout"]
     assert ci.get("test_pass") == "PASSED" and ci.get("test_xfail") == "XFAIL", ci["_stdout"]
     assert "test_no_gpu" not in ci and "needs CUDA" in ci["_stdout"]  # a GPU skip stays a skip
+    assert "test_too_few_gpus" not in ci and "two GPUs" in ci["_stdout"]  # so does one for want of GPUs
+    # a GPU test skipped for another reason (a package missing on a GPU runner) is a broken setup
+    assert ci.get("test_gpu_missing_package") == "FAILED" and "Transformer Engine not installed" in ci["_stdout"], ci["_stdout"]
 
 
 def test_outside_ci_skips_stay_skips(tmp_path):
     local = _outcomes(tmp_path, None)
     assert "FAILED" not in local.values() and "ERROR" not in local.values(), local["_stdout"]
-    assert "4 skipped" in local["_stdout"] and "1 passed" in local["_stdout"], local["_stdout"]
+    assert "6 skipped" in local["_stdout"] and "1 passed" in local["_stdout"], local["_stdout"]
 
 
 def test_llama_cpp_setup_problems_are_skips_that_ci_fails(monkeypatch, tmp_path):
@@ -107,3 +119,9 @@ def test_slurm_setup_problems_are_skips_that_ci_fails(monkeypatch):
     gen = c.slurm_cluster_fixture()
     with pytest.raises(pytest.skip.Exception, match="needs root"):
         next(gen)
+
+
+def test_ci_entry_point_sets_strict_mode():
+    """.ci/run exports CI=true unless the runner set it, so strict mode never depends on it."""
+    text = (TESTS.parent / ".ci" / "run").read_text()
+    assert 'export CI="${CI:-true}"' in text and text.index("export CI=") < text.index("exec bash tests/run.sh")
