@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from common import COMMON_OVERRIDES, PY, metrics, run, train_losses
+from common import COMMON_OVERRIDES, PY, env, metrics, run, train_losses
 
 from dlm_megatron.checkpoint import load_full_state_dict
 
@@ -133,3 +133,24 @@ def test_background_saves_write_the_state_of_their_step(tmp_path, engine):
     (resumed / "checkpoints" / "latest").write_text("step_000004\n")
     run(args + ["train.async_save=true", f"train.output_dir={resumed}"])
     assert _max_rel_diff(state(resumed, 6), state(dirs["true"], 6)) < 1e-4
+
+
+def test_moe_on_cuda_matches_cpu_and_resumes(tmp_path):
+    """Mixture of experts on the GPU path: megatron-core's all-to-all token dispatcher (the CPU
+    runs the allgather one) with SequentialMLP experts (grouped GEMM needs Transformer
+    Engine). fp32: the first two steps' losses equal the CPU run's (same weights, same batches;
+    the dispatchers only move tokens, so what differs is reduction order), the checkpoint
+    holds the canonical expert names, and a resume from step 2 ends where the uninterrupted
+    run does."""
+    moe = [PY, "-m", "dlm_megatron.train", "configs/tiny_moe.yaml", *COMMON_OVERRIDES, "train.precision=fp32",
+           "train.adam_eps=1e-5", "model.attention_backend=dense"]
+    cpu, gpu, resumed = tmp_path / "cpu", tmp_path / "gpu", tmp_path / "resumed"
+    run(moe + ["train.steps=2", f"train.output_dir={cpu}"], env=env(CUDA_VISIBLE_DEVICES=""))
+    run(moe + ["train.steps=3", "train.save_interval=1", "train.keep_last=5", f"train.output_dir={gpu}"])
+    assert train_losses(gpu)[:2] == pytest.approx(train_losses(cpu), rel=1e-4), (train_losses(gpu), train_losses(cpu))
+    state = load_full_state_dict(gpu / "checkpoints" / "step_000003")
+    assert sum(".local_experts." in k for k in state) == 2 * 8 * 2, sorted(state)[:12]  # layers x experts x (fc1, fc2)
+    shutil.copytree(gpu / "checkpoints" / "step_000002", resumed / "checkpoints" / "step_000002")
+    (resumed / "checkpoints" / "latest").write_text("step_000002\n")
+    run(moe + ["train.steps=3", "train.save_interval=1", f"train.output_dir={resumed}"])
+    assert _max_rel_diff(load_full_state_dict(resumed / "checkpoints" / "step_000003"), state) < 1e-4
