@@ -608,8 +608,9 @@ def validate_layout(cfg: Config) -> None:
 
 def validate_moe(cfg: Config) -> None:
     """MoE settings and the layouts MoE is proven at (tests/distributed/test_moe.py): ep 1 on
-    any engine, ep > 1 and pp > 1 on the megatron engine (zero_stage 0/1), tp > 1 with
-    sequence parallelism (megatron engine; experts split over TP as megatron's expert TP = tp)."""
+    any engine (DeepSpeed ZeRO 0-3 at DP2), ep > 1 and pp > 1 (PP2 x EP2 too) on the megatron
+    engine (zero_stage 0/1), tp > 1 with sequence parallelism (megatron engine; experts split
+    over TP as megatron's expert TP = tp); every discrete objective at EP2."""
     m, p = cfg.model, cfg.parallel
     _positive("parallel.ep", p.ep)
     if m.num_moe_experts is None:

@@ -36,6 +36,11 @@ MEGATRON = "parallel.engine=megatron"
 SP = "parallel.tp=2,parallel.sequence_parallel=true,parallel.engine=megatron,parallel.zero_stage=1"
 COMPARE = "train.adam_eps=1e-5"  # see tests/distributed/test_layouts.py: COMPARE
 
+# objective settings; SFT reads SFT_DATA, written by the fixture before anything runs
+SFT_DATA = "@SFT@"
+_OBJ = {"ar": "diffusion.objective=ar", "uniform": "diffusion.objective=uniform", "hybrid": "diffusion.objective=hybrid",
+        "sft": f"data.sft_path={SFT_DATA}"}
+
 # name: (reference, settings, processes)
 LAYOUTS = {
     "moe_ep2": ("ref_moe", f"{MOE},{MEGATRON},parallel.ep=2,parallel.zero_stage=1", 2),
@@ -51,9 +56,17 @@ LAYOUTS = {
     "moe_tp2_ep2_sp": ("ref_moe", f"{MOE},{SP},parallel.ep=2", 4),
     # stopped after step 2, resumed at TP2 (weights and optimizer state split over TP, experts too)
     "moe_resume_tp2_sp": ("ref_moe", f"{MOE},{SP}", 2),
+    # DeepSpeed ZeRO-2/3 over DP with (replicated) experts, and pipeline x expert parallelism
+    "moe_dp2_deepspeed_zero2": ("ref_moe", f"{MOE},parallel.zero_stage=2", 2),
+    "moe_dp2_deepspeed_zero3": ("ref_moe", f"{MOE},parallel.zero_stage=3", 2),
+    "moe_pp2_ep2": ("ref_moe", f"{MOE},{MEGATRON},parallel.pp=2,parallel.ep=2,parallel.zero_stage=1", 4),
+    # the other discrete objectives with experts split over EP ranks, each against its own reference
+    **{f"moe_{o}_ep2": (f"ref_moe_{o}", f"{MOE},{MEGATRON},parallel.ep=2,parallel.zero_stage=1,{_OBJ[o]}", 2)
+       for o in ("ar", "uniform", "hybrid", "sft")},
 }
 RESUMED = {"moe_resume_ep2": "moe_ep2", "moe_resume_tp2_sp": "moe_tp2_sp"}  # resumed run: its uninterrupted twin
-REFERENCES = {"ref_moe": MOE, "ref_moe_block": f"{MOE},{BLOCK}", "ref_moe_bias": BIAS}
+REFERENCES = {"ref_moe": MOE, "ref_moe_block": f"{MOE},{BLOCK}", "ref_moe_bias": BIAS,
+              **{f"ref_moe_{o}": f"{MOE},{_OBJ[o]}" for o in ("ar", "uniform", "hybrid", "sft")}}
 OBJECTIVES = ("masked", "block", "ar", "uniform", "hybrid", "sft")
 
 
@@ -70,17 +83,18 @@ def _sft_data(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe")
+    sft = _sft_data(root / "sft.jsonl")
     for name, settings in REFERENCES.items():
-        run([PY, "tests/distributed/reference.py", str(root / name), *settings.split(","), COMPARE])
+        run([PY, "tests/distributed/reference.py", str(root / name), *settings.replace(SFT_DATA, str(sft)).split(","), COMPARE])
     specs = {n: [] for n in (2, 4)}
     for name, (_, settings, n) in LAYOUTS.items():
+        settings = settings.replace(SFT_DATA, str(sft))
         if name in RESUMED:
             specs[n] += [f"{name}:{settings},{COMPARE},@stop=2", f"{name}:{settings},{COMPARE}"]
         else:
             specs[n].append(f"{name}:{settings},{COMPARE}")
     for n in (2, 4):
         torchrun(n, "tests/distributed/run_layouts.py", str(root), *specs[n])
-    sft = _sft_data(root / "sft.jsonl")
     objectives = [f"obj_{o}:{MOE},train.steps=16,train.lr=3e-3,"
                   + (f"data.sft_path={sft},data.seq_len=16" if o == "sft" else f"diffusion.objective={o}")
                   + (",diffusion.block_size=8" if o == "block" else "") for o in OBJECTIVES]
@@ -170,6 +184,16 @@ def test_reshard_ep2_to_ep1_offline(runs, tmp_path):
     assert sorted(p.name for p in (back / "model").iterdir()) == ["tp0_pp0.safetensors", "tp0_pp0_ep1.safetensors"]
 
 
+def test_reshard_bad_ep_is_one_line(runs, tmp_path):
+    """tools/convert.py reshard --ep that the model cannot take: one line, exit 2, nothing written."""
+    for ep, needle in (("3", "not divisible by parallel.ep=3"), ("0", "must be >= 1")):
+        p = run([PY, "tools/convert.py", "reshard", "--ckpt", str(runs / "moe_ep2"), "--output", str(tmp_path / f"ep{ep}"),
+                 "--tp", "1", "--pp", "1", "--ep", ep], check=False)
+        err = p.stderr.strip()
+        assert p.returncode == 2 and len(err.splitlines()) == 1 and needle in err, (ep, p.returncode, p.stderr)
+        assert not (tmp_path / f"ep{ep}").exists()
+
+
 def test_reshard_tp2_to_tp1_and_tp2_ep2_offline(runs, tmp_path):
     """A TP2 (sequence parallel) MoE checkpoint: each TP file holds half of every expert (fc1's
     gate and up rows, fc2's columns); resharded to TP1 it is the same model (and equals one
@@ -211,3 +235,26 @@ def test_generate_from_a_tp2_ep2_sequence_parallel_checkpoint(runs):
     p = run([PY, "-m", "dlm_megatron.generate", "--ckpt", str(runs / "moe_tp2_ep2_sp"), "--prompt", "To be",
              "--gen-length", "8", "--steps", "4"])
     assert p.stdout.strip().splitlines()[-1].startswith("To be"), p.stdout[-500:]
+
+
+def test_planner_ep2_states_match_the_engine(tmp_path):
+    """The planner's per-GPU weights, fp32 gradient buffers and distributed-optimizer states at
+    EP2 x DP2 (experts halved per rank; expert states sharded over expert-DP size 1, dense
+    ones over DP 2) against the real megatron engine's tensors on each rank, bf16: measured
+    within 0.03% (padding of megatron's buffers). At EP1 the plan is 1.33x larger in weights
+    and gradients, so the check sees the expert split."""
+    out = tmp_path / "states.json"
+    torchrun(2, "tests/distributed/check_moe_states.py", str(out), "parallel.ep=2", "parallel.engine=megatron",
+             "parallel.zero_stage=1")
+    r = json.loads(out.read_text())
+    for rank in r["ranks"]:
+        for k, planned in r["planned"].items():
+            assert rank[k] == pytest.approx(planned, rel=1e-3), (k, rank[k], planned)
+    from dlm_megatron.config import load_config
+    from dlm_megatron.planner import plan
+    from common import COMMON_OVERRIDES, REPO
+
+    ep1 = plan(load_config(f"{REPO}/configs/tiny_moe.yaml", list(COMMON_OVERRIDES) + ["train.precision=bf16",
+               "parallel.engine=megatron", "parallel.zero_stage=1"]), gpus=2,
+               gpu_mem_gib=80.0, vocab_size=8192, on_gpu=False)["memory"]
+    assert ep1["weights"] > 1.2 * r["planned"]["weights"], (ep1["weights"], r["planned"]["weights"])

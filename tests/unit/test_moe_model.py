@@ -3,6 +3,8 @@ canonical names of experts, and the router's aux loss in the gradient with its c
 import pytest
 import torch
 
+from common import REPO
+
 V = 512
 SMALL = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.ffn_hidden_size=128",
          "model.moe_ffn_hidden_size=64", "data.seq_len=32", "logging.wandb=disabled"]
@@ -167,3 +169,14 @@ def test_aux_loss_joins_the_gradient_with_its_coefficient_and_scale(make):
     assert d1.abs().max() > 1e-6
     torch.testing.assert_close(d2, 2 * d1, atol=1e-8, rtol=1e-4)
     torch.testing.assert_close(half - grads[0.0], d1, atol=1e-8, rtol=1e-4)
+
+
+def test_ep_must_divide_the_data_parallel_size():
+    """parallel.ep splits the DP ranks into expert groups: one process (dp 1) cannot hold EP2.
+    Refused in one line before any process group exists."""
+    from dlm_megatron.config import ConfigError, load_config
+    from dlm_megatron.parallel import dist as pdist
+
+    cfg = load_config(f"{REPO}/configs/tiny_moe.yaml", ["parallel.ep=2"])
+    with pytest.raises(ConfigError, match=r"parallel.ep=2 must divide the data-parallel size 1 .*launch a multiple of 2"):
+        pdist.init_distributed(cfg)
