@@ -5,10 +5,10 @@ Layout of ``<output_dir>/checkpoints/``::
     step_000050/
         meta.json                 step, config, layout, tokenizer hash, format version
         model/tp{T}_pp{P}.safetensors   this (TP, PP) rank's weights under canonical names
-        optim/tp{T}_pp{P}_dp{D}.safetensors   DeepSpeed engine: Adam's state per parameter
+        optim/tp{T}_pp{P}_dp{D}.safetensors   both engines: Adam's state per parameter
                                   fragment (engine/zero_state.py), loadable at any DP size
-        engine/                   megatron engine: megatron-core's optimizer state (DP-gathered);
-                                  DeepSpeed's own format in checkpoints written before optim/
+        engine/                   checkpoints written before optim/: DeepSpeed's own format, or
+                                  megatron-core's optimizer state gathered to DP rank 0
     latest                        text file naming the newest complete checkpoint
 
 A checkpoint is written into ``.tmp-step_XXXXXX`` by all ranks (in the background:

@@ -5,8 +5,10 @@ A save has three phases:
 1. stage (training thread, at the step that triggers the save): every tensor this rank will
    write is copied off the compute device into host buffers that are kept from one save to
    the next (``HostStaging``: pinned and non-blocking on GPU, one stream sync at the end; no
-   allocation at the saving step). Collectives an engine needs (ZeRO-3's parameter gather,
-   megatron's DP gather of optimizer state) happen here, in step with the other ranks.
+   allocation at the saving step). The collectives a save needs (ZeRO-3's parameter gather;
+   the megatron engine's deferred parameter all-gather, which the next forward would run
+   anyway) happen here, in step with the other ranks; optimizer state is staged without any
+   (each rank copies the fragments it holds, engine/zero_state.py).
 2. write (a background thread per rank): the staged files go into the checkpoint's
    temporary folder ``checkpoints/.tmp-step_N`` and each is fsynced, while training goes
    on. File writes release the GIL.

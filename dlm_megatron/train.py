@@ -349,7 +349,10 @@ class Trainer:
             raise ConfigError(f"{latest} was written by the {meta.get('engine')} engine but this layout uses {engine_name(cfg)}; "
                               f"set parallel.engine={meta.get('engine')} (and the original parallel.pp) or convert the checkpoint")
         saved = meta.get("layout", {})
-        if saved.get("ep", 1) != lay.ep:
+        # the project's own optimizer state: fragments under canonical names (global expert
+        # indices), read at any DP and EP size; megatron-core's own state only at its EP size
+        ours = meta.get("optimizer") == ZERO_STATE_FORMAT
+        if saved.get("ep", 1) != lay.ep and not ours:
             raise ConfigError(f"{latest} was written at parallel.ep={saved.get('ep', 1)} but this run uses parallel.ep={lay.ep}; "
                               f"reshard it first: python tools/convert.py reshard --ckpt {latest} --output NEW_RUN --ep {lay.ep}")
         if (saved.get("tp"), saved.get("pp")) != (lay.tp, lay.pp):
@@ -358,17 +361,18 @@ class Trainer:
         if saved.get("zero_stage") != cfg.parallel.zero_stage:
             raise ConfigError(f"{latest} holds ZeRO-{saved.get('zero_stage')} optimizer state but this run uses "
                               f"parallel.zero_stage={cfg.parallel.zero_stage}; resume with parallel.zero_stage={saved.get('zero_stage')}")
-        if engine_name(cfg) == "megatron":  # its own state: resumes at any DP size (the distributed optimizer re-shards)
-            self._load_weights(engine.module, latest)
-            engine.load(str(latest / "engine"), "engine")
-        elif meta.get("optimizer") == ZERO_STATE_FORMAT:  # weights were loaded before the engine (_build_model)
+        if ours:  # weights were loaded before the engine (_build_model)
             from .parallel import comm
 
-            read, total = engine.load_state(latest / "optim", self._named(), tp_rank=lay.tp_rank, pp_rank=lay.pp_rank, step=meta["step"])
+            read, total = engine.load_state(latest / "optim", self._optimized(), tp_rank=lay.tp_rank, pp_rank=lay.pp_rank,
+                                            step=meta["step"])
             most = comm.max_host(float(read))
             if self.rank0:
                 print(f"optimizer state: read at most {most / 2**20:.2f} MiB per rank of its TP/PP slice's {total / 2**20:.2f} MiB "
                       f"(dp={lay.dp}, saved at dp={saved.get('dp')})", flush=True)
+        elif engine_name(cfg) == "megatron":  # megatron-core's own (before ZERO_STATE_FORMAT): any DP size, it re-shards
+            self._load_weights(engine.module, latest)
+            engine.load(str(latest / "engine"), "engine")
         else:  # a checkpoint in DeepSpeed's own format (written before ZERO_STATE_FORMAT): only at its DP size
             if cfg.parallel.zero_stage >= 1 and saved.get("dp") != lay.dp:
                 raise ConfigError(f"{latest} holds DeepSpeed's own ZeRO-{saved.get('zero_stage')} state for dp={saved.get('dp')}; "
@@ -383,6 +387,17 @@ class Trainer:
         from .model.denoiser import canonical_params
 
         return list(canonical_params(self.engine.module, self.cfg, self.lay.pp_rank, for_save=True, ep_rank=self.lay.ep_rank))
+
+    def _optimized(self) -> list:
+        """(canonical name, parameter) of every parameter whose Adam state this rank holds:
+        the last pipeline stage's copy of tied embeddings included (it has state of its own,
+        under the embedding's name in its stage's file), buffers left out."""
+        import torch
+
+        from .model.denoiser import canonical_params
+
+        return [(n, p) for n, p in canonical_params(self.engine.module, self.cfg, self.lay.pp_rank, ep_rank=self.lay.ep_rank)
+                if isinstance(p, torch.nn.Parameter)]
 
     def describe(self) -> str:
         """The start-up line: size, device, precision, attention kernel, layout, data."""
@@ -554,7 +569,7 @@ class Trainer:
         pdist.barrier()
         staging = self.saver.staging
         staging.begin()
-        files = self._stage_model(staging) + self.engine.stage_state(self._named(), staging, tp_rank=lay.tp_rank,
+        files = self._stage_model(staging) + self.engine.stage_state(self._optimized(), staging, tp_rank=lay.tp_rank,
                                                                      pp_rank=lay.pp_rank, dp_rank=lay.dp_rank)
         meta = None
         if self.rank0:

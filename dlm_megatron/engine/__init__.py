@@ -6,5 +6,6 @@ class TrainingDiverged(RuntimeError):
 
 
 ZERO_STATE_FORMAT = "zero-fragments-v1"
-"""meta.json ``optimizer`` of checkpoints whose DeepSpeed optimizer state is in the
-project's own per-parameter format (engine/zero_state.py), loadable at any DP size."""
+"""meta.json ``optimizer`` of checkpoints whose optimizer state (either engine) is in the
+project's own per-parameter format (engine/zero_state.py, engine/megatron_state.py), loadable
+at any DP size (and, for MoE on the megatron engine, any EP size)."""

@@ -18,6 +18,7 @@ from functools import partial
 
 import torch
 
+from . import ZERO_STATE_FORMAT
 from .schedules import lr_for
 
 
@@ -27,6 +28,7 @@ class MegatronEngine:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
 
         self.cfg = cfg
+        self.bf16 = bf16  # bf16 weights: the fp32 main copies are saved too
         self.device = next(model.parameters()).device
         t = cfg.train
         tcfg = model.config
@@ -162,6 +164,54 @@ class MegatronEngine:
         )
         return [d["loss"] for d in out] if out else [torch.zeros((), device=self.device) for _ in micro_batches]
 
+    # -- checkpoints: the project's own optimizer-state format (zero_state.py) -------------
+    state_format = ZERO_STATE_FORMAT
+
+    def stage_state(self, named: list, staging, *, tp_rank: int, pp_rank: int, dp_rank: int) -> list:
+        """This rank's fragments of the optimizer state (megatron_state.py), copied into
+        ``staging`` (host) as ``optim/tp{T}_pp{P}_dp{D}.safetensors``: no collective. D is the
+        DP rank, unique over the (TP, PP) rank's processes, expert-parallel ranks included.
+        At zero_stage=0 only the first rank of each replica set writes (DP rank 0 the dense
+        parameters, expert-DP rank 0 its experts); a rank with nothing to write writes no file."""
+        from ..saving import StagedFile
+        from . import megatron_state, zero_state
+
+        if self.cfg.parallel.zero_stage == 0:
+            named = [(n, p) for n, p in named if self._replica_rank(p) == 0]
+            if not named:
+                return []
+        step = megatron_state.adam_step(self.optimizer)
+        # before the first step there is no state (the file is still written: it marks the
+        # checkpoint as this format); bf16: the fp32 masters too (fp32 weights are their own)
+        frags = megatron_state.fragments(self.optimizer, named) if step else ()
+        tensors = zero_state.stage_views(frags, staging, zero_state.STATE_KEYS + (("master",) if self.bf16 else ()))
+        meta = {"format": ZERO_STATE_FORMAT, "adam_step": str(step)}
+        return [StagedFile(f"optim/tp{tp_rank}_pp{pp_rank}_dp{dp_rank}.safetensors", tensors, meta)]
+
+    @staticmethod
+    def _replica_rank(p) -> int:
+        """Rank among the processes holding the same copy of ``p``: the expert-data-parallel
+        group for experts (megatron marks them ``allreduce=False``), the DP group otherwise."""
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_rank() if getattr(p, "allreduce", True) else ps.get_expert_data_parallel_rank()
+
+    def load_state(self, directory, named: list, *, tp_rank: int, pp_rank: int, step: int) -> tuple[int, int]:
+        """Optimizer state from ``stage_state`` files written at any DP (and EP) size; the
+        weights are already in the module (loaded before the engine was built, so the fp32
+        main copies start from them); returns (bytes this rank read, bytes of this (TP, PP)
+        rank's state over all writers)."""
+        from pathlib import Path
+
+        from . import megatron_state, zero_state
+
+        reader = zero_state.FragmentReader(Path(directory), tp_rank, pp_rank)
+        if reader.adam_step:  # else saved before the first step: the optimizer stays fresh
+            megatron_state.ensure_state(self.optimizer, reader.adam_step)
+            zero_state.fill_views(megatron_state.fragments(self.optimizer, named), reader)
+        return reader.bytes_read, reader.total_bytes
+
+    # -- checkpoints written before the project's format (megatron-core's DP-gathered state) --
     def _names(self) -> tuple[str, str]:
         from megatron.core import parallel_state as ps
 
@@ -170,55 +220,15 @@ class MegatronEngine:
         tag += f"_ep{ep_rank}" if ep_rank else ""  # MoE: each expert-parallel rank has its own experts' states
         return f"optim_{tag}.pt", f"common_{tag}.pt"
 
-    state_format = None  # megatron-core's own (DP-gathered) optimizer state under engine/
-
-    def stage_state(self, named: list, staging, *, tp_rank: int, pp_rank: int, dp_rank: int) -> list:
-        """This (TP, PP) rank's optimizer state as host objects for the background writer,
-        on DP rank 0: the distributed optimizer's state gathered over the DP group (a
-        collective, run here in step with the other ranks; megatron-core gathers into host
-        buffers of its own) as ``engine/optim_tp{T}_pp{P}.pt``, and the common state as
-        ``engine/common_tp{T}_pp{P}.pt``. A checkpoint written at one DP size loads at any
-        other: the distributed optimizer re-shards on load."""
-        from megatron.core import parallel_state as ps
-
-        from ..saving import StagedFile, host_tree
-
-        optim_name, common_name = self._names()
-        files = []
-        if self.cfg.parallel.zero_stage == 1:
-            # what save_parameter_state writes, gathered into CPU buffers of megatron's own:
-            # one state, or for a ChainedOptimizer (MoE: dense + expert parameters) a list
-            # with None where this rank is not rank 0 of that optimizer's DP group
-            opts = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
-            states, mine = [], False
-            for o in opts:
-                if hasattr(o, "get_parameter_state_dp_zero"):
-                    st = o.get_parameter_state_dp_zero()  # a collective over o's DP group
-                    first = o.data_parallel_group.rank() == 0
-                    states.append(st if first else None)
-                    mine = mine or first
-            if mine:
-                files.append(StagedFile(f"engine/{optim_name}", obj=states[0] if len(opts) == 1 else states))
-        # expert-data-parallel rank 0 of every expert-parallel rank (without MoE: DP rank 0)
-        if ps.get_data_parallel_rank() == 0 or (ps.get_expert_model_parallel_rank() > 0 and ps.get_expert_data_parallel_rank() == 0):
-            files.append(StagedFile(f"engine/{common_name}", obj=host_tree(
-                {"optimizer": self.optimizer.state_dict(), "client": {}, "adam_step": self._adam_step()})))
-        return files
-
     def _torch_optimizers(self):
         opts = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
         return [o.optimizer for o in opts]
 
-    def _adam_step(self) -> float:
-        """Adam's bias-correction step count (identical for every parameter)."""
-        for opt in self._torch_optimizers():
-            for st in opt.state.values():
-                if "step" in st:
-                    return float(st["step"])
-        return 0.0
-
     def load(self, directory: str, tag: str, model_state: dict | None = None) -> dict:
-        """Weights come from the layout-free model shards (``model_state``); then optimizer."""
+        """A checkpoint in megatron-core's own format (``engine/optim_tp{T}_pp{P}.pt``, the
+        optimizer state gathered over DP, and ``engine/common_tp{T}_pp{P}.pt``), as written
+        before ZERO_STATE_FORMAT: loads at any DP size (megatron re-shards it), at the EP size
+        that wrote it. The weights come from the model shards first (``model_state``)."""
         import os
 
         from ..checkpoint import check_torch_files

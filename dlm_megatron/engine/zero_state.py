@@ -1,4 +1,6 @@
-"""The project's own optimizer-state format for DeepSpeed ZeRO 0-3: resumable at any DP size.
+"""The project's own optimizer-state format, resumable at any DP size: DeepSpeed ZeRO 0-3
+here, and the megatron engine (engine/megatron_state.py maps megatron-core's optimizers to
+the same fragments; the staging, reader and loader below serve both).
 
 DeepSpeed's own checkpoints store each rank's flat partition of the optimizer state, so
 they only load at the DP size (and ZeRO layout) that wrote them; its universal-checkpoint
@@ -80,22 +82,33 @@ def adam_step(opt, stage: int) -> float:
     return 0.0
 
 
+def _fragments(opt, stage: int, named: list):
+    """(name, start, live 1-D views) of every non-empty fragment this rank holds."""
+    for name, p in named:
+        r = _ranges(opt, stage, p)
+        if r is not None and r[1] > 0:
+            yield name, r[0], _views(opt, stage, p, r[1])
+
+
+def stage_views(fragments, staging, keys: tuple) -> dict[str, torch.Tensor]:
+    """``fragments`` ((name, start, {key: live 1-D view})) copied into ``staging``
+    (saving.HostStaging) as {"name|key|start": 1-D fp32}: the file's tensors. Engine-free,
+    shared by the DeepSpeed and megatron engines."""
+    out = {}
+    for name, start, views in fragments:
+        for key in keys:
+            k = f"{name}|{key}|{start}"
+            out[k] = staging.copy(f"optim/{k}", views[key].reshape(-1), torch.float32)
+    return out
+
+
 def stage_fragments(opt, stage: int, named: list, staging, *, with_master: bool) -> dict[str, torch.Tensor]:
     """This rank's fragments copied into ``staging`` (saving.HostStaging), as
     {"name|key|start": 1-D fp32}; empty before the optimizer's first step (no state yet)."""
     if adam_step(opt, stage) == 0:
         return {}
     _relink(opt, stage)
-    out = {}
-    for name, p in named:
-        r = _ranges(opt, stage, p)
-        if r is None or r[1] == 0:
-            continue
-        views = _views(opt, stage, p, r[1])
-        for key in STATE_KEYS + (("master",) if with_master else ()):
-            k = f"{name}|{key}|{r[0]}"
-            out[k] = staging.copy(f"optim/{k}", views[key].reshape(-1), torch.float32)
-    return out
+    return stage_views(_fragments(opt, stage, named), staging, STATE_KEYS + (("master",) if with_master else ()))
 
 
 class FragmentReader:
@@ -167,11 +180,14 @@ def load_fragments(opt, stage: int, named: list, reader: FragmentReader) -> None
             st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(fp), torch.zeros_like(fp)
         st["step"] = step.clone()
     _relink(opt, stage)  # map each parameter's fragment to the state just created
-    with torch.no_grad():
-        for name, p in named:
-            r = _ranges(opt, stage, p)
-            if r is None or r[1] == 0:
-                continue
-            views = _views(opt, stage, p, r[1])
-            for key in STATE_KEYS + (("master",) if reader.has(name, "master") else ()):
-                views[key].copy_(reader.read(name, key, *r).to(views[key].dtype))
+    fill_views(_fragments(opt, stage, named), reader)
+
+
+@torch.no_grad()
+def fill_views(fragments, reader: FragmentReader) -> None:
+    """Copy into each of ``fragments`` ((name, start, {key: live 1-D view})) the range it
+    covers: Adam's moments, and the fp32 master where the checkpoint has one."""
+    for name, start, views in fragments:
+        for key in STATE_KEYS + (("master",) if reader.has(name, "master") else ()):
+            v = views[key]
+            v.copy_(reader.read(name, key, start, v.numel()).to(v.dtype))
