@@ -237,6 +237,10 @@ def export_gguf(ckpt: str | Path, output: str | Path, *, dtype: str = "f32", tok
         writer.add_head_count(arch.num_heads)
         writer.add_head_count_kv(arch.num_groups)
         writer.add_rope_freq_base(arch.rope_theta)
+        # llama.cpp takes a head's width from n_embd / n_head unless these are set (Qwen3-style
+        # heads x head_dim != hidden_size, model.kv_channels); RoPE rotates the whole head.
+        writer.add_key_length(arch.head_dim)
+        writer.add_value_length(arch.head_dim)
         writer.add_rope_dimension_count(arch.head_dim)
         writer.add_layer_norm_rms_eps(arch.norm_eps)
         writer.add_vocab_size(arch.vocab_size)
