@@ -258,10 +258,11 @@ def llama_config(arch: Arch, ids: dict[str, int], dtype_name: str, source_config
         "tie_word_embeddings": arch.tied,
         "hidden_act": "silu",
     })
-    cfg["head_dim"] = arch.head_dim  # both read it (Qwen2 falls back to hidden_size / heads without)
     if mt == "llama":
-        cfg.update({"attention_bias": False, "mlp_bias": False})
-    else:
+        cfg.update({"head_dim": arch.head_dim, "attention_bias": False, "mlp_bias": False})
+    else:  # Qwen2 reads head_dim when present, else hidden_size / heads: written only when needed
+        if "head_dim" in cfg or arch.head_dim * arch.num_heads != arch.hidden_size:
+            cfg["head_dim"] = arch.head_dim
         cfg.setdefault("use_sliding_window", False)
     if not same:
         cfg.update({"max_position_embeddings": arch.seq_len, "bos_token_id": ids["eot"], "eos_token_id": ids["eot"],
