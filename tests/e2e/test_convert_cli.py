@@ -691,6 +691,29 @@ def test_import_wide_heads_tp2_causal_logits_and_export(tmp_path):
     assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in a)
     assert json.loads((back / "config.json").read_text())["head_dim"] == 32
     assert type(_export_native_causal(imp, tmp_path / "native", x, want)).__name__ == "Qwen2ForCausalLM"
+    # as a denoiser: Qwen2's biases make it a dream GGUF, whose llama.cpp graph has n_embd-wide q
+    assert convert("--from-hf", hf_dir, "--output", tmp_path / "dream", "--objective", "masked") == 0
+    from dlm_megatron.convert import ConvertError
+    from dlm_megatron.convert.gguf import export_gguf
+
+    with pytest.raises(ConvertError, match=r"dream graph needs heads x head width = hidden size.*4 x 32 = 128 != 64"):
+        export_gguf(tmp_path / "dream", tmp_path / "d.gguf", show_progress=False)
+    assert not (tmp_path / "d.gguf").exists()
+
+    # A Llama with the same heads as a masked denoiser: llada GGUF with the head width as
+    # attention.key_length / value_length; llama.cpp's conventions give the framework's logits.
+    from gguf import GGUFReader
+
+    _tiny_hf("llama", tmp_path / "llama", head_dim=32, initializer_range=0.1)
+    dlm = tmp_path / "llada"
+    assert convert("--from-hf", tmp_path / "llama", "--output", dlm, "--objective", "masked") == 0
+    f = tmp_path / "llada.gguf"
+    assert convert("--ckpt", dlm, "--to", "gguf", "--output", f) == 0
+    kv = {k: v.contents() for k, v in GGUFReader(str(f)).fields.items() if k.startswith("llada.")}
+    assert (kv["llada.attention.key_length"], kv["llada.attention.value_length"], kv["llada.rope.dimension_count"]) == (32, 32, 32)
+    diff = _max_diff(gguf_reference_logits(f, x[0]), framework_logits(dlm, x)[0, :, :8200])
+    print(f"\n[convert] llada GGUF, head_dim 32 on hidden 64: reference forward vs framework max |diff| = {diff:.2e}")
+    assert diff < 1e-4
 
 
 def _export_native_causal(imp: Path, out: Path, x: torch.Tensor, want: torch.Tensor):
