@@ -35,7 +35,12 @@ class ModelConfig:
     hidden_size: int = 256
     """Model width (residual stream size)."""
     num_attention_heads: int = 4
-    """Attention heads; hidden_size must be divisible by it."""
+    """Attention heads; hidden_size must be divisible by it unless model.kv_channels is set."""
+    kv_channels: int | None = None
+    """Width of one attention head (megatron-core's kv_channels, Hugging Face's head_dim); None =
+    hidden_size / num_attention_heads. Set it when heads x head width differs from hidden_size,
+    as in Qwen3 and Qwen3-MoE (e.g. Qwen3-30B-A3B: hidden 2048, 32 heads of 128): the query and
+    attention-output width is then num_attention_heads * kv_channels, not hidden_size."""
     num_query_groups: int | None = None
     """Key/value heads for grouped-query attention; None means one per attention head (MHA)."""
     ffn_hidden_size: int | None = None
@@ -462,8 +467,10 @@ def validate(cfg: Config) -> None:
     m, d, da, t, p = cfg.model, cfg.diffusion, cfg.data, cfg.train, cfg.parallel
     for k in ("num_layers", "hidden_size", "num_attention_heads", "make_vocab_size_divisible_by"):
         _positive(f"model.{k}", getattr(m, k))
-    if m.hidden_size % m.num_attention_heads:
-        raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}")
+    if m.kv_channels is not None:
+        _positive("model.kv_channels", m.kv_channels)
+    elif m.hidden_size % m.num_attention_heads:
+        raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}; set model.kv_channels to the head width")
     if m.num_query_groups is not None and m.num_attention_heads % m.num_query_groups:
         raise ConfigError(f"model.num_attention_heads={m.num_attention_heads} is not divisible by model.num_query_groups={m.num_query_groups}")
     _choice("model.transformer_impl", m.transformer_impl, ("local", "transformer_engine"))
@@ -654,6 +661,11 @@ def moe_layer_pattern(m: ModelConfig) -> list[int]:
         return []
     k = m.moe_first_k_dense
     return [int(i >= k and (i - k) % m.moe_layer_freq == 0) for i in range(m.num_layers)] if k < m.num_layers else []
+
+
+def head_dim(m: ModelConfig) -> int:
+    """Width of one attention head: model.kv_channels, else hidden_size / num_attention_heads."""
+    return m.kv_channels if m.kv_channels is not None else m.hidden_size // m.num_attention_heads
 
 
 def moe_ffn_size(m: ModelConfig) -> int:

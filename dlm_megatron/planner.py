@@ -5,7 +5,8 @@ Pure functions of (Config, vocabulary size, layout numbers); no torch, no I/O. T
 the code that implements them.
 
 Notation (all per GPU unless stated):
-  h hidden, L layers, a heads, g query groups (KV heads), d = h/a head dim, kv = g*d,
+  h hidden, L layers, a heads, g query groups (KV heads), d head dim (model.kv_channels,
+  default h/a), q = a*d query and attention-output width (= h unless kv_channels is set), kv = g*d,
   f SwiGLU inner size, V vocabulary, Vp padded vocabulary, s model sequence length
   (data.seq_len, doubled for objective=block), b micro batch, t TP, p PP, D data-parallel
   size = N/(t*p), Psi parameters held by one GPU (its TP shard of its PP stage).
@@ -35,7 +36,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from .config import Config, ConfigError, ffn_size, padded_vocab_size
+from .config import Config, ConfigError, ffn_size, head_dim, padded_vocab_size
 
 GIB = 2**30
 
@@ -85,12 +86,17 @@ class Dims:
     shared_ffn: int = 0
     """SwiGLU inner size of the shared expert, 0 without (f_s)."""
 
+    @property
+    def q_dim(self) -> int:
+        """Query and attention-output width a*d (q): h unless model.kv_channels is set."""
+        return self.heads * self.head_dim
+
 
 def model_dims(cfg: Config, vocab_size: int, tp: int = 1) -> Dims:
     m = cfg.model
     h, a = m.hidden_size, m.num_attention_heads
     g = m.num_query_groups or a
-    d = h // a
+    d = head_dim(m)
     block = cfg.diffusion.objective == "block"
     try:
         vp = padded_vocab_size(vocab_size, m, tp)
@@ -112,15 +118,14 @@ def model_dims(cfg: Config, vocab_size: int, tp: int = 1) -> Dims:
 
 
 def layer_matrix_params(dm: Dims) -> int:
-    """Weights of one layer's linear layers: QKV h(h+2kv), output projection h*h, SwiGLU fc1
+    """Weights of one layer's linear layers: QKV h(q+2kv), output projection q*h, SwiGLU fc1
     h*2f (gate and up) and fc2 f*h. No biases."""
-    h = dm.hidden
-    return h * (h + 2 * dm.kv_dim) + h * h + 3 * h * dm.ffn
+    return attention_matrix_params(dm) + 3 * dm.hidden * dm.ffn
 
 
 def attention_matrix_params(dm: Dims) -> int:
-    """QKV h(h+2kv) and output projection h*h."""
-    return dm.hidden * (dm.hidden + 2 * dm.kv_dim) + dm.hidden * dm.hidden
+    """QKV h(q+2kv) and output projection q*h (q = h unless model.kv_channels is set)."""
+    return dm.hidden * (dm.q_dim + 2 * dm.kv_dim) + dm.q_dim * dm.hidden
 
 
 def expert_params(dm: Dims) -> int:
@@ -149,7 +154,7 @@ def matmul_params_per_token(dm: Dims) -> int:
 
 def layer_bias_params(dm: Dims) -> int:
     """q/k/v biases of one layer (model.add_qkv_bias), else 0."""
-    return dm.hidden + 2 * dm.kv_dim if dm.qkv_bias else 0
+    return dm.q_dim + 2 * dm.kv_dim if dm.qkv_bias else 0
 
 
 def layer_params(dm: Dims) -> int:
@@ -243,7 +248,7 @@ def flops_per_token(dm: Dims, recompute: str = "none", attention_fraction: float
     Per model token: 6 * (matrix params a token passes through + V * h) for the matmuls (MoE
     layers: the k routed experts, router and shared expert, ``matmul_params_per_token``; forward 2,
     backward 4 FLOPs per weight) plus 12 * L * h * s for attention scores and values
-    (forward QK^T and AV are 2*s*h each per token and layer; x3 for training). This equals
+    (forward QK^T and AV are 2*s*q each per token and layer, q = heads * head dim; x3 for training). This equals
     ``dlm_megatron.train.flops_per_token`` (unpadded vocabulary, no recompute), so the MFU
     logged by the trainer and the planner's MFU mean the same thing. Block diffusion runs the
     model on 2L tokens per L data tokens, with s = 2L: twice the FLOPs per model token count
@@ -252,11 +257,11 @@ def flops_per_token(dm: Dims, recompute: str = "none", attention_fraction: float
     runs on (see the functions of those names): FLOPs are counted as executed.
 
     ``hardware`` adds recomputation: selective recomputes the core attention forward
-    (4 * L * h * s), full recomputes the whole layer forward (2 * L * matrix params + 4 * L * h * s).
+    (4 * L * q * s), full recomputes the whole layer forward (2 * L * matrix params + 4 * L * q * s).
     """
     L, h, s = dm.layers, dm.hidden, dm.seq_len
     matmul = matmul_params_per_token(dm) + dm.vocab * h * output_fraction
-    attn = 12.0 * L * h * s * attention_fraction
+    attn = 12.0 * L * dm.q_dim * s * attention_fraction
     per_model_token = 6.0 * matmul + attn
     extra = {"none": 0.0, "selective": attn / 3,
              "full": 2.0 * matmul_params_per_token(dm) + attn / 3}[recompute]
@@ -308,15 +313,15 @@ def layer_activation_terms(dm: Dims, k: Kernels, recompute: str, *, tp: int, sp:
       local:  input h + x*rstd h + output h (torch's composite RMSNorm saves the scaled
               tensor for the weight gradient, the following linear saves the output)
       plus rstd, one fp32 per token.
-    attention (divided by t):
-      flash:  q h + k kv + v (a view of the fused QKV output, which keeps all h+2kv alive)
-              + output h (saved once: flash backward and linear_proj share it)
+    attention (divided by t; q = a*d, which is h unless model.kv_channels is set):
+      flash:  q + k kv + v (a view of the fused QKV output, which keeps all q+2kv alive)
+              + output q (saved once: flash backward and linear_proj share it)
               + log-sum-exp (a fp32)
-      dense:  q h + k + v + context h + softmax a*s (fp32 softmax result, plus the bf16 copy
-              fed to the AV matmul in bf16); with MHA k is the rotated k (h) and v pins the
-              QKV output (h+2kv); with GQA, k and v are expanded to h by repeat_interleave.
-      selective recompute (core attention) keeps only its inputs q h, k kv, v (QKV output
-              h+2kv) and output h: the a*s softmax term and the GQA expansions vanish.
+      dense:  q + k + v + context q + softmax a*s (fp32 softmax result, plus the bf16 copy
+              fed to the AV matmul in bf16); with MHA k is the rotated k (q) and v pins the
+              QKV output (q+2kv); with GQA, k and v are expanded to q by repeat_interleave.
+      selective recompute (core attention) keeps only its inputs q, k kv, v (QKV output
+              q+2kv) and output q: the a*s softmax term and the GQA expansions vanish.
     MLP (divided by t):
       fused:  fc1 output 2f (input of the fused SwiGLU) + fc2 input f
       local:  fc1 output 2f + up-projection half f (copy) + silu output f + fc2 input f
@@ -324,9 +329,10 @@ def layer_activation_terms(dm: Dims, k: Kernels, recompute: str, *, tp: int, sp:
       positions), in the activation dtype, not divided by t.
     No dropout masks (dropout is 0). Full recompute keeps only the layer input h (divided
     by t with SP); its recomputed activations are part of the backward working set.
-    q/k norms (model.qk_layernorm, local RMSNorm per head): x*rstd of q and k (h + kv) and
+    q/k norms (model.qk_layernorm, local RMSNorm per head): x*rstd of q and k (q + kv) and
       rstd, one fp32 per head and token (their inputs are the pinned QKV output, their
-      outputs are rotated by RoPE into the q, k counted above).
+      outputs are rotated by RoPE into the q, k counted above); with GQA the query is not a
+      view of the group-major QKV output but a reshaped copy (q), which q's norm keeps.
     MoE layer (``moe``; megatron-core's router, allgather/all-to-all dispatcher, SequentialMLP
       or grouped GEMM), replacing the MLP term, per token with k experts per token:
       router: fp32 [E] tensors kept for backward: the scores (softmax or sigmoid), the top-k
@@ -339,6 +345,7 @@ def layer_activation_terms(dm: Dims, k: Kernels, recompute: str, *, tp: int, sp:
       permutation indices: int64 (8 bytes) for the dispatch and the combine of each copy.
     """
     h, f, kv, a, s, d = dm.hidden, dm.ffn, dm.kv_dim, dm.heads, dm.seq_len, dm.head_dim
+    q = dm.q_dim
     e = act_bytes
     rep = tp if sp else 1
     if recompute == "full":
@@ -347,13 +354,13 @@ def layer_activation_terms(dm: Dims, k: Kernels, recompute: str, *, tp: int, sp:
     per_norm = (2 if k.impl == "fused" else 3) * h
     t["norms"] = e * 2 * per_norm / rep + 2 * 4
     mha = dm.kv_heads == dm.heads
-    qkv_out = h + 2 * kv
+    qkv_out = q + 2 * kv
     if recompute == "selective":
-        attn = h + kv + qkv_out + h
+        attn = q + kv + qkv_out + q
     elif k.attention == "flash":
-        attn = h + kv + qkv_out + h
+        attn = q + kv + qkv_out + q
     else:
-        attn = h + (h + qkv_out if mha else 2 * h) + h
+        attn = q + (q + qkv_out if mha else 2 * q) + q
     t["attention"] = e * attn / tp
     if recompute != "selective":
         if k.attention == "flash":
@@ -362,7 +369,7 @@ def layer_activation_terms(dm: Dims, k: Kernels, recompute: str, *, tp: int, sp:
             probs_bytes = 4 + (e if e < 4 else 0)  # softmax in fp32, plus its bf16 copy
             t["attention_probs"] = probs_bytes * a * s / tp
     if dm.qk_norm:
-        t["qk_norm"] = e * (h + kv) / tp + 4 * (a + dm.kv_heads) / tp
+        t["qk_norm"] = e * (q + kv + (0 if mha else q)) / tp + 4 * (a + dm.kv_heads) / tp
     per_f = 3 if k.impl == "fused" else 5
     if moe:
         E, kk = dm.experts, dm.topk
@@ -385,7 +392,7 @@ def _backward_working_terms(dm: Dims, k: Kernels, recompute: str, *, tp: int, sp
                  freed by then),
       attention: dense: gradient of the softmax output and of its input (2*a*s, fp32; with
                  selective recompute also the recomputed softmax); flash: dq, dk, dv
-                 (h+2kv); minus the MLP and pre-MLP norm activations already freed.
+                 (q+2kv); minus the MLP and pre-MLP norm activations already freed.
     """
     e = act_bytes
     rep = tp if sp else 1
@@ -399,7 +406,7 @@ def _backward_working_terms(dm: Dims, k: Kernels, recompute: str, *, tp: int, sp
         if recompute == "selective":
             w_attn += none["attention_probs"]
     else:
-        w_attn = e * (dm.hidden + 2 * dm.kv_dim) / tp
+        w_attn = e * (dm.q_dim + 2 * dm.kv_dim) / tp
     w_attn += incoming - mlp_saved - none["norms"] / 2
     return max(w_mlp, w_attn)
 

@@ -61,11 +61,11 @@ def mlp_active_params(m) -> int:
 def flops_per_token(cfg: Config, vocab: int, seq_len: int, on_gpu: bool | None = None) -> float:
     """Training FLOPs per data token, counted as executed: 6 * matmul params (MoE: active ones,
     see mlp_active_params; the output layer
-    times the share of positions it runs on) + attention (12 * layers * h * s, times the share
+    times the share of positions it runs on) + attention (12 * layers * heads * head_dim * s, times the share
     of pairs the attention kernel executes); doubled (with s = 2L) for block diffusion, whose
     model input is 2L tokens. See planner.output_fraction / attention_fraction and docs/planner.md."""
     m = cfg.model
-    from .config import ffn_size
+    from .config import head_dim
     from .planner import attention_fraction, output_fraction
 
     if on_gpu is None:
@@ -73,15 +73,16 @@ def flops_per_token(cfg: Config, vocab: int, seq_len: int, on_gpu: bool | None =
 
         on_gpu = torch.cuda.is_available()
     h, L = m.hidden_size, m.num_layers
-    kv = (m.num_query_groups or m.num_attention_heads) * (h // m.num_attention_heads)
-    attn = h * (h + 2 * kv) + h * h
+    d = head_dim(m)  # model.kv_channels: heads x d may differ from h (Qwen3)
+    q, kv = m.num_attention_heads * d, (m.num_query_groups or m.num_attention_heads) * d
+    attn = h * (q + 2 * kv) + q * h
     matmul = L * attn + mlp_active_params(m) + vocab * h * output_fraction(cfg)
     frac = attention_fraction(cfg, on_gpu)
     if cfg.diffusion.objective == "block":
         # The model runs on x_t and x_0 (2L tokens, attention span 2L) per L data tokens.
         s = 2 * seq_len
-        return 2.0 * (6.0 * matmul + 12.0 * L * h * s * frac)
-    return 6.0 * matmul + 12.0 * L * h * seq_len * frac
+        return 2.0 * (6.0 * matmul + 12.0 * L * q * s * frac)
+    return 6.0 * matmul + 12.0 * L * q * seq_len * frac
 
 
 # Dense tensor-core peaks from NVIDIA's datasheets, TFLOP/s without sparsity:

@@ -124,7 +124,7 @@ class Arch:
 
 def arch_from_meta(meta: dict) -> Arch:
     """``Arch`` of a framework checkpoint's meta.json."""
-    from ..config import ffn_size, from_dict, moe_ffn_size, moe_layer_pattern, padded_vocab_size
+    from ..config import ffn_size, from_dict, head_dim, moe_ffn_size, moe_layer_pattern, padded_vocab_size
 
     cfg = from_dict(meta["config"])
     m, d = cfg.model, cfg.diffusion
@@ -136,7 +136,7 @@ def arch_from_meta(meta: dict) -> Arch:
         hidden_size=m.hidden_size,
         num_heads=m.num_attention_heads,
         num_groups=m.num_query_groups or m.num_attention_heads,
-        head_dim=m.hidden_size // m.num_attention_heads,
+        head_dim=head_dim(m),
         ffn_hidden_size=ffn_size(m),
         vocab_size=vocab,
         padded_vocab_size=padded_vocab_size(vocab, m, 1),

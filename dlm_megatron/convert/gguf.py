@@ -51,6 +51,18 @@ def gguf_arch(arch: Arch) -> str:
     return "dream" if arch.qkv_bias else "llada"
 
 
+def check_head_width(arch: Arch) -> None:
+    """Heads wider (or narrower) than hidden / heads (model.kv_channels): llama.cpp's ``llada``
+    graph sizes q and the output projection as heads x attention.key_length, but its ``dream``
+    and ``llada-moe`` graphs (llama-cpp-python 0.3.36, the pinned build) create attn_q and
+    attn_output as n_embd x n_embd and refuse the file. Refused here in one line instead."""
+    q = arch.num_heads * arch.head_dim
+    if q != arch.hidden_size and gguf_arch(arch) != "llada":
+        raise ConvertError(f"llama.cpp's {gguf_arch(arch)} graph needs heads x head width = hidden size, but this checkpoint "
+                           f"has {arch.num_heads} x {arch.head_dim} = {q} != {arch.hidden_size} (model.kv_channels); "
+                           f"export it with --to hf")
+
+
 def check_llada_moe(arch: Arch) -> None:
     """Refuse, in one line, what llama.cpp's ``llada-moe`` graph (src/models/llada-moe.cpp)
     cannot compute: it has per-head q/k RMSNorm, a MoE MLP in every layer, no shared expert,
@@ -217,6 +229,7 @@ def export_gguf(ckpt: str | Path, output: str | Path, *, dtype: str = "f32", tok
                            f"diffusion.objective={arch.objective!r} (export it with --to hf)")
     if arch.num_experts:
         check_llada_moe(arch)
+    check_head_width(arch)
     ids = special_ids(src.tokenizer_file)
     tokens, types, merges, pre = tokenizer_vocab(src.tokenizer_file, arch.vocab_size, tokenizer_pre)
 
@@ -237,6 +250,10 @@ def export_gguf(ckpt: str | Path, output: str | Path, *, dtype: str = "f32", tok
         writer.add_head_count(arch.num_heads)
         writer.add_head_count_kv(arch.num_groups)
         writer.add_rope_freq_base(arch.rope_theta)
+        # llama.cpp takes a head's width from n_embd / n_head unless these are set (Qwen3-style
+        # heads x head_dim != hidden_size, model.kv_channels); RoPE rotates the whole head.
+        writer.add_key_length(arch.head_dim)
+        writer.add_value_length(arch.head_dim)
         writer.add_rope_dimension_count(arch.head_dim)
         writer.add_layer_norm_rms_eps(arch.norm_eps)
         writer.add_vocab_size(arch.vocab_size)

@@ -152,6 +152,7 @@ def llada_config(arch: Arch, ids: dict[str, int], dtype_name: str, meta: dict) -
         "d_model": arch.hidden_size,
         "n_heads": arch.num_heads,
         "n_kv_heads": arch.num_groups,
+        "head_dim": arch.head_dim,
         "n_layers": arch.num_layers,
         "mlp_hidden_size": arch.ffn_hidden_size,
         "vocab_size": arch.vocab_size,
@@ -259,7 +260,9 @@ def llama_config(arch: Arch, ids: dict[str, int], dtype_name: str, source_config
     })
     if mt == "llama":
         cfg.update({"head_dim": arch.head_dim, "attention_bias": False, "mlp_bias": False})
-    else:  # Qwen2 derives head_dim = hidden_size / heads, as the framework does
+    else:  # Qwen2 reads head_dim when present, else hidden_size / heads: written only when needed
+        if "head_dim" in cfg or arch.head_dim * arch.num_heads != arch.hidden_size:
+            cfg["head_dim"] = arch.head_dim
         cfg.setdefault("use_sliding_window", False)
     if not same:
         cfg.update({"max_position_embeddings": arch.seq_len, "bos_token_id": ids["eot"], "eos_token_id": ids["eot"],
@@ -374,9 +377,7 @@ def arch_from_hf(cfg: dict) -> tuple[Arch, dict]:
     except KeyError as e:
         raise ConvertError(f"config.json lacks {e.args[0]!r}") from None
     nkv = int(cfg.get("num_key_value_heads") or nh)
-    hd = int(cfg.get("head_dim") or H // nh)
-    if hd * nh != H:
-        raise ConvertError(f"head_dim={hd} x num_attention_heads={nh} != hidden_size={H}; the framework needs head_dim = hidden_size / heads")
+    hd = int(cfg.get("head_dim") or H // nh)  # heads x head_dim may differ from hidden_size (model.kv_channels)
     if nh % nkv:
         raise ConvertError(f"num_attention_heads={nh} is not a multiple of num_key_value_heads={nkv}")
     theta = _rope_theta(cfg)
@@ -560,6 +561,7 @@ def import_hf(hf_dir: str | Path, output: str | Path, *, tp: int = 1, pp: int = 
     m = cfg.model
     m.num_layers, m.hidden_size, m.num_attention_heads = arch.num_layers, arch.hidden_size, arch.num_heads
     m.num_query_groups = arch.num_groups if arch.num_groups != arch.num_heads else None
+    m.kv_channels = arch.head_dim if arch.head_dim * arch.num_heads != arch.hidden_size else None
     m.ffn_hidden_size, m.vocab_size = arch.ffn_hidden_size, vocab
     if float(arch.rope_theta) != int(arch.rope_theta):
         raise ConvertError(f"rope_theta={arch.rope_theta} is not an integer (model.rotary_base is an integer)")

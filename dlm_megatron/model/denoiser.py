@@ -21,7 +21,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from ..config import Config, ffn_size, padded_vocab_size
+from ..config import Config, ffn_size, head_dim, padded_vocab_size
 from . import sharding
 
 
@@ -35,6 +35,7 @@ def transformer_config(cfg: Config, *, params_dtype: torch.dtype = torch.float32
         hidden_size=m.hidden_size,
         num_attention_heads=m.num_attention_heads,
         num_query_groups=m.num_query_groups,
+        kv_channels=head_dim(m),
         ffn_hidden_size=ffn_size(m),
         normalization="RMSNorm",
         layernorm_epsilon=m.norm_epsilon,

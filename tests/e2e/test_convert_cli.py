@@ -97,7 +97,8 @@ def gguf_reference_logits(path, tokens_S) -> torch.Tensor:
     """Forward pass of a ``llada``, ``dream`` or ``llada-moe`` GGUF file in llama.cpp's
     conventions, in fp64: tensors as stored (dequantised), llada's NORM rope rotating adjacent
     pairs (2i, 2i+1) or dream's / llada-moe's NEOX rope rotating (i, i + d/2), q/k/v biases
-    when stored, per-head q/k RMSNorm when stored (llada-moe), GQA broadcast of kv head
+    when stored, per-head q/k RMSNorm when stored (llada-moe), heads of width
+    ``attention.key_length`` (n_embd / n_head without it), GQA broadcast of kv head
     h // (heads / kv_heads), bidirectional attention; llada-moe's MLP as its graph computes
     it: softmax over all ``expert_count`` router logits, the ``expert_used_count`` largest
     weights used as they are (no renormalisation), SwiGLU experts from the stacked
@@ -116,7 +117,7 @@ def gguf_reference_logits(path, tokens_S) -> torch.Tensor:
     eps, base = kv["attention.layer_norm_rms_epsilon"], kv["rope.freq_base"]
     x = T["token_embd.weight"][torch.as_tensor(tokens_S)]
     S, H = x.shape
-    d = H // nh
+    d = kv.get("attention.key_length", H // nh)  # as llama.cpp: the head width when stored
     ang = torch.arange(S, dtype=torch.float64)[:, None] / base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
     cos, sin = ang.cos()[:, None], ang.sin()[:, None]
 
@@ -144,7 +145,7 @@ def gguf_reference_logits(path, tokens_S) -> torch.Tensor:
         k = rope(k).repeat_interleave(nh // nkv, 1)
         v = proj(h, p + "attn_v").view(S, nkv, d).repeat_interleave(nh // nkv, 1)
         att = torch.softmax(torch.einsum("qhd,khd->hqk", q, k) / d ** 0.5, -1)
-        x = x + torch.einsum("hqk,khd->qhd", att, v).reshape(S, H) @ T[p + "attn_output.weight"].T
+        x = x + torch.einsum("hqk,khd->qhd", att, v).reshape(S, nh * d) @ T[p + "attn_output.weight"].T
         h = norm(x, T[p + "ffn_norm.weight"])
         if p + "ffn_gate_inp.weight" in T:
             w, idx = torch.softmax(h @ T[p + "ffn_gate_inp.weight"].T, -1).topk(kv["expert_used_count"], -1)
@@ -661,6 +662,58 @@ def test_import_llama_tp2_pp2_causal_logits_and_bit_exact_round_trip(tmp_path):
 
     # A framework-native causal checkpoint (no imported config) exports to a loadable Llama.
     assert type(_export_native_causal(imp, tmp_path / "native", x, want)).__name__ == "LlamaForCausalLM"
+
+
+def test_import_wide_heads_tp2_causal_logits_and_export(tmp_path):
+    """Heads wider than hidden / heads (Qwen3-style head_dim: 4 heads of 32 on a 64-wide
+    model, with Qwen2's q/k/v biases of width heads x head_dim) import as model.kv_channels,
+    at TP2 with the causal logits of transformers' model, and export back (--to hf-llama,
+    head_dim in config.json) bit for bit and, as if trained here, to a loadable model."""
+    from safetensors.torch import load_file
+
+    from dlm_megatron.checkpoint import read_meta, resolve
+
+    hf_dir = tmp_path / "qwen2"
+    ref_model = _tiny_hf("qwen2", hf_dir, head_dim=32, initializer_range=0.1)
+    assert ref_model.model.layers[0].self_attn.q_proj.weight.shape == (128, 64)
+    imp = tmp_path / "imported"
+    assert convert("--from-hf", hf_dir, "--output", imp, "--tp", "2") == 0
+    assert read_meta(resolve(imp))["config"]["model"]["kv_channels"] == 32
+    x = sample_tokens(8192, 1)
+    with torch.no_grad():
+        want = ref_model(x).logits
+    diff = _max_diff(framework_logits(imp, x)[..., :8200], want)
+    print(f"\n[convert] HF Qwen2 import, head_dim 32 on hidden 64: framework vs transformers max |diff| = {diff:.2e}")
+    assert diff < 1e-4
+    back = tmp_path / "back"
+    assert convert("--ckpt", imp, "--to", "hf-llama", "--output", back) == 0
+    a, b = load_file(str(hf_dir / "model.safetensors")), load_file(str(back / "model.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in a)
+    assert json.loads((back / "config.json").read_text())["head_dim"] == 32
+    assert type(_export_native_causal(imp, tmp_path / "native", x, want)).__name__ == "Qwen2ForCausalLM"
+    # as a denoiser: Qwen2's biases make it a dream GGUF, whose llama.cpp graph has n_embd-wide q
+    assert convert("--from-hf", hf_dir, "--output", tmp_path / "dream", "--objective", "masked") == 0
+    from dlm_megatron.convert import ConvertError
+    from dlm_megatron.convert.gguf import export_gguf
+
+    with pytest.raises(ConvertError, match=r"dream graph needs heads x head width = hidden size.*4 x 32 = 128 != 64"):
+        export_gguf(tmp_path / "dream", tmp_path / "d.gguf", show_progress=False)
+    assert not (tmp_path / "d.gguf").exists()
+
+    # A Llama with the same heads as a masked denoiser: llada GGUF with the head width as
+    # attention.key_length / value_length; llama.cpp's conventions give the framework's logits.
+    from gguf import GGUFReader
+
+    _tiny_hf("llama", tmp_path / "llama", head_dim=32, initializer_range=0.1)
+    dlm = tmp_path / "llada"
+    assert convert("--from-hf", tmp_path / "llama", "--output", dlm, "--objective", "masked") == 0
+    f = tmp_path / "llada.gguf"
+    assert convert("--ckpt", dlm, "--to", "gguf", "--output", f) == 0
+    kv = {k: v.contents() for k, v in GGUFReader(str(f)).fields.items() if k.startswith("llada.")}
+    assert (kv["llada.attention.key_length"], kv["llada.attention.value_length"], kv["llada.rope.dimension_count"]) == (32, 32, 32)
+    diff = _max_diff(gguf_reference_logits(f, x[0]), framework_logits(dlm, x)[0, :, :8200])
+    print(f"\n[convert] llada GGUF, head_dim 32 on hidden 64: reference forward vs framework max |diff| = {diff:.2e}")
+    assert diff < 1e-4
 
 
 def _export_native_causal(imp: Path, out: Path, x: torch.Tensor, want: torch.Tensor):

@@ -289,5 +289,31 @@ def test_moe_checkpoint_runs_in_llama_cpp_as_llada_moe(request, tmp_path):
     assert got.shape == ref.shape and diff < 1e-3
 
 
+def test_wide_heads_run_in_llama_cpp_as_llada(request, tmp_path):
+    """A masked denoiser from a Llama whose heads are wider than hidden / heads (4 heads of 32
+    on a 64-wide model, Qwen3-style; model.kv_channels): llama.cpp's llada graph sizes its
+    heads from attention.key_length / value_length, loads the file and matches the
+    framework's logits. (Its dream and llada-moe graphs take q as n_embd wide: those exports
+    are refused, tests/e2e/test_moe_export.py and test_convert_cli.py.)"""
+    ensure_llama_cpp(request)
+    from test_convert_cli import _tiny_hf, convert, framework_logits, sample_tokens
+
+    from dlm_megatron.data.tokenizer import load_tokenizer
+
+    hf_dir, run_dir = tmp_path / "llama", tmp_path / "dlm"
+    _tiny_hf("llama", hf_dir, head_dim=32, initializer_range=0.1)  # peaked attention: a wrong head split shows
+    assert convert("--from-hf", hf_dir, "--output", run_dir, "--objective", "masked") == 0
+    tok = load_tokenizer(run_dir / "tokenizer.json")
+    x = sample_tokens(tok.vocab_size, tok.mask_id, B=1, S=24)
+    V = 8200  # the Llama config's vocabulary
+    ref = framework_logits(run_dir, x)[0, :, :V].numpy()
+    facts, got = _run_in_llama_cpp(tmp_path, run_dir, x[0].tolist(), "ROMEO: But soft", "wide")
+    assert facts["arch"] == "llada" and facts["is_diffusion"] and facts["mask_id"] == tok.mask_id, facts
+    diff = float(np.abs(got - ref).max())
+    print(f"\n[gguf/llama.cpp] llada, head_dim 32 on hidden 64, f32: max |logit diff| vs framework = {diff:.2e} "
+          f"(max |logit| {np.abs(ref).max():.2f})")
+    assert got.shape == ref.shape and diff < 1e-3
+
+
 if __name__ == "__main__":
     sys.exit(_child_main(sys.argv[1:]))

@@ -124,22 +124,18 @@ def test_gguf_llada_moe_tensors_and_reference_forward(ckpts, tmp_path):
     assert diff < 1e-4
 
 
-@pytest.mark.parametrize("norm_topk_prob", [False, True])
-def test_import_qwen3_moe_causal_logits(tmp_path, norm_topk_prob):
-    """A random Qwen3-MoE (per-head q/k RMSNorm, 4 experts, top-2) built with transformers and
-    imported with --from-hf: the framework's causal logits equal Qwen3MoeForCausalLM's, with the
-    top-k renormalised (norm_topk_prob, megatron moe_router_pre_softmax=false) or not (=true)."""
+def qwen3_moe(hf_dir, norm_topk_prob: bool = False, head_dim: int = 16):
+    """A random Qwen3-MoE (hidden 64, 4 heads of ``head_dim``, 2 KV heads, per-head q/k RMSNorm,
+    4 experts, top-2) built with transformers and saved with our tokenizer; norms and router
+    randomised so a missing q/k norm or a wrong choice or weighting of experts shows."""
     import shutil
 
     import transformers
 
     from test_convert_cli import BUILTIN_TOKENIZER
 
-    from dlm_megatron.checkpoint import read_meta, resolve
-
-    hf_dir = tmp_path / "qwen3moe"
     cfg = transformers.Qwen3MoeConfig(vocab_size=8200, hidden_size=64, intermediate_size=128, moe_intermediate_size=48,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
                                       num_experts=4, num_experts_per_tok=2, norm_topk_prob=norm_topk_prob,
                                       max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
     torch.manual_seed(0)
@@ -152,15 +148,58 @@ def test_import_qwen3_moe_causal_logits(tmp_path, norm_topk_prob):
                 p.normal_(0, 0.5)  # peaked routing: a wrong choice or weighting of experts shows
     model.save_pretrained(str(hf_dir))
     shutil.copyfile(BUILTIN_TOKENIZER, hf_dir / "tokenizer.json")
-    model.eval()
+    return model.eval()
+
+
+# head_dim 32 on hidden 64 with 4 heads: Qwen3's heads x head_dim != hidden (model.kv_channels)
+@pytest.mark.parametrize("norm_topk_prob,head_dim", [(False, 16), (True, 16), (False, 32)])
+def test_import_qwen3_moe_causal_logits(tmp_path, norm_topk_prob, head_dim):
+    """A random Qwen3-MoE imported with --from-hf: the framework's causal logits equal
+    Qwen3MoeForCausalLM's, with the top-k renormalised (norm_topk_prob, megatron
+    moe_router_pre_softmax=false) or not (=true), and with heads wider than hidden / heads
+    (head_dim -> model.kv_channels), as every released Qwen3-MoE has them."""
+    from dlm_megatron.checkpoint import read_meta, resolve
+
+    hf_dir = tmp_path / "qwen3moe"
+    model = qwen3_moe(hf_dir, norm_topk_prob, head_dim)
     imp = tmp_path / "imported"
     assert convert("--from-hf", hf_dir, "--output", imp) == 0
     m = read_meta(resolve(imp))["config"]["model"]
     assert (m["num_moe_experts"], m["moe_router_topk"], m["qk_layernorm"]) == (4, 2, True)
     assert m["moe_router_pre_softmax"] is (not norm_topk_prob)
+    assert m["kv_channels"] == (None if head_dim * 4 == 64 else head_dim)
     x = sample_tokens(8192, 1)
     with torch.no_grad():
         want = model(x).logits
     diff = _max_diff(framework_logits(imp, x)[..., :8200], want)
-    print(f"\n[convert] Qwen3-MoE import (norm_topk_prob={norm_topk_prob}): framework vs transformers max |diff| = {diff:.2e}")
+    print(f"\n[convert] Qwen3-MoE import (norm_topk_prob={norm_topk_prob}, head_dim={head_dim}): "
+          f"framework vs transformers max |diff| = {diff:.2e}")
     assert diff < 1e-4
+
+
+def test_qwen3_moe_wide_heads_export_hf_and_gguf_refusal(tmp_path):
+    """Qwen3-MoE with heads of 32 on a 64-wide model (q width 128), imported as a masked
+    denoiser: the --to hf export (head_dim in config.json) loads in transformers with the
+    framework's logits. The pinned llama.cpp's llada-moe graph sizes attn_q as n_embd x n_embd
+    (it refused such a file when tried), so --to gguf refuses it in one line."""
+    from dlm_megatron.convert import ConvertError
+    from dlm_megatron.convert.gguf import export_gguf
+    from dlm_megatron.data.tokenizer import load_tokenizer
+
+    hf_dir, imp = tmp_path / "qwen3moe", tmp_path / "dlm"
+    qwen3_moe(hf_dir, head_dim=32)
+    assert convert("--from-hf", hf_dir, "--output", imp, "--objective", "masked") == 0
+    tok = load_tokenizer(imp / "tokenizer.json")
+    x = sample_tokens(tok.vocab_size, tok.mask_id)
+    out = tmp_path / "hf"
+    assert convert("--ckpt", imp, "--to", "hf", "--output", out) == 0
+    assert json.loads((out / "config.json").read_text())["head_dim"] == 32
+    with torch.no_grad():
+        got = _load_hf(out)(x).logits
+    diff = _max_diff(got, framework_logits(imp, x))
+    print(f"\n[convert] Qwen3-MoE head_dim 32: HF export vs framework logits max |diff| = {diff:.2e}")
+    assert diff < 1e-4
+    with pytest.raises(ConvertError, match=r"llada-moe graph needs heads x head width = hidden size, but this checkpoint "
+                                           r"has 4 x 32 = 128 != 64 \(model.kv_channels\); export it with --to hf") as e:
+        export_gguf(imp, tmp_path / "moe.gguf", show_progress=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "moe.gguf").exists()

@@ -45,7 +45,8 @@ def test_contract_keys_exist_and_override():
     ("logging.wandb=maybe", "logging.wandb='maybe'"),
     ("parallel.zero_stage=4", "parallel.zero_stage must be 0, 1, 2 or 3"),
     ("train.micro_batch_size=5", "not a multiple of train.micro_batch_size"),
-    ("model.hidden_size=250", "not divisible by model.num_attention_heads"),
+    ("model.hidden_size=250", "not divisible by model.num_attention_heads=4; set model.kv_channels"),
+    ("model.kv_channels=0", "model.kv_channels must be > 0"),
     ("train", "is not of the form section.key=value"),
     ("train=3", "is a section"),
 ])
@@ -54,6 +55,12 @@ def test_bad_overrides_name_the_key(override, needle):
         load_config("configs/tiny.yaml", [override])
     assert needle in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_kv_channels_free_heads_from_hidden_size():
+    """With model.kv_channels (Qwen3-style heads) hidden_size need not divide by the heads."""
+    cfg = load_config("configs/tiny.yaml", ["model.hidden_size=250", "model.kv_channels=32"])
+    assert cfg.model.kv_channels == 32
 
 
 def test_block_size_must_divide_seq_len():

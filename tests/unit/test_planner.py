@@ -14,6 +14,8 @@ The cases are chosen so each planner term is exercised where it dominates:
   activations  4 layers x 128, seq 256, micro batch 8, no recompute: activations + logits ~83%
   full         the same with model.recompute=full: checkpointed inputs + one recomputed layer
   selective    the same with selective recompute and GQA (2 KV heads)
+  moe_*        mixture of experts: expert states, then routed activations
+  kv_channels  heads of 64 on a 128-wide model (q = 256): parameters and attention activations
 
 How the peak is measured: torch's CPU allocator reports every allocation and free to the
 profiler when ``torch.profiler.profile(profile_memory=True)`` is active, with a running
@@ -58,6 +60,12 @@ MEASURE_CASES = {
                          "model.moe_ffn_hidden_size=512", "data.seq_len=64", "train.micro_batch_size=2", "train.global_batch_size=4"],
     "moe_activations": MOE + SMALL + ["model.moe_ffn_hidden_size=192", "data.seq_len=256", "train.micro_batch_size=8",
                                       "train.global_batch_size=8"],
+    # Qwen3-style heads wider than hidden / heads (model.kv_channels): 4 heads of 64 on a
+    # 128-wide stream, so the QKV / output projections, q/k/v biases, q/k norms and attention
+    # activations are q = 256 wide, not h.
+    "kv_channels": SMALL + ["model.kv_channels=64", "model.num_query_groups=2", "model.qk_layernorm=true",
+                            "model.add_qkv_bias=true", "data.seq_len=256", "train.micro_batch_size=8",
+                            "train.global_batch_size=8"],
 }
 BASE = ["train.precision=fp32", "parallel.zero_stage=0", "parallel.tp=1", "parallel.pp=1", "logging.wandb=disabled",
         "diffusion.random_length_prob=0.0", f"data.cache_dir={REPO}/.cache/data", "train.steps=2"]
@@ -281,6 +289,29 @@ def test_flops_per_token_matches_trainer():
     dense, flex = (flops_per_token(cfg, 126464, 4096, on_gpu=g) for g in (False, True))  # auto: sdpa on CPU, flex on GPU
     attn_dense = 2 * 12 * 32 * 4096 * 8192
     assert dense - flex == pytest.approx(attn_dense * (1 - 17 / 64), rel=1e-12)  # 17 of 64 tiles per row on average at L=4096, K=16
+
+
+def test_kv_channels_widen_attention_params_and_flops():
+    """model.kv_channels (Qwen3: heads x head_dim != hidden): the QKV projection is
+    h x (q + 2kv), the output projection q x h and attention 12 * L * q * s, with q = heads x
+    kv_channels, in the planner and in the trainer's MFU alike. (The built model's parameter
+    count is checked against the planner in the 'kv_channels' measured case.)"""
+    from dlm_megatron.planner import layer_matrix_params
+    from dlm_megatron.train import flops_per_token
+
+    cfg = _cfg("configs/tiny.yaml", "model.hidden_size=64", "model.num_attention_heads=4", "model.kv_channels=32",
+               "model.num_query_groups=2", "model.ffn_hidden_size=128")
+    dm = model_dims(cfg, 8192)
+    h, q, kv, L, s = 64, 128, 64, dm.layers, cfg.data.seq_len
+    assert (dm.head_dim, dm.q_dim, dm.kv_dim) == (32, q, kv)
+    assert layer_matrix_params(dm) == h * (q + 2 * kv) + q * h + 3 * h * 128
+    want = 6 * (L * layer_matrix_params(dm) + 8192 * h * 0.5005) + 12 * L * q * s
+    assert _plan(cfg)["flops_per_token"] == pytest.approx(want, rel=1e-12)
+    for on_gpu in (True, False):
+        assert flops_per_token(cfg, 8192, s, on_gpu=on_gpu) == pytest.approx(want, rel=1e-12)
+    # None means hidden / heads: the same model as saying so
+    same = _cfg("configs/tiny.yaml", "model.kv_channels=64")
+    assert _plan(same)["params"] == _plan(_cfg("configs/tiny.yaml"))["params"]
 
 
 # Bytes per parameter (weights, gradients, optimizer) of each engine in bf16 as configured in

@@ -6,7 +6,8 @@ same (d_model, n_heads, n_kv_heads, n_layers, mlp_hidden_size, vocab_size, embed
 rope_theta, rms_norm_eps, max_sequence_length, weight_tying, mask_token_id, ...). Keys of
 our own: ``objective`` (masked | block | ar | uniform | hybrid), ``block_size`` (block
 diffusion), ``shift_logits`` (token i read from output i-1, DiffuLLaMA/Dream style),
-``qk_norm`` and the mixture-of-experts keys ``moe_*``.
+``qk_norm``, ``head_dim`` (one head's width; n_heads * head_dim may differ from d_model,
+as in Qwen3; absent = d_model / n_heads) and the mixture-of-experts keys ``moe_*``.
 """
 from transformers import PretrainedConfig
 
@@ -28,6 +29,7 @@ class DLMConfig(PretrainedConfig):
         d_model: int = 256,
         n_heads: int = 4,
         n_kv_heads: int | None = None,
+        head_dim: int | None = None,
         n_layers: int = 4,
         mlp_hidden_size: int = 704,
         vocab_size: int = 8192,
@@ -62,6 +64,7 @@ class DLMConfig(PretrainedConfig):
         self.d_model = d_model
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads if n_kv_heads is not None else n_heads
+        self.head_dim = head_dim if head_dim is not None else d_model // n_heads
         self.n_layers = n_layers
         self.mlp_hidden_size = mlp_hidden_size
         self.vocab_size = vocab_size

@@ -68,6 +68,12 @@ class DLMRMSNorm(nn.Module):
         return (y * self.weight.float()).to(x.dtype)
 
 
+def head_dim_of(config: DLMConfig) -> int:
+    """One head's width: config.head_dim (n_heads * head_dim may differ from d_model, as in
+    Qwen3); configs written before the key existed mean d_model / n_heads."""
+    return getattr(config, "head_dim", None) or config.d_model // config.n_heads
+
+
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables [B, 1, S, head_dim] (fp32) for integer positions [B, S]."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
@@ -148,7 +154,7 @@ class DLMBlock(nn.Module):
         super().__init__()
         d, nh, nkv = config.d_model, config.n_heads, config.n_kv_heads
         self.layer_id = layer_id
-        self.n_heads, self.n_kv_heads, self.head_dim = nh, nkv, d // nh
+        self.n_heads, self.n_kv_heads, self.head_dim = nh, nkv, head_dim_of(config)
         self.attn_norm = DLMRMSNorm(d, config.rms_norm_eps)
         self.q_proj = nn.Linear(d, nh * self.head_dim, bias=config.include_qkv_bias)
         self.k_proj = nn.Linear(d, nkv * self.head_dim, bias=config.include_qkv_bias)
@@ -216,7 +222,7 @@ class DLMModel(nn.Module):
         C + S key columns); ``after``: per layer (k, v) of later positions (no mask allowed);
         ``kv_out``: a list that receives each layer's (k, v), past included."""
         x = self.transformer.wte(input_ids)
-        cos, sin = rotary_cos_sin(position_ids, self.config.d_model // self.config.n_heads, self.config.rope_theta)
+        cos, sin = rotary_cos_sin(position_ids, head_dim_of(self.config), self.config.rope_theta)
         hidden = [x] if output_hidden_states else None
         for i, block in enumerate(self.transformer.blocks):
             x, kv = block(x, cos, sin, allowed, None if past is None else past[i], None if after is None else after[i])
