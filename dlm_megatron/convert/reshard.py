@@ -22,6 +22,7 @@ whose checkpoint has ``engine: null``: weights only. The trainer starts a fresh 
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 import torch
@@ -139,11 +140,18 @@ def check_layout(meta: dict, tp: int, pp: int, ep: int = 1) -> dict:
     cfgd = copy.deepcopy(meta["config"])
     cfgd["parallel"]["tp"], cfgd["parallel"]["pp"], cfgd["parallel"]["ep"] = tp, pp, ep
     par = cfgd["parallel"]
-    # Sequence parallelism means nothing at tp=1; MoE at tp>1 needs it (megatron's MoE layer).
+    # Sequence parallelism means nothing at tp=1; MoE at tp>1 needs it (megatron's MoE layer),
+    # and it is proven on the local spec only. Checkpoint names do not depend on the spec, so
+    # a Transformer Engine MoE checkpoint resharded to tp>1 continues on the local spec.
+    model = cfgd.get("model") or {}
     if tp == 1:
         par["sequence_parallel"] = False
-    elif (cfgd.get("model") or {}).get("num_moe_experts"):
+    elif model.get("num_moe_experts"):
         par["sequence_parallel"] = True
+        if model.get("transformer_impl") == "transformer_engine":
+            model["transformer_impl"] = "local"
+            print(f"note: MoE at tp={tp} needs sequence parallelism, which runs on the local spec only: the resharded "
+                  "config sets model.transformer_impl=local (same weights)", file=sys.stderr)
     # expert and sequence parallelism run on the megatron engine (zero_stage 0/1)
     if (ep > 1 and par.get("engine") == "deepspeed") or (par.get("sequence_parallel") and par.get("engine", "auto") != "megatron"
                                                           and not (par.get("engine", "auto") == "auto" and (pp > 1 or ep > 1))):

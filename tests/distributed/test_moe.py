@@ -184,6 +184,29 @@ def test_reshard_ep2_to_ep1_offline(runs, tmp_path):
     assert sorted(p.name for p in (back / "model").iterdir()) == ["tp0_pp0.safetensors", "tp0_pp0_ep1.safetensors"]
 
 
+def test_reshard_te_moe_to_tp2_continues_on_the_local_spec(runs, tmp_path, capsys):
+    """A Transformer Engine MoE checkpoint (same canonical names as the local spec's) resharded
+    to tp=2: MoE there needs sequence parallelism, proven on the local spec only, so the new
+    config says local, with a note; the weights are the source's."""
+    import shutil
+
+    from dlm_megatron.checkpoint import read_meta
+    from dlm_megatron.convert.reshard import reshard
+
+    src = tmp_path / "te_run"
+    shutil.copytree(runs / "moe_ep2", src)
+    ckpt = sorted((src / "checkpoints").glob("step_*"))[-1]
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["config"]["model"]["transformer_impl"] = "transformer_engine"
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    out = reshard(src, tmp_path / "tp2", tp=2, pp=1, ep=1, show_progress=False)
+    assert "sets model.transformer_impl=local" in capsys.readouterr().err
+    cfg = read_meta(out)["config"]
+    assert cfg["model"]["transformer_impl"] == "local" and cfg["parallel"]["sequence_parallel"] is True
+    a, b = load_full_state_dict(ckpt), load_full_state_dict(out)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_reshard_bad_ep_is_one_line(runs, tmp_path):
     """tools/convert.py reshard --ep that the model cannot take: one line, exit 2, nothing written."""
     for ep, needle in (("3", "not divisible by parallel.ep=3"), ("0", "must be >= 1")):
