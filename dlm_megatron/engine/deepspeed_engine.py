@@ -32,6 +32,14 @@ def ds_config(cfg, *, dp: int, bf16: bool) -> dict:
       buffer (each bf16 gradient is added and freed as backward produces it).
     - ZeRO-2/3: bf16 parameters, fp32 gradient accumulation buffers, fp32 master partitions.
     In every bf16 mode gradients are reduced in fp32 (``communication_data_type``).
+
+    Overlap of the DP gradient reduction with backward (what runs, measured in
+    tests/distributed/check_bf16.py): ZeRO-2/3 reduce every micro-batch in buckets of
+    ``reduce_bucket_size`` (5e8 elements) launched from gradient hooks on a side stream
+    (``overlap_comm``); only the last bucket waits for the end of backward. ZeRO-1 overlaps
+    in fp32 only: in bf16 its BF16_Optimizer, which takes no ``overlap_comm``, all-reduces
+    the whole fp32 accumulator once per step after the last micro-batch's backward, exposed
+    (as ZeRO-0 does its gradients).
     """
     t = cfg.train
     stage = cfg.parallel.zero_stage
@@ -60,7 +68,8 @@ def ds_config(cfg, *, dp: int, bf16: bool) -> dict:
         conf["data_types"] = {"grad_accum_dtype": "fp32"}
         conf["communication_data_type"] = "fp32"
     if stage in (1, 2):
-        # overlap_comm: the DP reduction of a bucket runs while backward continues.
+        # overlap_comm: the DP reduction of a bucket runs while backward continues (ZeRO-2, and
+        # ZeRO-1 in fp32; bf16 ZeRO-1's BF16_Optimizer ignores it, see the docstring).
         conf["zero_optimization"].update({"reduce_scatter": True, "overlap_comm": True, "contiguous_gradients": True})
     if stage == 3:
         conf["zero_optimization"].update({"stage3_param_persistence_threshold": 0, "overlap_comm": True})
