@@ -128,8 +128,9 @@ class DeepSpeedEngine:
           inside DeepSpeed, whose optimizer skips the update when the global norm is not
           finite and reports it as inf.
 
-        ``poison`` ("loss" or "grad", test hook, engine/poison.py): a NaN loss on every
-        micro-batch, or a NaN gradient from the first micro-batch of data-parallel rank 0."""
+        ``poison`` (test hook, engine/poison.py): "loss", a NaN loss on every micro-batch;
+        "loss_last_rank", a NaN loss value on the last data-parallel rank only; "grad", a NaN
+        gradient from the first micro-batch of data-parallel rank 0."""
         from megatron.core import parallel_state as ps
 
         from ..parallel import comm
@@ -147,8 +148,8 @@ class DeepSpeedEngine:
         for i, b in enumerate(micro_batches):
             out = loss_fn.forward(self.engine, b)
             loss, _ = loss_fn.reduce(b, out)
-            if poison == "loss":
-                loss = pz.poison_loss(loss)
+            if pz.poisons_loss(poison):
+                loss = pz.poisoned_loss(poison, loss)
             bad_mb = ~torch.isfinite(loss)
             bad_dev = bad_mb if bad_dev is None else bad_dev | bad_mb
             # 0 * loss would still be nan; a zero built from the parameters is exact and
