@@ -118,11 +118,14 @@ class DeepSpeedEngine:
         Returns (per-micro-batch losses, grad_norm, bad). A step is bad when any rank saw a
         non-finite loss or the gradients are non-finite; it is then skipped on every rank:
 
-        - non-finite loss: that micro-batch backpropagates an exact zero instead (so
-          DeepSpeed's hooks and collectives still line up); the flag stays on the device
-          and the ranks agree on it once per step. Skipping = zero gradients and LR 0
-          (weights unchanged; Adam's moments decay by one step). ZeRO-3 cannot build that
-          zero from its partitioned parameters, so it stops instead (TrainingDiverged).
+        - non-finite loss: that micro-batch backpropagates from an exact zero instead (so
+          DeepSpeed's hooks and collectives still line up; where the loss's own graph holds
+          the NaN, 0 x NaN still makes its gradients NaN, which the skip discards); the flag
+          stays on the device and the ranks agree on it once per step. Skipping = zero
+          gradients and LR 0: weights unchanged. Adam's moments decay by one step where the
+          gradients were finite (ZeRO-1/2); with NaN gradients DeepSpeed's own overflow
+          check skips that step instead, moments untouched. ZeRO-3 cannot build that zero
+          from its partitioned parameters, so it stops instead (TrainingDiverged).
         - non-finite gradient with finite losses: ZeRO-0 (our clipping) folds the grad norm
           into the same flag, read with the norm in the step's one host sync; ZeRO 1-3 clip
           inside DeepSpeed, whose optimizer skips the update when the global norm is not

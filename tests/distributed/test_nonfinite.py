@@ -42,8 +42,9 @@ CASES = {
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("nonfinite")
+    # ~30 s normally; ranks that disagree on a skip hang in their next collective, so fail sooner
     torchrun(2, "tests/distributed/run_nonfinite.py", str(root),
-             *[f"{k}:{loss}:{grad}:{last}:{SAVE},{layout}" for k, (loss, grad, last, layout) in CASES.items()])
+             *[f"{k}:{loss}:{grad}:{last}:{SAVE},{layout}" for k, (loss, grad, last, layout) in CASES.items()], timeout=300)
     return root
 
 
