@@ -223,10 +223,11 @@ class Trainer:
         self.fpt = flops_per_token(cfg, self.vocab, cfg.data.seq_len, on_gpu=lay.device.type == "cuda")
         self._fpt_at: dict[int, float] = {}
         self.peak = peak_flops(lay.device, self.bf16)
-        # Test hooks: poison the loss, or only its gradient, at given steps; behave as if
-        # preempted after a given step.
-        self.inject_nan = {int(s) for s in os.environ.get("DLM_TEST_INJECT_NAN_STEPS", "").split(",") if s.strip()}
-        self.inject_nan_grad = {int(s) for s in os.environ.get("DLM_TEST_INJECT_NAN_GRAD_STEPS", "").split(",") if s.strip()}
+        # Test hooks: poison the loss (on every rank, or its value on the last DP rank only) or
+        # only its gradient at given steps (engine/poison.py); behave as if preempted after a step.
+        self.inject = {kind: {int(s) for s in os.environ.get(var, "").split(",") if s.strip()}
+                       for kind, var in (("loss", "DLM_TEST_INJECT_NAN_STEPS"), ("grad", "DLM_TEST_INJECT_NAN_GRAD_STEPS"),
+                                         ("loss_last_rank", "DLM_TEST_INJECT_NAN_LAST_RANK_STEPS"))}
         self.stop_at = int(os.environ.get("DLM_TEST_STOP_AT_STEP", "-1"))
         if self.rank0 and self.start_step == 0:
             print(self.describe(), flush=True)
@@ -510,9 +511,13 @@ class Trainer:
         self.moe_steps += 1
         losses, grad_norm, bad = self.engine.train_step(mbl, self.loss_fn, seq_len=mbl[0].tokens_BS.shape[1],
                                                         micro_batch_size=self.mbs,
-                                                        poison="loss" if step in self.inject_nan else "grad" if step in self.inject_nan_grad else None)
+                                                        poison=self.poison_at(step))
         tokens = sum(b.num_tokens for b in mbl) * self.lay.dp
         return losses, grad_norm, bad, lr, tokens, tokens * self.flops_per_token(mbl[0])
+
+    def poison_at(self, step: int) -> str | None:
+        """Test hook: the non-finite value injected at ``step`` (engine/poison.py), if any."""
+        return next((kind for kind, steps in self.inject.items() if step in steps), None)
 
     def flops_per_token(self, b) -> float:
         """Model FLOPs per token at this batch's length: variable-length SFT batches are

@@ -44,8 +44,35 @@ def env(**extra) -> dict:
     return e
 
 
+def _kill_tree(pid: int) -> None:
+    """Kill a process and all its descendants. torchrun starts each worker in a session of its
+    own, so killing the launcher (or its process group) would leave hung workers behind."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        procs = parent.children(recursive=True) + [parent]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
 def run(cmd, timeout=900, check=True, **kw) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, cwd=REPO, env=kw.pop("env", env()), capture_output=True, text=True, timeout=timeout, **kw)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=kw.pop("env", env()), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kw)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc.pid)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout} s: {' '.join(map(str, cmd))}\n--- stdout\n{out[-4000:]}\n"
+                             f"--- stderr\n{err[-4000:]}") from None
+    p = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     if check and p.returncode != 0:
         raise AssertionError(f"command failed ({p.returncode}): {' '.join(map(str, cmd))}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-4000:]}")
     return p

@@ -32,6 +32,14 @@ def ds_config(cfg, *, dp: int, bf16: bool) -> dict:
       buffer (each bf16 gradient is added and freed as backward produces it).
     - ZeRO-2/3: bf16 parameters, fp32 gradient accumulation buffers, fp32 master partitions.
     In every bf16 mode gradients are reduced in fp32 (``communication_data_type``).
+
+    Overlap of the DP gradient reduction with backward (what runs, measured in
+    tests/distributed/check_bf16.py): ZeRO-2/3 reduce every micro-batch in buckets of
+    ``reduce_bucket_size`` (5e8 elements) launched from gradient hooks on a side stream
+    (``overlap_comm``); only the last bucket waits for the end of backward. ZeRO-1 overlaps
+    in fp32 only: in bf16 its BF16_Optimizer, which takes no ``overlap_comm``, all-reduces
+    the whole fp32 accumulator once per step after the last micro-batch's backward, exposed
+    (as ZeRO-0 does its gradients).
     """
     t = cfg.train
     stage = cfg.parallel.zero_stage
@@ -60,7 +68,8 @@ def ds_config(cfg, *, dp: int, bf16: bool) -> dict:
         conf["data_types"] = {"grad_accum_dtype": "fp32"}
         conf["communication_data_type"] = "fp32"
     if stage in (1, 2):
-        # overlap_comm: the DP reduction of a bucket runs while backward continues.
+        # overlap_comm: the DP reduction of a bucket runs while backward continues (ZeRO-2, and
+        # ZeRO-1 in fp32; bf16 ZeRO-1's BF16_Optimizer ignores it, see the docstring).
         conf["zero_optimization"].update({"reduce_scatter": True, "overlap_comm": True, "contiguous_gradients": True})
     if stage == 3:
         conf["zero_optimization"].update({"stage3_param_persistence_threshold": 0, "overlap_comm": True})
@@ -109,18 +118,22 @@ class DeepSpeedEngine:
         Returns (per-micro-batch losses, grad_norm, bad). A step is bad when any rank saw a
         non-finite loss or the gradients are non-finite; it is then skipped on every rank:
 
-        - non-finite loss: that micro-batch backpropagates an exact zero instead (so
-          DeepSpeed's hooks and collectives still line up); the flag stays on the device
-          and the ranks agree on it once per step. Skipping = zero gradients and LR 0
-          (weights unchanged; Adam's moments decay by one step). ZeRO-3 cannot build that
-          zero from its partitioned parameters, so it stops instead (TrainingDiverged).
+        - non-finite loss: that micro-batch backpropagates from an exact zero instead (so
+          DeepSpeed's hooks and collectives still line up; where the loss's own graph holds
+          the NaN, 0 x NaN still makes its gradients NaN, which the skip discards); the flag
+          stays on the device and the ranks agree on it once per step. Skipping = zero
+          gradients and LR 0: weights unchanged. Adam's moments decay by one step where the
+          gradients were finite (ZeRO-1/2); with NaN gradients DeepSpeed's own overflow
+          check skips that step instead, moments untouched. ZeRO-3 cannot build that zero
+          from its partitioned parameters, so it stops instead (TrainingDiverged).
         - non-finite gradient with finite losses: ZeRO-0 (our clipping) folds the grad norm
           into the same flag, read with the norm in the step's one host sync; ZeRO 1-3 clip
           inside DeepSpeed, whose optimizer skips the update when the global norm is not
           finite and reports it as inf.
 
-        ``poison`` ("loss" or "grad", test hook, engine/poison.py): a NaN loss on every
-        micro-batch, or a NaN gradient from the first micro-batch of data-parallel rank 0."""
+        ``poison`` (test hook, engine/poison.py): "loss", a NaN loss on every micro-batch;
+        "loss_last_rank", a NaN loss value on the last data-parallel rank only; "grad", a NaN
+        gradient from the first micro-batch of data-parallel rank 0."""
         from megatron.core import parallel_state as ps
 
         from ..parallel import comm
@@ -138,8 +151,8 @@ class DeepSpeedEngine:
         for i, b in enumerate(micro_batches):
             out = loss_fn.forward(self.engine, b)
             loss, _ = loss_fn.reduce(b, out)
-            if poison == "loss":
-                loss = pz.poison_loss(loss)
+            if pz.poisons_loss(poison):
+                loss = pz.poisoned_loss(poison, loss)
             bad_mb = ~torch.isfinite(loss)
             bad_dev = bad_mb if bad_dev is None else bad_dev | bad_mb
             # 0 * loss would still be nan; a zero built from the parameters is exact and

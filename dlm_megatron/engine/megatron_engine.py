@@ -87,8 +87,8 @@ class MegatronEngine:
         skips the optimizer step on all ranks (the gradient buffers are zeroed before the
         next step). megatron-core's optimizer checks for inf/NaN only when it scales the
         loss (fp16): in fp32 and bf16 a NaN norm would make its clip test false and apply
-        the NaN, so the check is ours. ``poison`` ("loss" or "grad"): test hook, see
-        engine/poison.py."""
+        the NaN, so the check is ours. ``poison`` ("loss", "loss_last_rank" or "grad"): test
+        hook, see engine/poison.py."""
         from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -101,8 +101,8 @@ class MegatronEngine:
 
         def reduce(b, out):
             loss, rep = loss_fn.reduce(b, out)
-            if poison == "loss":
-                loss = pz.poison_loss(loss)
+            if pz.poisons_loss(poison):
+                loss = pz.poisoned_loss(poison, loss)
                 rep = {"loss": loss.detach()}
             elif poison_grad_left[0]:  # first micro-batch only: the value stays finite
                 poison_grad_left[0] = False

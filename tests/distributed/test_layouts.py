@@ -363,8 +363,16 @@ def test_sdpa_equals_dense_attention_at_tp1_and_tp2(tmp_path):
 def test_bf16_is_bf16_on_every_engine(tmp_path):
     """train.precision=bf16 on DeepSpeed ZeRO 0-3 (dp2) and the megatron engine (pp2, dp2):
     the linear layers compute in bf16 (bf16 parameters, except ZeRO-0's autocast over fp32
-    weights), master weights / gradient accumulation / DP reduction are fp32, the first-step
-    loss is within 1% of fp32 but not equal to it, and 20 steps learn."""
+    weights), megatron's TransformerConfig says bf16 where the weights are bf16, AdamW steps
+    fp32 master weights with fp32 moments, gradients accumulate in fp32 and are reduced in fp32
+    (the dtypes of the reductions that ran), the first-step loss is within 1% of fp32 but not
+    equal to it, and 20 steps learn.
+
+    Where the data-parallel gradient reduction runs, measured (check_bf16.py logs every
+    reduction and whether backward was running): DeepSpeed ZeRO-2/3 and megatron-core launch
+    it from gradient hooks during backward; DeepSpeed ZeRO-0, and ZeRO-1 in bf16 (its
+    BF16_Optimizer has no overlap_comm), all-reduce every gradient once per step after the
+    last micro-batch's backward, not overlapped. ZeRO-1 in fp32 (DeepSpeedZeroOptimizer) overlaps."""
     out = tmp_path / "bf16.json"
     torchrun(2, "tests/distributed/check_bf16.py", str(out))
     res = json.loads(out.read_text())
@@ -372,18 +380,40 @@ def test_bf16_is_bf16_on_every_engine(tmp_path):
     for name, r in res.items():
         assert r["outputs"] == ["torch.bfloat16"], (name, r)
         assert r["params"] == (["torch.float32"] if name == "deepspeed_zero0_dp2" else ["torch.bfloat16"]), (name, r)
+        assert r["tcfg_bf16"] == (name != "deepspeed_zero0_dp2"), (name, r)  # megatron's softmax then runs in fp32
+        assert r["adam_params"] == ["torch.float32"] and r["adam_moments"] == ["torch.float32"], (name, r)
         first = r["losses_bf16"][0]
         assert first != r["first_fp32"] and abs(first - r["first_fp32"]) < 1e-2 * r["first_fp32"], (name, first, r["first_fp32"])
         losses = r["losses_bf16"]
         assert len(losses) == 20 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 1.0, (name, losses)
+        red, n = r["reductions"], r["local_params"]
+        assert red["dtypes"] == ["torch.float32"], (name, red)
         if name.startswith("megatron"):
             assert r["optimizer"] == ["DistributedOptimizer"] and r["grad_buffers"] == ["torch.float32"] and r["master"] == ["torch.float32"], r
-            # DP reduce-scatter and the parameter all-gather both overlap compute
             assert r["overlap"] == {"grad_reduce": True, "param_gather": True, "forward_hooks": True}, (name, r)
+            # megatron-core's first step learns which gradients arrive and reduces after backward;
+            # from then on each bucket's reduce-scatter is launched by its last gradient hook
+            assert 0 < red["after_backward"] <= n and red["in_backward"] == 19 * red["after_backward"], (name, red, n)
         else:
             assert r["communication"] == "torch.float32" and r["grad_accum"] == "torch.float32", (name, r)
-            assert r["overlap_comm"] == (name != "deepspeed_zero0_dp2"), (name, r)  # ZeRO-0 has no buckets
+            if name in ("deepspeed_zero0_dp2", "deepspeed_zero1_dp2"):
+                # one all-reduce of every gradient per step, after backward (not overlapped)
+                assert red["in_backward"] == 0 and red["after_backward"] == 20 * n, (name, red, n)
+                assert r["side_stream"] is None, (name, r)  # BF16_Optimizer and AdamW have no overlap_comm
+            else:
+                # every micro-batch is reduced; all buckets but the last are launched from the hooks
+                # during backward, the last one (at most a bucket, or one parameter larger than it) after
+                total = 20 * r["gas"] * n
+                assert r["side_stream"] is True, (name, r)  # on a GPU the launched reduction runs beside backward
+                assert red["in_backward"] + red["after_backward"] == total, (name, red, total)
+                assert red["after_backward"] <= 20 * r["gas"] * max(r["reduce_bucket_size"], r["largest_param"]) < total, (name, red, r)
     assert res["deepspeed_zero0_dp2"]["autocast"] and res["deepspeed_zero1_dp2"]["optimizer"] == "BF16_Optimizer"
+    assert res["deepspeed_zero2_dp2"]["optimizer"] == "DeepSpeedZeroOptimizer"
+    assert res["deepspeed_zero3_dp2"]["optimizer"] == "DeepSpeedZeroOptimizer_Stage3"
+    # ZeRO-1 overlaps in fp32, where DeepSpeed builds its ZeRO optimizer instead of BF16_Optimizer
+    fp32_z1 = res["deepspeed_zero1_dp2"]["fp32"]
+    assert fp32_z1["optimizer"] == "DeepSpeedZeroOptimizer" and fp32_z1["side_stream"] is True, fp32_z1
+    assert fp32_z1["reductions"]["in_backward"] > 0, fp32_z1
     # Six independent implementations of bf16 mixed precision (autocast, BF16_Optimizer, ZeRO-2/3,
     # megatron's distributed optimizer at pp2 and dp2) agree step by step to bf16 rounding; a
     # lost micro-batch or a bf16 accumulation would move one of them by far more.
