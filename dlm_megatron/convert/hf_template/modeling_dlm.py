@@ -92,6 +92,38 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
 
 
+def _check_knobs(*, acceptance_profile: str, renoise_profile: str, renoise_eta: float, renoise_t_on: float,
+                 renoise_t_off: float, renoise_alpha_on: float, renoise_prob: float, cache: str, block_checkpoint: bool,
+                 parallel_threshold: Optional[float], confidence_threshold: Optional[float],
+                 cfg_scale: float) -> tuple[str, float]:
+    """generate()'s sampler knobs checked as dlm_megatron checks them (same messages);
+    returns (renoise_profile, renoise_eta) with renoise_prob resolved to its alias."""
+    if acceptance_profile not in ("linear", "cosine"):
+        raise ValueError(f"acceptance_profile must be linear or cosine, got {acceptance_profile!r}")
+    if renoise_profile not in ("none", "constant", "cap", "rescale", "loop"):
+        raise ValueError(f"renoise_profile must be none, constant, cap, rescale or loop, got {renoise_profile!r}")
+    if renoise_prob > 0.0:
+        if renoise_profile != "none":
+            raise ValueError("renoise_prob is an alias of renoise_profile='constant' with renoise_eta=renoise_prob; set one")
+        renoise_profile, renoise_eta = "constant", renoise_prob
+    if cache not in ("none", "prefix", "dual"):
+        raise ValueError(f"cache must be none, prefix or dual, got {cache!r}")
+    if cache != "none" and block_checkpoint:
+        raise ValueError("cache is the masked sampler's Fast-dLLM cache; block checkpoints cache finished blocks (use_cache)")
+    if parallel_threshold is not None and (renoise_profile != "none" or confidence_threshold is not None):
+        raise ValueError("parallel_threshold ignores the step schedule: use it without renoising or confidence_threshold")
+    if not (cfg_scale >= 0 and math.isfinite(cfg_scale)):
+        raise ValueError(f"cfg_scale must be a finite value >= 0, got {cfg_scale}")
+    if not 0.0 <= renoise_eta < 1.0:
+        raise ValueError(f"renoise_eta must be in [0, 1), got {renoise_eta}")
+    if not (0.0 <= renoise_t_off < renoise_t_on <= 1.0) or not (0.0 < renoise_alpha_on < 1.0):
+        raise ValueError("loop needs 0 <= renoise_t_off < renoise_t_on <= 1 and 0 < renoise_alpha_on < 1, got "
+                         f"{renoise_t_off}, {renoise_t_on}, {renoise_alpha_on}")
+    if parallel_threshold is not None and not (0.0 <= parallel_threshold <= 1.0):
+        raise ValueError(f"parallel_threshold must be in [0, 1], got {parallel_threshold}")
+    return renoise_profile, renoise_eta
+
+
 class DLMExpert(nn.Module):
     """One SwiGLU MLP (an expert, or the shared expert)."""
 
@@ -507,29 +539,11 @@ class DLMModelLM(DLMPreTrainedModel):
         num_blocks = gen_length // block_length
         if steps < 1 or steps % num_blocks:
             raise ValueError(f"steps ({steps}) must be a positive multiple of the number of blocks ({num_blocks})")
-        if acceptance_profile not in ("linear", "cosine"):
-            raise ValueError(f"acceptance_profile must be linear or cosine, got {acceptance_profile!r}")
-        if renoise_profile not in ("none", "constant", "cap", "rescale", "loop"):
-            raise ValueError(f"renoise_profile must be none, constant, cap, rescale or loop, got {renoise_profile!r}")
-        if renoise_prob > 0.0:
-            if renoise_profile != "none":
-                raise ValueError("renoise_prob is an alias of renoise_profile='constant' with renoise_eta=renoise_prob; set one")
-            renoise_profile, renoise_eta = "constant", renoise_prob
-        if cache not in ("none", "prefix", "dual"):
-            raise ValueError(f"cache must be none, prefix or dual, got {cache!r}")
-        if cache != "none" and block_size is not None:
-            raise ValueError("cache is the masked sampler's Fast-dLLM cache; block checkpoints cache finished blocks (use_cache)")
-        if parallel_threshold is not None and (renoise_profile != "none" or confidence_threshold is not None):
-            raise ValueError("parallel_threshold ignores the step schedule: use it without renoising or confidence_threshold")
-        if not (cfg_scale >= 0 and math.isfinite(cfg_scale)):
-            raise ValueError(f"cfg_scale must be a finite value >= 0, got {cfg_scale}")
-        if not 0.0 <= renoise_eta < 1.0:
-            raise ValueError(f"renoise_eta must be in [0, 1), got {renoise_eta}")
-        if not (0.0 <= renoise_t_off < renoise_t_on <= 1.0) or not (0.0 < renoise_alpha_on < 1.0):
-            raise ValueError("loop needs 0 <= renoise_t_off < renoise_t_on <= 1 and 0 < renoise_alpha_on < 1, got "
-                             f"{renoise_t_off}, {renoise_t_on}, {renoise_alpha_on}")
-        if parallel_threshold is not None and not (0.0 <= parallel_threshold <= 1.0):
-            raise ValueError(f"parallel_threshold must be in [0, 1], got {parallel_threshold}")
+        renoise_profile, renoise_eta = _check_knobs(
+            acceptance_profile=acceptance_profile, renoise_profile=renoise_profile, renoise_eta=renoise_eta,
+            renoise_t_on=renoise_t_on, renoise_t_off=renoise_t_off, renoise_alpha_on=renoise_alpha_on,
+            renoise_prob=renoise_prob, cache=cache, block_checkpoint=block_size is not None,
+            parallel_threshold=parallel_threshold, confidence_threshold=confidence_threshold, cfg_scale=cfg_scale)
         steps_per_block = steps // num_blocks
         eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
         if stop_at_eos and eos is None:
