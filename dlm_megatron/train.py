@@ -65,18 +65,16 @@ def flops_per_token(cfg: Config, vocab: int, seq_len: int, on_gpu: bool | None =
     of pairs the attention kernel executes); doubled (with s = 2L) for block diffusion, whose
     model input is 2L tokens. See planner.output_fraction / attention_fraction and docs/planner.md."""
     m = cfg.model
-    from .config import head_dim
-    from .planner import attention_fraction, output_fraction
+    from .planner import attention_fraction, attention_matrix_params, model_dims, output_fraction
 
     if on_gpu is None:
         import torch
 
         on_gpu = torch.cuda.is_available()
     h, L = m.hidden_size, m.num_layers
-    d = head_dim(m)  # model.kv_channels: heads x d may differ from h (Qwen3)
-    q, kv = m.num_attention_heads * d, (m.num_query_groups or m.num_attention_heads) * d
-    attn = h * (q + 2 * kv) + q * h
-    matmul = L * attn + mlp_active_params(m) + vocab * h * output_fraction(cfg)
+    dm = model_dims(cfg, vocab)
+    q = dm.q_dim  # heads x head width: h unless model.kv_channels is set (Qwen3)
+    matmul = L * attention_matrix_params(dm) + mlp_active_params(m) + vocab * h * output_fraction(cfg)
     frac = attention_fraction(cfg, on_gpu)
     if cfg.diffusion.objective == "block":
         # The model runs on x_t and x_0 (2L tokens, attention span 2L) per L data tokens.

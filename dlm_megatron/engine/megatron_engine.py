@@ -221,8 +221,9 @@ class MegatronEngine:
         return f"optim_{tag}.pt", f"common_{tag}.pt"
 
     def _torch_optimizers(self):
-        opts = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
-        return [o.optimizer for o in opts]
+        from .megatron_state import optimizers
+
+        return [o.optimizer for o in optimizers(self.optimizer)]
 
     def load(self, directory: str, tag: str, model_state: dict | None = None) -> dict:
         """A checkpoint in megatron-core's own format (``engine/optim_tp{T}_pp{P}.pt``, the

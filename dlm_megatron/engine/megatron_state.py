@@ -27,7 +27,9 @@ from __future__ import annotations
 import torch
 
 
-def _optimizers(optimizer) -> list:
+def optimizers(optimizer) -> list:
+    """megatron-core's optimizers behind ``optimizer``: the chained ones (MoE: dense and
+    expert), or itself."""
     return getattr(optimizer, "chained_optimizers", [optimizer])
 
 
@@ -51,7 +53,7 @@ def owned(optimizer) -> dict[int, tuple[int, torch.Tensor, torch.optim.Optimizer
     """id(model parameter) -> (fragment offset, fp32 main tensor, the torch optimizer holding
     its Adam state), over every (chained) optimizer; parameters this rank steps no part of
     are absent."""
-    return {id(p): (start, main, o.optimizer) for o in _optimizers(optimizer) for p, start, main in _main_params(o)}
+    return {id(p): (start, main, o.optimizer) for o in optimizers(optimizer) for p, start, main in _main_params(o)}
 
 
 def fragments(optimizer, named: list):
@@ -73,7 +75,7 @@ def _torch_adam(inner) -> bool:
 
 def adam_step(optimizer) -> float:
     """Adam's bias-correction step count (the same for every parameter; 0 before the first step)."""
-    for o in _optimizers(optimizer):
+    for o in optimizers(optimizer):
         for st in o.optimizer.state.values():
             if "step" in st:
                 return float(st["step"])
@@ -93,7 +95,7 @@ def ensure_state(optimizer, step: float) -> None:
             st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(main), torch.zeros_like(main)
         if _torch_adam(inner):
             st["step"] = torch.tensor(step, dtype=torch.float32)
-    for o in _optimizers(optimizer):
+    for o in optimizers(optimizer):
         if not _torch_adam(o.optimizer):
             for g in o.optimizer.param_groups:
                 g["step"] = int(step)

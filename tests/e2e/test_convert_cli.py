@@ -191,6 +191,18 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
+def _import_matches_hf(imp, ref_model, label: str):
+    """Causal logits of imported checkpoint ``imp`` on sampled tokens against the source HF
+    model's (max |diff| < 1e-4, fp32); returns (tokens, the HF logits)."""
+    x = sample_tokens(8192, 1)
+    with torch.no_grad():
+        want = ref_model(x).logits
+    diff = _max_diff(framework_logits(imp, x)[..., :8200], want)
+    print(f"\n[convert] {label} max |diff| = {diff:.2e}")
+    assert diff < 1e-4
+    return x, want
+
+
 # ---------------------------------------------------------------------------------------
 # HF export
 
@@ -638,12 +650,7 @@ def test_import_llama_tp2_pp2_causal_logits_and_bit_exact_round_trip(tmp_path):
     assert meta["config"]["diffusion"]["objective"] == "ar"
     assert len(list((resolve(imp) / "model").glob("*.safetensors"))) == 4
 
-    x = sample_tokens(8192, 1)
-    with torch.no_grad():
-        want = ref_model(x).logits
-    diff = _max_diff(framework_logits(imp, x)[..., :8200], want)
-    print(f"\n[convert] HF Llama import: framework causal logits vs transformers LlamaForCausalLM max |diff| = {diff:.2e}")
-    assert diff < 1e-4
+    x, want = _import_matches_hf(imp, ref_model, "HF Llama import: framework causal logits vs transformers LlamaForCausalLM")
 
     back = tmp_path / "back"
     assert convert("--ckpt", imp, "--to", "hf-llama", "--output", back) == 0
@@ -679,12 +686,7 @@ def test_import_wide_heads_tp2_causal_logits_and_export(tmp_path):
     imp = tmp_path / "imported"
     assert convert("--from-hf", hf_dir, "--output", imp, "--tp", "2") == 0
     assert read_meta(resolve(imp))["config"]["model"]["kv_channels"] == 32
-    x = sample_tokens(8192, 1)
-    with torch.no_grad():
-        want = ref_model(x).logits
-    diff = _max_diff(framework_logits(imp, x)[..., :8200], want)
-    print(f"\n[convert] HF Qwen2 import, head_dim 32 on hidden 64: framework vs transformers max |diff| = {diff:.2e}")
-    assert diff < 1e-4
+    x, want = _import_matches_hf(imp, ref_model, "HF Qwen2 import, head_dim 32 on hidden 64: framework vs transformers")
     back = tmp_path / "back"
     assert convert("--ckpt", imp, "--to", "hf-llama", "--output", back) == 0
     a, b = load_file(str(hf_dir / "model.safetensors")), load_file(str(back / "model.safetensors"))
